@@ -1,0 +1,185 @@
+"""One tensor-parallel slice of a Llama / Qwen2 decoder, in plain torch, read top to bottom.
+
+Letters used in shape comments:
+  N  tokens in the step (all sequences' new tokens, packed)     B  sequences in the step
+  H  hidden size         D  head dim        I  local intermediate size
+  Hq local query heads   Hkv local KV heads  V  local vocabulary (this rank's slice)
+  T  new tokens of one sequence             L  tokens of one sequence in the cache
+
+Column-parallel: Q, K, V, gate and up (split by output: heads, intermediate). Row-parallel: O and
+down (split by input), each followed by exactly one all-reduce through the `Communicator`. Norms,
+residuals and the embedding lookup are computed redundantly, identically, on every rank.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from services.config import ModelConfig
+from shard_svc.kv_cache import KVCache
+from shard_svc.mesh import Communicator
+from shard_svc.sharding import ShardPlan
+from shard_svc.weights import LayerWeights, ShardWeights
+
+
+@dataclass(frozen=True)
+class SeqSpan:
+    """One sequence's place in a packed step."""
+
+    start: int  # first of its new tokens in the packed N
+    stop: int
+    cached: int  # tokens already in the cache before this step
+    read_slots: torch.Tensor  # int64 [L]: its whole history, this step's tokens included
+
+
+@dataclass(frozen=True)
+class Batch:
+    tokens: torch.Tensor  # int64 [N]
+    positions: torch.Tensor  # int64 [N]
+    write_slots: torch.Tensor  # int64 [N]
+    spans: tuple[SeqSpan, ...]  # [B]
+    last: torch.Tensor  # int64 [B]: index in N of each sequence's last new token
+
+
+def make_batch(steps: Sequence[tuple[int, Sequence[int]]], cache: KVCache) -> Batch:
+    """Reserve cache room for each (seq_id, new token ids) and lay the step out packed.
+
+    The caller has checked the ids and the room; on a failed step it truncates the sequences
+    back to their earlier lengths.
+    """
+    tokens, positions, writes, spans, last = [], [], [], [], []
+    n = 0
+    for seq_id, ids in steps:
+        cached = cache.length(seq_id)
+        writes.append(cache.extend(seq_id, len(ids)))
+        tokens.extend(ids)
+        positions.append(torch.arange(cached, cached + len(ids)))
+        spans.append(SeqSpan(n, n + len(ids), cached, cache.slots(seq_id, 0, cached + len(ids))))
+        n += len(ids)
+        last.append(n - 1)
+    return Batch(torch.tensor(tokens, dtype=torch.int64), torch.cat(positions),
+                 torch.cat(writes), tuple(spans), torch.tensor(last, dtype=torch.int64))
+
+
+class ShardModel:
+    def __init__(self, config: ModelConfig, plan: ShardPlan, weights: ShardWeights,
+                 comm: Communicator) -> None:
+        if comm.tp_size != plan.tp_size or comm.tp_rank != plan.tp_rank:
+            raise ValueError(f"communicator is rank {comm.tp_rank}/{comm.tp_size}, "
+                             f"plan is rank {plan.tp_rank}/{plan.tp_size}")
+        self.config, self.plan, self.w, self.comm = config, plan, weights, comm
+        self.dtype = weights.embed.dtype
+        self.inv_freq = rope_inv_freq(config)  # float32 [D/2]
+        self.scale = 1.0 / math.sqrt(config.head_dim)
+
+    def new_cache(self, capacity_tokens: int, page_size: int = 16) -> KVCache:
+        return KVCache(num_layers=self.config.num_layers, num_kv_heads=self.plan.num_kv_heads,
+                       head_dim=self.config.head_dim, capacity_tokens=capacity_tokens,
+                       page_size=page_size, dtype=self.dtype)
+
+    @torch.inference_mode()
+    def forward(self, batch: Batch, cache: KVCache) -> torch.Tensor:
+        """Run the step; return each sequence's last hidden state after the final norm, [B, H]."""
+        x = F.embedding(batch.tokens, self.w.embed)  # [N, H]
+        cos, sin = rope_cos_sin(self.inv_freq, batch.positions, self.dtype)  # [N, D] each
+        for i, layer in enumerate(self.w.layers):
+            h = rms_norm(x, layer.input_norm, self.config.rms_norm_eps)
+            x = x + self.comm.all_reduce(self.attention(i, layer, h, cos, sin, batch, cache))
+            h = rms_norm(x, layer.post_norm, self.config.rms_norm_eps)
+            x = x + self.comm.all_reduce(mlp(layer, h))
+        return rms_norm(x[batch.last], self.w.final_norm, self.config.rms_norm_eps)
+
+    def attention(self, index: int, w: LayerWeights, h: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor, batch: Batch, cache: KVCache) -> torch.Tensor:
+        """This rank's heads; returns the O-projection partial sum, [N, H]."""
+        n, d = h.shape[0], self.config.head_dim
+        q = F.linear(h, w.wq, w.bq).view(n, -1, d)  # [N, Hq, D]
+        k = F.linear(h, w.wk, w.bk).view(n, -1, d)  # [N, Hkv, D]
+        v = F.linear(h, w.wv, w.bv).view(n, -1, d)  # [N, Hkv, D]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_cache, v_cache = cache.layer(index)  # [P*S, Hkv, D] each
+        k_cache.index_copy_(0, batch.write_slots, k)
+        v_cache.index_copy_(0, batch.write_slots, v)
+        out = torch.empty_like(q)  # [N, Hq, D]
+        for span in batch.spans:
+            qs = q[span.start:span.stop].transpose(0, 1)  # [Hq, T, D]
+            ks = k_cache[span.read_slots].transpose(0, 1)  # [Hkv, L, D]
+            vs = v_cache[span.read_slots].transpose(0, 1)  # [Hkv, L, D]
+            t = span.stop - span.start
+            mask = None
+            if t > 1:  # query i sits at position cached + i and sees keys 0..cached + i
+                mask = causal_mask(t, span.cached, self.dtype)  # [T, L]
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=self.scale,
+                                               enable_gqa=True)  # [Hq, T, D]
+            out[span.start:span.stop] = o.transpose(0, 1)
+        return F.linear(out.view(n, -1), w.wo)  # [N, H]
+
+    def local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of this rank's vocabulary slice, float32 [B, V]. They never leave the shard."""
+        return F.linear(hidden, self.w.lm_head).float()
+
+    def top_k(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                           torch.Tensor]:
+        """Per sequence: the k best (logit, global token id) of the slice, and its log-sum-exp.
+
+        Returns values float32 [B, k], ids int64 [B, k], lse float32 [B].
+        """
+        logits = self.local_logits(hidden)  # [B, V]
+        k = min(k, logits.shape[-1])
+        values, index = torch.topk(logits, k, dim=-1)
+        return values, index + self.plan.vocab_range[0], torch.logsumexp(logits, dim=-1)
+
+
+def mlp(w: LayerWeights, h: torch.Tensor) -> torch.Tensor:
+    """SwiGLU on this rank's intermediate slice; returns the down-projection partial, [N, H]."""
+    return F.linear(F.silu(F.linear(h, w.w_gate)) * F.linear(h, w.w_up), w.w_down)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def causal_mask(t: int, cached: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [T, cached + T]: 0 where query i may see key j (j <= cached + i)."""
+    i = torch.arange(t).unsqueeze(1)
+    j = torch.arange(cached + t).unsqueeze(0)
+    return torch.zeros(t, cached + t, dtype=dtype).masked_fill(j > cached + i, float("-inf"))
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Rotary inverse frequencies, float32 [D/2], with Llama 3 scaling when configured."""
+    d = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    s = config.rope_scaling
+    if s is None:
+        return inv
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / s.factor, inv)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    freqs = positions.float().unsqueeze(1) * inv_freq.unsqueeze(0)  # [N, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [N, D], Hugging Face's rotate-half layout
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [N, heads, D]; cos, sin [N, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
