@@ -1,0 +1,171 @@
+"""The shard engine: validates a step, runs the sliced forward, returns each sequence's top-k.
+
+It knows nothing of gRPC. A step that is refused changes nothing; a step that fails midway (the
+mesh broke) is rolled back, so that the router's Reset brings every shard to the same state.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from services.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from shard_svc.kv_cache import KVCache
+from shard_svc.mesh import Communicator, MeshError
+from shard_svc.model import ShardModel, make_batch
+
+MAX_TOP_K = 1024
+
+
+@dataclass(frozen=True)
+class SeqWork:
+    """One sequence's part of a step: a prefill (its prompt) or an extension (one token)."""
+
+    seq_id: int
+    token_ids: tuple[int, ...]
+    prefill: bool
+    top_k: int = 1
+
+
+@dataclass(frozen=True)
+class SeqTopK:
+    seq_id: int
+    logits: tuple[float, ...]  # this shard's k best logits, best first
+    token_ids: tuple[int, ...]  # their global token ids
+    logsumexp: float  # log-sum-exp over this shard's vocabulary slice
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    step_id: int
+    results: tuple[SeqTopK, ...]
+    compute_s: float
+    allreduce_s: float
+
+
+class TimedCommunicator:
+    """Wraps a communicator and adds up the time spent inside all_reduce."""
+
+    def __init__(self, inner: Communicator) -> None:
+        self.inner = inner
+        self.elapsed_s = 0.0
+
+    @property
+    def tp_rank(self) -> int:
+        return self.inner.tp_rank
+
+    @property
+    def tp_size(self) -> int:
+        return self.inner.tp_size
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        try:
+            return self.inner.all_reduce(tensor)
+        finally:
+            self.elapsed_s += time.perf_counter() - t0
+
+
+class ShardEngine:
+    def __init__(self, model: ShardModel, cache: KVCache, max_context: int | None = None) -> None:
+        self.model = model
+        self.cache = cache
+        self.max_context = max_context or model.config.max_position_embeddings
+        self.next_step_id = 1
+        self._lock = threading.Lock()
+        self._timer = TimedCommunicator(model.comm)
+        model.comm = self._timer
+
+    def step(self, step_id: int, work: Sequence[SeqWork]) -> StepOutput:
+        with self._lock:
+            self._validate(step_id, work)
+            t0, ar0 = time.perf_counter(), self._timer.elapsed_s
+            lengths = {w.seq_id: self.cache.length(w.seq_id) for w in work if not w.prefill}
+            try:
+                for w in work:
+                    if w.prefill:
+                        self.cache.add(w.seq_id)
+                batch = make_batch([(w.seq_id, w.token_ids) for w in work], self.cache)
+                hidden = self.model.forward(batch, self.cache)  # [B, H]
+                results = self._top_k(hidden, work)
+            except MeshError as e:
+                self._roll_back(work, lengths)
+                raise Unavailable(f"step {step_id} failed: {e}") from e
+            except BaseException:
+                self._roll_back(work, lengths)
+                raise
+            self.next_step_id = step_id + 1
+            total = time.perf_counter() - t0
+            allreduce = self._timer.elapsed_s - ar0
+            return StepOutput(step_id, results, total - allreduce, allreduce)
+
+    def release(self, seq_ids: Sequence[int]) -> int:
+        """Free sequences (unknown ids are ignored); return the tokens freed."""
+        with self._lock:
+            return sum(self.cache.release(s) for s in seq_ids)
+
+    def reset(self, next_step_id: int | None = None) -> None:
+        with self._lock:
+            self.cache.reset()
+            if next_step_id is not None:
+                self.next_step_id = next_step_id
+
+    def _top_k(self, hidden: torch.Tensor, work: Sequence[SeqWork]) -> tuple[SeqTopK, ...]:
+        k = max(w.top_k for w in work)
+        values, ids, lse = self.model.top_k(hidden, k)
+        return tuple(
+            SeqTopK(w.seq_id, tuple(values[i, :w.top_k].tolist()),
+                    tuple(ids[i, :w.top_k].tolist()), float(lse[i]))
+            for i, w in enumerate(work)
+        )
+
+    def _roll_back(self, work: Sequence[SeqWork], lengths: dict[int, int]) -> None:
+        for w in work:
+            if w.prefill:
+                self.cache.release(w.seq_id)
+            else:
+                self.cache.truncate(w.seq_id, lengths[w.seq_id])
+
+    def _validate(self, step_id: int, work: Sequence[SeqWork]) -> None:
+        if step_id != self.next_step_id:
+            raise FailedPrecondition(
+                f"step id {step_id} out of order: expected {self.next_step_id}")
+        if not work:
+            raise InvalidArgument("a step needs at least one sequence")
+        vocab = self.model.config.vocab_size
+        seen: set[int] = set()
+        for w in work:
+            if w.seq_id in seen:
+                raise InvalidArgument(f"sequence {w.seq_id} appears twice in step {step_id}")
+            seen.add(w.seq_id)
+            if w.prefill:
+                if w.seq_id in self.cache:
+                    raise InvalidArgument(f"prefill for sequence {w.seq_id}, which already exists")
+                if not w.token_ids:
+                    raise InvalidArgument(f"prefill for sequence {w.seq_id} has no tokens")
+                cached = 0
+            else:
+                if w.seq_id not in self.cache:
+                    raise NotFound(f"unknown sequence {w.seq_id}")
+                if len(w.token_ids) != 1:
+                    raise InvalidArgument(
+                        f"sequence {w.seq_id}: an extension carries exactly one token, "
+                        f"got {len(w.token_ids)}")
+                cached = self.cache.length(w.seq_id)
+            if cached + len(w.token_ids) > self.max_context:
+                raise InvalidArgument(
+                    f"sequence {w.seq_id}: position {cached + len(w.token_ids) - 1} is beyond "
+                    f"the model's context of {self.max_context} tokens")
+            bad = [t for t in w.token_ids if not 0 <= t < vocab]
+            if bad:
+                raise InvalidArgument(
+                    f"sequence {w.seq_id}: token id {bad[0]} outside the vocabulary 0..{vocab - 1}")
+            if not 1 <= w.top_k <= MAX_TOP_K:
+                raise InvalidArgument(
+                    f"sequence {w.seq_id}: top_k must be in 1..{MAX_TOP_K}, got {w.top_k}")
+        self.cache.check_room(
+            [(None if w.prefill else w.seq_id, len(w.token_ids)) for w in work])
