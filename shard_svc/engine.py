@@ -6,6 +6,7 @@ mesh broke) is rolled back, so that the router's Reset brings every shard to the
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Sequence
@@ -29,6 +30,7 @@ class SeqWork:
     token_ids: tuple[int, ...]
     prefill: bool
     top_k: int = 1
+    temperature: float = 1.0  # for logsumexp_t; 0 means greedy (logsumexp_t = logsumexp)
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class SeqTopK:
     logits: tuple[float, ...]  # this shard's k best logits, best first
     token_ids: tuple[int, ...]  # their global token ids
     logsumexp: float  # log-sum-exp over this shard's vocabulary slice
+    logsumexp_t: float  # the same of logits / temperature
 
 
 @dataclass(frozen=True)
@@ -116,10 +119,11 @@ class ShardEngine:
 
     def _top_k(self, hidden: torch.Tensor, work: Sequence[SeqWork]) -> tuple[SeqTopK, ...]:
         k = max(w.top_k for w in work)
-        values, ids, lse = self.model.top_k(hidden, k)
+        temperature = torch.tensor([w.temperature or 1.0 for w in work])
+        values, ids, lse, lse_t = self.model.top_k(hidden, k, temperature)
         return tuple(
             SeqTopK(w.seq_id, tuple(values[i, :w.top_k].tolist()),
-                    tuple(ids[i, :w.top_k].tolist()), float(lse[i]))
+                    tuple(ids[i, :w.top_k].tolist()), float(lse[i]), float(lse_t[i]))
             for i, w in enumerate(work)
         )
 
@@ -164,6 +168,9 @@ class ShardEngine:
             if bad:
                 raise InvalidArgument(
                     f"sequence {w.seq_id}: token id {bad[0]} outside the vocabulary 0..{vocab - 1}")
+            if not (w.temperature >= 0 and math.isfinite(w.temperature)):
+                raise InvalidArgument(
+                    f"sequence {w.seq_id}: temperature must be >= 0, got {w.temperature}")
             if not 1 <= w.top_k <= MAX_TOP_K:
                 raise InvalidArgument(
                     f"sequence {w.seq_id}: top_k must be in 1..{MAX_TOP_K}, got {w.top_k}")

@@ -123,16 +123,19 @@ class ShardModel:
         """Logits of this rank's vocabulary slice, float32 [B, V]. They never leave the shard."""
         return F.linear(hidden, self.w.lm_head).float()
 
-    def top_k(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor,
-                                                           torch.Tensor]:
-        """Per sequence: the k best (logit, global token id) of the slice, and its log-sum-exp.
+    def top_k(self, hidden: torch.Tensor, k: int, temperature: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per sequence: the k best (logit, global token id) of the slice and its log-sum-exp,
+        plain and of logits / temperature (float32 [B], > 0).
 
-        Returns values float32 [B, k], ids int64 [B, k], lse float32 [B].
+        Returns values float32 [B, k], ids int64 [B, k], lse and lse_t float32 [B].
         """
         logits = self.local_logits(hidden)  # [B, V]
         k = min(k, logits.shape[-1])
         values, index = torch.topk(logits, k, dim=-1)
-        return values, index + self.plan.vocab_range[0], torch.logsumexp(logits, dim=-1)
+        lse = torch.logsumexp(logits, dim=-1)
+        lse_t = torch.logsumexp(logits / temperature.unsqueeze(1), dim=-1)
+        return values, index + self.plan.vocab_range[0], lse, lse_t
 
 
 def mlp(w: LayerWeights, h: torch.Tensor) -> torch.Tensor:

@@ -116,3 +116,18 @@ def test_mesh_failure_is_unavailable_and_rolled_back(model_dir: Path) -> None:
     assert engine.cache.seq_ids() == [1] and engine.cache.length(1) == 3
     engine._timer.inner = real
     assert engine.step(2, [SeqWork(1, (8,), False)]).step_id == 2
+
+
+def test_logsumexp_at_temperature(model_dir: Path) -> None:
+    engine = make_engine(model_dir)
+    out = engine.step(1, [SeqWork(1, (4, 5), True, top_k=3, temperature=0.5),
+                          SeqWork(2, (4, 5), True, top_k=3, temperature=0.0)])
+    engine.reset()
+    engine.cache.add(1)
+    logits = engine.model.local_logits(
+        engine.model.forward(make_batch([(1, (4, 5))], engine.cache), engine.cache))[0]
+    hot, greedy = out.results
+    assert hot.logsumexp_t == pytest.approx(float(torch.logsumexp(logits / 0.5, 0)), abs=1e-5)
+    assert greedy.logsumexp_t == greedy.logsumexp == pytest.approx(hot.logsumexp, abs=1e-6)
+    with pytest.raises(InvalidArgument, match="temperature must be >= 0"):
+        engine.step(engine.next_step_id, [SeqWork(3, (1,), True, temperature=float("nan"))])
