@@ -44,6 +44,9 @@ class Batch:
     write_slots: torch.Tensor  # int64 [N]
     spans: tuple[SeqSpan, ...]  # [B]
     last: torch.Tensor  # int64 [B]: index in N of each sequence's last new token
+    # Decode-only steps (one new token per sequence) attend as one padded batch:
+    padded_slots: torch.Tensor | None = None  # int64 [B, Lmax], padding repeats a real slot
+    padding_mask: torch.Tensor | None = None  # additive [B, 1, 1, Lmax]: -inf on padding
 
 
 def make_batch(steps: Sequence[tuple[int, Sequence[int]]], cache: KVCache) -> Batch:
@@ -52,6 +55,7 @@ def make_batch(steps: Sequence[tuple[int, Sequence[int]]], cache: KVCache) -> Ba
     The caller has checked the ids and the room; on a failed step it truncates the sequences
     back to their earlier lengths.
     """
+    dtype = cache.k.dtype
     tokens, positions, writes, spans, last = [], [], [], [], []
     n = 0
     for seq_id, ids in steps:
@@ -62,8 +66,17 @@ def make_batch(steps: Sequence[tuple[int, Sequence[int]]], cache: KVCache) -> Ba
         spans.append(SeqSpan(n, n + len(ids), cached, cache.slots(seq_id, 0, cached + len(ids))))
         n += len(ids)
         last.append(n - 1)
+    padded_slots = padding_mask = None
+    if n == len(spans) > 1:
+        lengths = torch.tensor([len(s.read_slots) for s in spans])
+        longest = int(lengths.max())
+        padded_slots = torch.stack([F.pad(s.read_slots, (0, longest - len(s.read_slots)),
+                                          value=int(s.read_slots[0])) for s in spans])
+        padding_mask = torch.zeros(len(spans), 1, 1, longest, dtype=dtype).masked_fill(
+            torch.arange(longest).view(1, 1, 1, -1) >= lengths.view(-1, 1, 1, 1), float("-inf"))
     return Batch(torch.tensor(tokens, dtype=torch.int64), torch.cat(positions),
-                 torch.cat(writes), tuple(spans), torch.tensor(last, dtype=torch.int64))
+                 torch.cat(writes), tuple(spans), torch.tensor(last, dtype=torch.int64),
+                 padded_slots, padding_mask)
 
 
 class ShardModel:
@@ -105,6 +118,13 @@ class ShardModel:
         k_cache, v_cache = cache.layer(index)  # [P*S, Hkv, D] each
         k_cache.index_copy_(0, batch.write_slots, k)
         v_cache.index_copy_(0, batch.write_slots, v)
+        if batch.padded_slots is not None:  # decode: N == B, one query per sequence
+            ks = k_cache[batch.padded_slots].transpose(1, 2)  # [B, Hkv, Lmax, D]
+            vs = v_cache[batch.padded_slots].transpose(1, 2)  # [B, Hkv, Lmax, D]
+            o = F.scaled_dot_product_attention(q.unsqueeze(2), ks, vs,  # q: [B, Hq, 1, D]
+                                               attn_mask=batch.padding_mask, scale=self.scale,
+                                               enable_gqa=True)  # [B, Hq, 1, D]
+            return F.linear(o.view(n, -1), w.wo)  # [N, H]
         out = torch.empty_like(q)  # [N, Hq, D]
         for span in batch.spans:
             qs = q[span.start:span.stop].transpose(0, 1)  # [Hq, T, D]

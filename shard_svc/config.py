@@ -1,0 +1,69 @@
+"""ShardConfig: everything one shard process needs, built once from flags at the entry point."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    model_dir: Path
+    tp_rank: int
+    tp_size: int
+    peers: tuple[str, ...]  # mesh addresses "host:port" of every rank, by tp_rank (ours too)
+    listen: str = "127.0.0.1:50061"  # gRPC address
+    health_listen: str | None = None  # separate plaintext health port (when TLS is on)
+    threads: int = 1
+    dtype: str = "float32"
+    kv_capacity_tokens: int = 16384
+    kv_page_size: int = 16
+    max_context: int | None = None  # default: the model's max_position_embeddings
+    mesh_name: str = "cpumesh"
+    mesh_timeout_s: float = 120.0  # forming the mesh
+    drain_grace_s: float = 10.0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    curve_secret_key: Path | None = None  # this shard's CURVE key pair (zmq.auth format)
+    curve_public_keys: Path | None = None  # directory with every peer's public key
+
+    def __post_init__(self) -> None:
+        if self.tp_size < 1:
+            raise ValueError(f"tp_size must be >= 1, got {self.tp_size}")
+        if not 0 <= self.tp_rank < self.tp_size:
+            raise ValueError(f"tp_rank must be in 0..{self.tp_size - 1}, got {self.tp_rank}")
+        if len(self.peers) != self.tp_size:
+            raise ValueError(
+                f"peers lists {len(self.peers)} addresses but tp_size is {self.tp_size}")
+        for peer in self.peers:
+            host, _, port = peer.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"peer {peer!r} is not host:port")
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.kv_capacity_tokens < 1:
+            raise ValueError(f"kv_capacity_tokens must be >= 1, got {self.kv_capacity_tokens}")
+        if self.kv_page_size < 1:
+            raise ValueError(f"kv_page_size must be >= 1, got {self.kv_page_size}")
+        if self.max_context is not None and self.max_context < 1:
+            raise ValueError(f"max_context must be >= 1, got {self.max_context}")
+        tls = (self.tls_cert, self.tls_key)
+        if any(tls) and not all(tls):
+            raise ValueError("TLS needs both tls_cert and tls_key")
+        curve = (self.curve_secret_key, self.curve_public_keys)
+        if any(curve) and not all(curve):
+            raise ValueError("CURVE needs both curve_secret_key and curve_public_keys")
+
+
+def rank_from_hostname(hostname: str) -> int:
+    """A StatefulSet pod's ordinal: `cpumesh-shard-3` → 3."""
+    _, _, ordinal = hostname.rpartition("-")
+    if not ordinal.isdigit():
+        raise ValueError(
+            f"cannot take tp_rank from hostname {hostname!r}: no trailing -<ordinal>")
+    return int(ordinal)
