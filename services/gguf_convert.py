@@ -1,0 +1,338 @@
+"""Converting a GGUF file into a Hugging Face model directory, once.
+
+The result is what every other part of cpumesh reads: `model.safetensors` (dequantized, under
+Hugging Face names and in Hugging Face layout), `config.json`, `tokenizer.json` and
+`tokenizer_config.json`. Quantized blocks are expanded with `gguf.quants.dequantize`.
+
+llama.cpp's converter permutes the rows of Q and K of `llama` models for its interleaved rotary
+layout; `_unpermute` restores the Hugging Face (half-split) layout. Qwen2 files are not permuted.
+
+The directory is written under a temporary sibling name and renamed into place at the end, so a
+failed conversion leaves nothing behind and a reader never sees a half-written model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import secrets
+import shutil
+import struct
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from services.config import ModelConfig
+from services.errors import CheckpointError
+
+Progress = Callable[[int, int, str], None]  # (tensors done, tensors in all, tensor name)
+Weight = tuple[str, tuple[int, ...], Callable[[], np.ndarray]]  # (name, shape, loader)
+
+# output dtype → (safetensors dtype name, numpy dtype of the stored bits)
+DTYPES: dict[str, tuple[str, type[np.generic]]] = {
+    "float32": ("F32", np.float32), "float16": ("F16", np.float16), "bfloat16": ("BF16", np.uint16)}
+# GGUF architecture → Hugging Face class; both families share the tensor layout below
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
+                 "output": "lm_head"}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+
+
+def convert_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
+                 dtype: str = "float32", progress: Progress | None = None,
+                 overwrite: bool = False) -> Path:
+    """Write the Hugging Face form of `gguf_path` to `out_dir`; return `out_dir`.
+
+    Raises `CheckpointError` for a missing, corrupt, truncated or unsupported file, and
+    `FileExistsError` when `out_dir` exists, is not empty and `overwrite` is false.
+    """
+    from services.gguf_tokenizer import TokenizerBuildError, build_tokenizer
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    src, out_dir = Path(gguf_path), Path(out_dir)
+    if not overwrite and _occupied(out_dir):
+        raise FileExistsError(f"{out_dir} already exists and is not empty")
+    reader, meta = _read(src)
+    try:
+        config = _hf_config(src, meta, {t.name: t for t in reader.tensors}, dtype)
+        ModelConfig.from_hf(config)  # the checks every loader applies: refuse now, not later
+        tensors = _plan(src, reader.tensors, config)
+        tokenizer, tokenizer_config = build_tokenizer(meta)
+    except (TokenizerBuildError, ValueError, TypeError, KeyError, ArithmeticError) as e:
+        raise CheckpointError(e if isinstance(e, CheckpointError) else f"{src}: {e}") from None
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
+    tmp.mkdir()  # not mkdtemp: the published directory keeps the umask's usual permissions
+    try:
+        _write_safetensors(tmp / "model.safetensors", tensors, dtype, src, progress)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        tokenizer.save(str(tmp / "tokenizer.json"))
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+        _publish(tmp, out_dir, overwrite)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _read(src: Path) -> tuple[Any, dict[str, Any]]:
+    from gguf import GGUFReader
+
+    if not src.is_file():
+        raise CheckpointError(f"{src}: no such GGUF file")
+    try:
+        reader = GGUFReader(src)
+        meta = {name: field.contents() for name, field in reader.fields.items()}
+    except Exception as e:  # untrusted bytes: any parse failure means a corrupt or truncated file
+        raise CheckpointError(f"{src}: not a readable GGUF file (corrupt or truncated?): "
+                              f"{type(e).__name__}: {e}") from None
+    return reader, meta
+
+
+def _hf_config(src: Path, meta: dict[str, Any], tensors: dict[str, Any],
+               dtype: str) -> dict[str, Any]:
+    arch = meta.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(f"{src}: unsupported architecture {arch!r}; "
+                              f"cpumesh converts {', '.join(ARCHITECTURES)}")
+
+    def key(name: str, default: Any = None) -> Any:
+        value = meta.get(f"{arch}.{name}", default)
+        if value is None:
+            raise CheckpointError(f"{src}: metadata key {arch}.{name} is missing")
+        return value
+
+    if "token_embd.weight" not in tensors:
+        raise CheckpointError(f"{src}: no token_embd.weight tensor")
+    heads, hidden = key("attention.head_count"), key("embedding_length")
+    head_dim = meta.get(f"{arch}.rope.dimension_count") or hidden // heads
+    if meta.get(f"{arch}.rope.scaling.type", "none") != "none":
+        raise CheckpointError(f"{src}: rope scaling {meta[f'{arch}.rope.scaling.type']!r} "
+                              "is not supported")
+    theta = _short(key("rope.freq_base", 1e4))
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": theta}
+    if "rope_freqs.weight" in tensors:
+        rope = _llama3_rope(src, tensors["rope_freqs.weight"].data, theta, head_dim)
+    eos = list(dict.fromkeys(meta[k] for k in ("tokenizer.ggml.eos_token_id",
+               "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in meta))
+    config = {
+        "architectures": [ARCHITECTURES[arch]], "model_type": arch,
+        "vocab_size": int(tensors["token_embd.weight"].shape[1]),
+        "hidden_size": hidden, "intermediate_size": key("feed_forward_length"),
+        "num_hidden_layers": key("block_count"), "num_attention_heads": heads,
+        "num_key_value_heads": key("attention.head_count_kv", heads), "head_dim": head_dim,
+        "max_position_embeddings": key("context_length", 2048),
+        "rms_norm_eps": _short(key("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": rope["rope_theta"], "rope_parameters": rope,
+        "rope_scaling": None if rope["rope_type"] == "default" else rope,
+        "hidden_act": "silu", "attention_bias": "blk.0.attn_q.bias" in tensors, "mlp_bias": False,
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
+        "torch_dtype": dtype, "use_cache": True,
+    }
+    if arch == "qwen2":
+        config["use_sliding_window"] = False
+    return config
+
+
+def _short(value: float) -> float:
+    """A float32 from the file as its shortest decimal: 1e-05, not 9.999999747378752e-06."""
+    return float(str(np.float32(value)))
+
+
+def _plan(src: Path, tensors: list[Any], config: dict[str, Any]) -> list[Weight]:
+    """(Hugging Face name, shape, loader) for every weight, each checked against the config."""
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    q_rows = config["num_attention_heads"] * config["head_dim"]
+    kv_rows = config["num_key_value_heads"] * config["head_dim"]
+    vocab = config["vocab_size"]
+    shapes = {"token_embd": (vocab, hidden), "output": (vocab, hidden),
+              "output_norm": (hidden,), "attn_norm": (hidden,), "ffn_norm": (hidden,),
+              "attn_q": (q_rows, hidden), "attn_k": (kv_rows, hidden), "attn_v": (kv_rows, hidden),
+              "attn_output": (hidden, q_rows), "ffn_gate": (inter, hidden),
+              "ffn_up": (inter, hidden), "ffn_down": (hidden, inter)}
+    permute = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+    plan: list[Weight] = []
+    for t in tensors:
+        if t.name == "rope_freqs.weight":
+            continue  # already folded into the config's rope parameters
+        parts = t.name.split(".")
+        if len(parts) == 2 and parts[0] in _GLOBAL_NAMES and parts[1] == "weight":
+            kind, hf = parts[0], f"{_GLOBAL_NAMES[parts[0]]}.weight"
+        elif (len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[3] in
+              ("weight", "bias") and int(parts[1]) < config["num_hidden_layers"]
+              and parts[2] in _LAYER_NAMES):
+            kind, hf = parts[2], f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{parts[3]}"
+        else:
+            raise CheckpointError(
+                f"{src}: unexpected tensor {t.name!r} for a {config['model_type']} model")
+        shape = shapes[kind] if parts[-1] == "weight" else shapes[kind][:1]
+        if tuple(int(d) for d in reversed(t.shape)) != shape:
+            raise CheckpointError(f"{src}: tensor {t.name} has shape {list(reversed(t.shape))}, "
+                                  f"expected {list(shape)} from the metadata")
+        _check_type(src, t)
+        heads = permute.get(kind) if config["model_type"] == "llama" else None
+        plan.append((hf, shape, functools.partial(_load, src, t, shape, heads)))
+    expected = {f"model.layers.{i}.{n}.weight" for i in range(config["num_hidden_layers"])
+                for n in _LAYER_NAMES.values()} | {"model.embed_tokens.weight", "model.norm.weight"}
+    if missing := sorted(expected - {name for name, _, _ in plan}):
+        raise CheckpointError(f"{src}: {len(missing)} tensors missing, first {missing[0]}")
+    return plan
+
+
+def _load(src: Path, tensor: Any, shape: tuple[int, ...], heads: int | None) -> np.ndarray:
+    from gguf import quants
+
+    try:
+        array = quants.dequantize(tensor.data, tensor.tensor_type)
+    except (ValueError, IndexError) as e:
+        raise CheckpointError(f"{src}: tensor {tensor.name} is corrupt: {e}") from None
+    array = np.asarray(array, dtype=np.float32).reshape(shape)
+    return array if heads is None else _unpermute(array, heads)
+
+
+def _check_type(src: Path, tensor: Any) -> None:
+    """Refuse a quantization type gguf-py cannot expand before any work is done."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+
+    qtype = GGMLQuantizationType(tensor.tensor_type)
+    try:
+        quants.dequantize(np.zeros(GGML_QUANT_SIZES[qtype][1], np.uint8), qtype)
+    except NotImplementedError:
+        raise CheckpointError(
+            f"{src}: tensor {tensor.name}: unsupported type {qtype.name}") from None
+
+
+def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's `permute`: rows (head, half, pair) ← (head, pair, half)."""
+    pairs = w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:])
+    return pairs.swapaxes(1, 2).reshape(w.shape)
+
+
+def _llama3_rope(src: Path, factors: np.ndarray, theta: float, head_dim: int) -> dict[str, Any]:
+    """Recover Llama 3 rope-scaling parameters from the per-frequency factors llama.cpp stores.
+
+    Only `old / low_freq_factor` and `old / high_freq_factor` shape the factors, so `low` is
+    fixed at 1; any parameters that reproduce the stored factors give the same model.
+    """
+    f = np.asarray(factors, dtype=np.float64).reshape(-1)
+    wl = 2 * math.pi * theta ** (np.arange(0, head_dim, 2) / head_dim)  # wavelength per frequency
+    if f.size == wl.size and np.allclose(f, 1.0):
+        return {"rope_type": "default", "rope_theta": theta}
+    factor = float(f.max()) if f.size == wl.size else 0.0
+    ones, full = f <= 1 + 1e-6, f >= factor * (1 - 1e-6)
+    mid = ~ones & ~full
+    hi_edge = wl[ones].max() if ones.any() else wl.min() / 2
+    lo_edge = wl[full].min() if full.any() else wl.max() * 2
+    smooth = (1 / f[mid] - 1 / factor) / (1 - 1 / factor) if factor > 1 else f[mid]
+    if mid.sum() >= 2:
+        a, b = np.polyfit(1 / wl[mid], smooth, 1)
+        olds = [-a / b] if b < 0 else []
+    else:
+        olds = list(np.geomspace(wl[mid].max() if mid.any() else hi_edge, lo_edge, 9)[1:-1])
+    for old in (float(round(o)) for o in olds):
+        if mid.any():
+            high = 1 + float(np.mean((old / wl[mid] - 1) / smooth))
+        else:
+            high = old / math.sqrt(hi_edge * old)
+        rope = {"rope_type": "llama3", "rope_theta": theta, "factor": factor,
+                "low_freq_factor": 1.0, "high_freq_factor": high,
+                "original_max_position_embeddings": int(old)}
+        if factor > 1 and high > 1 and np.allclose(_llama3_factors(wl, rope), f, rtol=1e-4):
+            return rope
+    raise CheckpointError(f"{src}: rope_freqs.weight does not follow Llama 3 rope scaling")
+
+
+def _llama3_factors(wl: np.ndarray, rope: dict[str, Any]) -> np.ndarray:
+    old, factor = rope["original_max_position_embeddings"], rope["factor"]
+    low, high = rope["low_freq_factor"], rope["high_freq_factor"]
+    smooth = (old / wl - low) / (high - low)
+    between = 1 / ((1 - smooth) / factor + smooth)
+    return np.where(wl < old / high, 1.0, np.where(wl > old / low, factor, between))
+
+
+def _write_safetensors(path: Path, tensors: list[Weight], dtype: str, src: Path,
+                       progress: Progress | None) -> None:
+    """Stream tensors into one safetensors file, holding one tensor in memory at a time."""
+    st_dtype, np_dtype = DTYPES[dtype]
+    itemsize, header, offset = np.dtype(np_dtype).itemsize, {}, 0
+    for name, shape, _ in tensors:
+        size = math.prod(shape) * itemsize
+        header[name] = {"dtype": st_dtype, "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = {"format": "pt", "source": src.name}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for done, (name, _, load) in enumerate(tensors, 1):
+            f.write(np.ascontiguousarray(_cast(load(), dtype)).data)  # no extra copy
+            if progress is not None:
+                progress(done, len(tensors), name)
+
+
+def _cast(array: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "float32":
+        return array
+    if dtype == "float16":
+        return array.astype(np.float16)
+    bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # round to nearest even
+    return np.where(np.isnan(array), 0x7FC0, rounded).astype(np.uint16)
+
+
+def _occupied(path: Path) -> bool:
+    return path.is_symlink() or path.is_file() or (path.is_dir() and any(path.iterdir()))
+
+
+def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    if not _occupied(out_dir):
+        os.rename(tmp, out_dir)  # replaces only an empty directory: a concurrent writer wins
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out_dir} already exists and is not empty")
+    old = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.old")
+    os.rename(out_dir, old)
+    os.rename(tmp, out_dir)
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink()
+
+
+def stderr_progress(done: int, total: int, name: str) -> None:
+    """Progress on stderr: one line redrawn in place on a terminal, every 50 tensors elsewhere."""
+    line = f"converting: {done}/{total} tensors ({name})"
+    if sys.stderr.isatty():
+        print(f"\r{line}\033[K", end="\n" if done == total else "", file=sys.stderr, flush=True)
+    elif done == total or done % 50 == 0:
+        print(line, file=sys.stderr, flush=True)
+
+
+def cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("gguf", type=Path, metavar="MODEL.gguf", help="the GGUF file to convert")
+    parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="model directory to write")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                        help="dtype of the written weights (default: float32)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+def cli_run(args: argparse.Namespace) -> int:
+    out = convert_gguf(args.gguf, args.out_dir, dtype=args.dtype, overwrite=args.overwrite,
+                       progress=None if args.quiet else stderr_progress)
+    print(out)
+    return 0
