@@ -11,6 +11,7 @@ subcommand as `args.environ`.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -25,16 +26,22 @@ class Subcommand(NamedTuple):
     run: Callable[[argparse.Namespace], int]
 
 
-def _subcommands() -> dict[str, Subcommand]:
-    from services import embedded, gguf_convert
+# name → (module holding cli_arguments/cli_run, help). Modules are named, not imported here:
+# `services` never imports a service package at module level.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "convert": ("services.gguf_convert", "convert a GGUF file into a Hugging Face model directory"),
+    "prepare-default": ("services.embedded",
+                        "convert the embedded SmolLM2 model once into the cache; print its dir"),
+    "shard": ("shard_svc.cli", "run one tensor-parallel shard (one rank of the model)"),
+}
 
-    return {
-        "convert": Subcommand("convert a GGUF file into a Hugging Face model directory",
-                              gguf_convert.cli_arguments, gguf_convert.cli_run),
-        "prepare-default": Subcommand(
-            "convert the embedded SmolLM2 model once into the cache; print its directory",
-            embedded.cli_arguments, embedded.cli_run),
-    }
+
+def _subcommands() -> dict[str, Subcommand]:
+    commands = {}
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        commands[name] = Subcommand(help_text, module.cli_arguments, module.cli_run)
+    return commands
 
 
 def build_parser(subcommands: Mapping[str, Subcommand]) -> argparse.ArgumentParser:
