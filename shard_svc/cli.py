@@ -1,0 +1,77 @@
+"""`cpumesh shard`: flags → ShardConfig → one shard process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+from pathlib import Path
+
+from shard_svc.config import ShardConfig, rank_from_hostname
+
+
+def cli_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model-dir", type=Path,
+                   help="Hugging Face model directory (default: the embedded SmolLM2)")
+    p.add_argument("--tp-size", type=int, default=1, help="ranks in the tensor-parallel group")
+    p.add_argument("--tp-rank", default="0",
+                   help="this rank, or 'auto' for the StatefulSet ordinal of the hostname")
+    p.add_argument("--peers", default="127.0.0.1:5555",
+                   help="comma-separated mesh addresses host:port of all ranks, in rank order")
+    p.add_argument("--listen", default="127.0.0.1:50061", help="gRPC address")
+    p.add_argument("--health-listen", help="separate plaintext health address (with TLS)")
+    p.add_argument("--threads", default="auto",
+                   help="torch threads, or 'auto' for the CPUs this process may use")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--kv-capacity-tokens", type=int, default=16384)
+    p.add_argument("--kv-page-size", type=int, default=16)
+    p.add_argument("--max-context", type=int, help="default: the model's context length")
+    p.add_argument("--mesh-name", default="cpumesh")
+    p.add_argument("--mesh-timeout", type=float, default=120.0,
+                   help="seconds to wait for every peer when forming the mesh")
+    p.add_argument("--drain-grace", type=float, default=10.0)
+    p.add_argument("--tls-cert", type=Path)
+    p.add_argument("--tls-key", type=Path)
+    p.add_argument("--tls-ca", type=Path, help="require client certificates signed by this CA")
+    p.add_argument("--curve-secret-key", type=Path, help="this shard's CURVE key pair file")
+    p.add_argument("--curve-public-keys", type=Path, help="directory of the peers' public keys")
+    p.add_argument("--log-level", default="INFO")
+
+
+def available_cpus() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def build_config(args: argparse.Namespace) -> ShardConfig:
+    model_dir = args.model_dir
+    if model_dir is None:
+        from services.embedded import default_cache_dir, default_model_dir
+        model_dir = default_model_dir(default_cache_dir(getattr(args, "environ", None)))
+    if args.tp_rank == "auto":
+        tp_rank = rank_from_hostname(args.environ.get("HOSTNAME") or socket.gethostname())
+    else:
+        tp_rank = int(args.tp_rank)
+    threads = available_cpus() if args.threads == "auto" else int(args.threads)
+    return ShardConfig(
+        model_dir=model_dir, tp_rank=tp_rank, tp_size=args.tp_size,
+        peers=tuple(p.strip() for p in args.peers.split(",") if p.strip()),
+        listen=args.listen, health_listen=args.health_listen, threads=threads,
+        dtype=args.dtype, kv_capacity_tokens=args.kv_capacity_tokens,
+        kv_page_size=args.kv_page_size, max_context=args.max_context,
+        mesh_name=args.mesh_name, mesh_timeout_s=args.mesh_timeout,
+        drain_grace_s=args.drain_grace, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        tls_ca=args.tls_ca, curve_secret_key=args.curve_secret_key,
+        curve_public_keys=args.curve_public_keys)
+
+
+def cli_run(args: argparse.Namespace) -> int:
+    from services.server import setup_logging
+    from shard_svc.service import ShardProcess
+
+    setup_logging(args.log_level, name="cpumesh")
+    try:
+        config = build_config(args)
+    except ValueError as e:
+        raise SystemExit(f"cpumesh shard: error: {e}") from None
+    return asyncio.run(ShardProcess(config).serve())

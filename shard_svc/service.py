@@ -1,0 +1,128 @@
+"""One shard process: load the slice, join the mesh, warm up, then serve until SIGTERM.
+
+Health ("" and the ShardService name) is NOT_SERVING until weights are loaded, the mesh is whole
+and one real forward pass has run; it goes back to NOT_SERVING while the mesh is broken (then
+re-forms it) and while draining. "liveness" is SERVING while the process is alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import torch
+
+from services.checkpoint import load_model_config, model_fingerprint
+from services.pb.cpumesh.v1 import shard_pb2
+from services.server import bind, create_server, server_credentials
+from shard_svc.config import ShardConfig
+from shard_svc.engine import ShardEngine
+from shard_svc.mesh import Communicator, SingleRank
+from shard_svc.model import ShardModel, make_batch
+from shard_svc.servicer import ShardServicer
+from shard_svc.sharding import plan_shard
+from shard_svc.weights import load_shard_weights
+
+log = logging.getLogger("cpumesh.shard")
+LIVENESS = "liveness"
+
+
+def open_mesh(config: ShardConfig, fingerprint: str) -> Any:
+    """The communicator among the group's ranks (blocks until formed or its deadline)."""
+    if config.tp_size == 1:
+        return SingleRank()
+    from shard_svc.zmq_mesh import MeshConfig, ZmqMesh
+
+    return ZmqMesh(MeshConfig(
+        name=config.mesh_name, tp_rank=config.tp_rank, tp_size=config.tp_size,
+        peers=config.peers, fingerprint=fingerprint, form_timeout_s=config.mesh_timeout_s,
+        curve_secret_key=config.curve_secret_key, curve_public_keys=config.curve_public_keys))
+
+
+def warm_up(engine: ShardEngine) -> None:
+    """One real forward pass through every layer and the mesh, outside any sequence's state."""
+    cache, seq_id = engine.cache, -1
+    cache.add(seq_id)
+    try:
+        batch = make_batch([(seq_id, [0, 1, 2, 3])], cache)
+        engine.model.forward(batch, cache)
+    finally:
+        cache.release(seq_id)
+
+
+class ShardProcess:
+    def __init__(self, config: ShardConfig) -> None:
+        self.config = config
+        self.model_config = load_model_config(config.model_dir)
+        self.plan = plan_shard(self.model_config, config.tp_rank, config.tp_size)
+        self.fingerprint = f"{model_fingerprint(config.model_dir)}-tp{config.tp_size}"
+        self.mesh: Any = None
+        self.reforming: asyncio.Task[None] | None = None
+
+    async def serve(self) -> int:
+        cfg = self.config
+        torch.set_num_threads(cfg.threads)
+        creds = (server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_ca)
+                 if cfg.tls_cert and cfg.tls_key else None)
+        loop = asyncio.get_running_loop()
+        t0 = time.monotonic()
+        servicer = ShardServicer(self.fingerprint, cfg.model_dir.name, cfg.dtype,
+                                 on_step_failure=self.on_step_failure)
+        service = bind(servicer, shard_pb2.DESCRIPTOR.services_by_name["ShardService"])
+        self.server, port = create_server(service, address=cfg.listen, credentials=creds,
+                                          health_address=cfg.health_listen)
+        await self.server.start(serving=False)  # answers health (NOT_SERVING) while loading
+        await self.server.set_serving(True, LIVENESS)
+        log.info("rank %d/%d on port %d: loading %s, %s", cfg.tp_rank, cfg.tp_size, port,
+                 cfg.model_dir, self.plan)
+        weights = await loop.run_in_executor(None, load_shard_weights, cfg.model_dir,
+                                             self.model_config, self.plan,
+                                             getattr(torch, cfg.dtype))
+        log.info("weights loaded in %.1f s; forming the mesh", time.monotonic() - t0)
+        self.mesh = await loop.run_in_executor(None, open_mesh, cfg, self.fingerprint)
+        comm: Communicator = self.mesh
+        model = ShardModel(self.model_config, self.plan, weights, comm)
+        engine = ShardEngine(model, model.new_cache(cfg.kv_capacity_tokens, cfg.kv_page_size),
+                             cfg.max_context)
+        await loop.run_in_executor(servicer.executor, warm_up, engine)
+        servicer.engine = engine
+        await self.server.set_serving(True)
+        log.info("rank %d SERVING after %.1f s", cfg.tp_rank, time.monotonic() - t0)
+        try:
+            await self.server.serve_until_signal(cfg.drain_grace_s)
+        finally:
+            if self.reforming is not None:
+                self.reforming.cancel()
+            servicer.executor.shutdown(wait=True)
+            if hasattr(self.mesh, "close"):
+                self.mesh.close()
+        log.info("rank %d stopped", cfg.tp_rank)
+        return 0
+
+    async def on_step_failure(self, error: BaseException) -> None:
+        """A broken mesh: report NOT_SERVING and re-form it in the background."""
+        if not hasattr(self.mesh, "reform") or self.reforming is not None:
+            return
+        from shard_svc.mesh import MeshError
+
+        if not isinstance(error.__cause__, MeshError):
+            return
+        await self.server.set_serving(False)
+        self.reforming = asyncio.ensure_future(self._reform())
+
+    async def _reform(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                try:
+                    await loop.run_in_executor(None, self.mesh.reform)
+                    break
+                except Exception as e:  # the peer is still away: keep trying
+                    log.warning("mesh not re-formed yet: %s", e)
+                    await asyncio.sleep(0.5)
+            log.info("mesh re-formed; SERVING")
+            await self.server.set_serving(True)
+        finally:
+            self.reforming = None
