@@ -1,0 +1,165 @@
+"""Continuous batching: which requests prefill and which decode at each engine step.
+
+Pure bookkeeping, no I/O: the engine calls `submit` as requests arrive, `schedule` once per step,
+and `finish` when a sequence ends (stop, length, error or client cancel). Calling `schedule` again
+means the previous plan's step completed, so the requests it prefilled now decode.
+
+KV accounting is by reservation: a request admitted to the running batch reserves the whole pages
+its prompt and all of its max_new_tokens can ever need, so a running sequence can never find the
+KV cache full mid-generation. Waiting requests reserve nothing. The router's capacity is rounded
+down to whole pages, so it never promises more than a shard holds (a shard rounds up).
+
+Admission is strictly FIFO: the head of the queue is admitted as soon as its reservation fits and
+no request behind it overtakes it, so a large request cannot be starved by a stream of small ones.
+Every accepted request fits the empty cache (checked at `submit`), and running requests end within
+max_new_tokens steps, so the head is always admitted eventually.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.errors import InvalidArgument, ResourceExhausted
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    kv_capacity_tokens: int  # KV slots of one shard (every shard holds all sequences' tokens)
+    kv_page_size: int = 16  # tokens per KV page, as the shards' cache
+    max_waiting: int = 256  # queued requests beyond which submit fails with RESOURCE_EXHAUSTED
+    max_running: int = 64  # sequences in the batch at once
+    prefill_token_budget: int = 2048  # prompt tokens prefilled per step (one longer prompt alone)
+
+    def __post_init__(self) -> None:
+        for name in ("kv_capacity_tokens", "kv_page_size", "max_waiting", "max_running",
+                     "prefill_token_budget"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.kv_capacity_tokens < self.kv_page_size:
+            raise ValueError(f"kv_capacity_tokens ({self.kv_capacity_tokens}) must hold at least "
+                             f"one page of kv_page_size ({self.kv_page_size}) tokens")
+
+    @property
+    def kv_capacity_pages(self) -> int:
+        return self.kv_capacity_tokens // self.kv_page_size
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    prefill: tuple[int, ...]  # admitted this step, in FIFO order: run their prompts
+    decode: tuple[int, ...]  # running and prefilled: extend by one token
+
+    @property
+    def empty(self) -> bool:
+        return not self.prefill and not self.decode
+
+
+@dataclass(frozen=True)
+class _Request:
+    prompt_len: int
+    max_new_tokens: int
+    pages: int  # the KV reservation, in pages
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self._waiting: dict[int, _Request] = {}  # insertion order is FIFO order
+        self._running: dict[int, _Request] = {}
+        self._reserved_pages = 0
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def submit(self, request_id: int, prompt_len: int, max_new_tokens: int) -> None:
+        """Queue a request, or refuse it at once (nothing changes on refusal)."""
+        if prompt_len < 1:
+            raise InvalidArgument(f"the prompt must have at least 1 token, got {prompt_len}")
+        if max_new_tokens < 1:
+            raise InvalidArgument(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if request_id in self._waiting or request_id in self._running:
+            raise ValueError(f"request {request_id} is already scheduled")
+        pages = self._pages(prompt_len + max_new_tokens)
+        if pages > self.config.kv_capacity_pages:
+            raise InvalidArgument(
+                f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = "
+                f"{prompt_len + max_new_tokens} tokens can never fit the KV cache "
+                f"({self.kv_capacity_tokens} tokens)")
+        if len(self._waiting) >= self.config.max_waiting:
+            raise ResourceExhausted(f"waiting queue full ({self.config.max_waiting} requests)")
+        self._waiting[request_id] = _Request(prompt_len, max_new_tokens, pages)
+
+    def finish(self, request_id: int) -> bool:
+        """Forget a request, waiting or running, and free its reservation. Idempotent: returns
+        whether it was known."""
+        if self._waiting.pop(request_id, None) is not None:
+            return True
+        request = self._running.pop(request_id, None)
+        if request is None:
+            return False
+        self._reserved_pages -= request.pages
+        return True
+
+    def abort_all(self) -> list[int]:
+        """Forget every request (after a failed step); returns their ids, running ones first."""
+        ids = [*self._running, *self._waiting]
+        self._running.clear()
+        self._waiting.clear()
+        self._reserved_pages = 0
+        return ids
+
+    # -- steps ----------------------------------------------------------------------------------
+
+    def schedule(self) -> StepPlan:
+        """The next step: every running request decodes; waiting ones are admitted in FIFO order
+        while a batch slot, their KV reservation and the prefill token budget allow (the first
+        admission of a step ignores the budget, so a prompt longer than it still runs alone)."""
+        decode = tuple(self._running)
+        prefill: list[int] = []
+        budget_left = self.config.prefill_token_budget
+        while self._waiting:
+            request_id, request = next(iter(self._waiting.items()))
+            if not self._can_admit(request, budget_left, first=not prefill):
+                break
+            del self._waiting[request_id]
+            self._running[request_id] = request
+            self._reserved_pages += request.pages
+            budget_left -= request.prompt_len
+            prefill.append(request_id)
+        return StepPlan(prefill=tuple(prefill), decode=decode)
+
+    def _can_admit(self, request: _Request, budget_left: int, first: bool) -> bool:
+        if len(self._running) >= self.config.max_running:
+            return False
+        if request.pages > self.config.kv_capacity_pages - self._reserved_pages:
+            return False
+        return first or request.prompt_len <= budget_left
+
+    def _pages(self, tokens: int) -> int:
+        return -(-tokens // self.config.kv_page_size)
+
+    # -- counters for metrics -------------------------------------------------------------------
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """The capacity the scheduler uses: configured tokens rounded down to whole pages."""
+        return self.config.kv_capacity_pages * self.config.kv_page_size
+
+    @property
+    def kv_tokens_reserved(self) -> int:
+        return self._reserved_pages * self.config.kv_page_size
+
+    @property
+    def kv_tokens_free(self) -> int:
+        return self.kv_capacity_tokens - self.kv_tokens_reserved
+
+    def __contains__(self, request_id: int) -> bool:
+        return request_id in self._waiting or request_id in self._running
