@@ -1,0 +1,269 @@
+"""Text ↔ token ids for one model, on the `tokenizers` library, equal to `transformers`' tokenizer.
+
+Encode (plain text, or chat messages rendered with the model's chat template), decode, and
+stateless incremental detokenization (`detokenize_step`, vLLM/TGI style) that never emits text a
+later token would change:
+
+* a window `ids[prefix_offset:read_offset]` of already emitted tokens is decoded with the new ones,
+  so the new text is what they add *in context* (word-initial spaces of sentencepiece vocabularies
+  come out right, and a window never starts inside a character);
+* text ending in U+FFFD (an incomplete UTF-8 character of byte-level tokens) waits for more tokens;
+* a trailing run of byte-fallback tokens (`<0xE4>`) waits until the run ends, because the
+  tokenizers' ByteFallback decoder turns the whole run into U+FFFDs if any byte of it is invalid;
+* with cleanup of tokenization spaces (non-BPE vocabularies), text ending where a cleanup pattern
+  could still match (" ", " n", ...) waits.
+
+So the deltas of one sequence always add up to `decode` of the whole of it, and `flush=True` emits
+whatever is still pending when the sequence ends.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.errors import InvalidArgument
+from tokenizer_svc.chat_template import DEFAULT_ROLES, ChatTemplate
+from tokenizer_svc.model_files import ModelFiles, build_backend, read_model_files
+
+DEFAULT_MAX_TEXT_CHARS = 1 << 18  # 262,144 characters: about 64k tokens of English
+# Tokens that end an assistant's turn in the chat formats we know; one counts when the model's chat
+# template writes it.
+END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>",
+                       "<|end_of_turn|>", "<|END_OF_TURN_TOKEN|>", "<|endofturn|>")
+# transformers' `clean_up_tokenization`, in its order
+CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+           (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+# text ending in one of these can still change when the next token's text arrives
+_CLEANUP_PENDING = tuple({p[:k] for p, _ in CLEANUP for k in range(1, len(p))})
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    vocab_size: int  # the model's (config.json) when known, else the tokenizer's
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    end_of_turn_token_ids: tuple[int, ...]  # beyond eos_token_ids
+    has_chat_template: bool
+    model_name: str
+
+
+@dataclass(frozen=True)
+class EncodeInput:
+    """Exactly one of `text` and `messages` ({"role", "content"} mappings)."""
+
+    text: str | None = None
+    messages: Sequence[Mapping[str, str]] | None = None
+    add_generation_prompt: bool = True
+    add_special_tokens: bool | None = None  # None: True for text, False for chat
+
+
+@dataclass(frozen=True)
+class DetokenizeInput:
+    token_ids: Sequence[int]
+    prefix_offset: int
+    read_offset: int
+    flush: bool = False
+
+
+@dataclass(frozen=True)
+class Detokenized:
+    text: str
+    prefix_offset: int
+    read_offset: int
+
+
+class Tokenizer:
+    """One model's tokenizer; thread-safe, holds no per-request state."""
+
+    def __init__(self, files: ModelFiles, *, model_name: str,
+                 max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
+                 chat_roles: Iterable[str] = DEFAULT_ROLES) -> None:
+        if max_text_chars < 1:
+            raise ValueError(f"max_text_chars must be positive, got {max_text_chars}")
+        self.max_text_chars = max_text_chars
+        self._backend = build_backend(files)
+        is_bpe = type(self._backend.model).__name__ == "BPE"
+        self._cleanup = files.clean_up_tokenization_spaces and (
+            not is_bpe or files.clean_up_even_for_bpe)
+
+        vocab = self._backend.get_vocab(with_added_tokens=True)
+        self._id_limit = max(max(vocab.values(), default=-1) + 1, files.model_vocab_size or 0)
+        added = self._backend.get_added_tokens_decoder()
+        self._special_ids = frozenset(i for i, t in added.items() if t.special)
+        self._byte_ids = frozenset(
+            i for t, i in vocab.items() if _BYTE_TOKEN.fullmatch(t)) \
+            if "ByteFallback" in repr(self._backend.decoder) else frozenset()
+
+        special = files.special_tokens
+        self._chat = ChatTemplate(files.chat_template, special, chat_roles) \
+            if files.chat_template is not None else None
+        literal = self._chat.literal_text() if self._chat else ""
+        bos = self._token_id(special.get("bos_token"))
+        eos = tuple(dict.fromkeys(
+            [i for i in [self._token_id(special.get("eos_token"))] if i is not None]
+            + list(files.model_eos_token_ids)))
+        turn = [self._token_id(m) for m in END_OF_TURN_MARKERS if m in literal]
+        self.info = TokenizerInfo(
+            vocab_size=files.model_vocab_size or self._backend.get_vocab_size(True),
+            bos_token_id=bos if bos is not None else files.model_bos_token_id,
+            eos_token_ids=eos,
+            end_of_turn_token_ids=tuple(i for i in turn if i is not None and i not in eos),
+            has_chat_template=self._chat is not None,
+            model_name=model_name)
+
+    @classmethod
+    def from_dir(cls, model_dir: Path | str, *, max_text_chars: int = DEFAULT_MAX_TEXT_CHARS,
+                 chat_roles: Iterable[str] = DEFAULT_ROLES,
+                 model_name: str | None = None) -> Tokenizer:
+        """Load `tokenizer.json` and its companions from a Hugging Face model directory."""
+        model_dir = Path(model_dir)
+        return cls(read_model_files(model_dir), model_name=model_name or model_dir.name,
+                   max_text_chars=max_text_chars, chat_roles=chat_roles)
+
+    # ---- encoding
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.encode_batch([EncodeInput(text=text, add_special_tokens=add_special_tokens)])[0]
+
+    def render_chat(self, messages: Sequence[Mapping[str, str]],
+                    add_generation_prompt: bool = True) -> str:
+        """The prompt text of a conversation, as `apply_chat_template(..., tokenize=False)`."""
+        if self._chat is None:
+            raise InvalidArgument("the model has no chat template: send plain text")
+        chars = sum(len(m["content"]) for m in messages)
+        if chars > self.max_text_chars:
+            raise InvalidArgument(f"the chat has {chars} characters of content, more than the "
+                                  f"limit of {self.max_text_chars}")
+        return self._chat.render(messages, add_generation_prompt)
+
+    def encode_chat(self, messages: Sequence[Mapping[str, str]],
+                    add_generation_prompt: bool = True,
+                    add_special_tokens: bool = False) -> list[int]:
+        return self.encode_batch([EncodeInput(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            add_special_tokens=add_special_tokens)])[0]
+
+    def encode_batch(self, items: Sequence[EncodeInput]) -> list[list[int]]:
+        """Token ids of each item; `InvalidArgument` naming the first bad item."""
+        texts: dict[bool, list[tuple[int, str]]] = {True: [], False: []}
+        for index, item in enumerate(items):
+            with _item(index):
+                text, special = self._prompt(item)
+                texts[special].append((index, text))
+        out: list[list[int]] = [[] for _ in items]
+        for special, group in texts.items():
+            if group:
+                encodings = self._backend.encode_batch_fast(
+                    [t for _, t in group], add_special_tokens=special)
+                for (index, _), encoding in zip(group, encodings, strict=True):
+                    out[index] = encoding.ids
+        return out
+
+    def _prompt(self, item: EncodeInput) -> tuple[str, bool]:
+        if (item.text is None) == (item.messages is None):
+            raise InvalidArgument("give exactly one of a text and chat messages")
+        if item.text is not None:
+            if len(item.text) > self.max_text_chars:
+                raise InvalidArgument(f"the text has {len(item.text)} characters, more than the "
+                                      f"limit of {self.max_text_chars}")
+            special = True if item.add_special_tokens is None else item.add_special_tokens
+            return item.text, special
+        assert item.messages is not None
+        text = self.render_chat(item.messages, item.add_generation_prompt)
+        return text, bool(item.add_special_tokens)
+
+    # ---- decoding
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self.decode_batch([token_ids], skip_special_tokens)[0]
+
+    def decode_batch(self, sequences: Sequence[Sequence[int]],
+                     skip_special_tokens: bool = False) -> list[str]:
+        for index, ids in enumerate(sequences):
+            with _item(index):
+                self._check_ids(ids)
+        return self._decode([list(ids) for ids in sequences], skip_special_tokens)
+
+    def detokenize_step(self, token_ids: Sequence[int], prefix_offset: int, read_offset: int,
+                        *, skip_special_tokens: bool = False,
+                        flush: bool = False) -> Detokenized:
+        """The text `token_ids[read_offset:]` adds, and the offsets for the next step."""
+        step = DetokenizeInput(token_ids, prefix_offset, read_offset, flush)
+        return self.detokenize_batch([step], skip_special_tokens)[0]
+
+    def detokenize_batch(self, items: Sequence[DetokenizeInput],
+                         skip_special_tokens: bool = False) -> list[Detokenized]:
+        """One `detokenize_step` per item, decoded together in two library calls."""
+        plans: list[tuple[list[int], int, int, int, bool]] = []
+        for index, item in enumerate(items):
+            with _item(index):
+                ids = list(item.token_ids)
+                p, r = item.prefix_offset, item.read_offset
+                if not 0 <= p <= r <= len(ids):
+                    raise InvalidArgument(
+                        f"offsets must satisfy 0 <= prefix_offset ({p}) <= read_offset ({r}) "
+                        f"<= the number of token ids ({len(ids)})")
+                self._check_ids(ids)
+                end = len(ids) if item.flush else self._stable_end(ids, r, skip_special_tokens)
+                plans.append((ids, p, r, end, item.flush))
+        windows = [ids[p:r] for ids, p, r, _, _ in plans] + [ids[p:e] for ids, p, _, e, _ in plans]
+        texts, n = self._decode(windows, skip_special_tokens), len(plans)
+        results = []
+        for (_, p, r, end, flush), old, new in zip(plans, texts[:n], texts[n:], strict=True):
+            ready = end > r and len(new) > len(old) and not new.endswith("\ufffd") and not (
+                self._cleanup and new.endswith(_CLEANUP_PENDING))
+            if ready or flush:
+                results.append(Detokenized(new[len(old):], r, end))
+            else:
+                results.append(Detokenized("", p, r))
+        return results
+
+    def _stable_end(self, ids: list[int], read_offset: int, skip_special: bool) -> int:
+        """End of the tokens whose text no later token can change: before a trailing run of
+        byte-fallback tokens (and the skipped special tokens inside it)."""
+        if not self._byte_ids or not ids or (ids[-1] not in self._byte_ids and not skip_special):
+            return len(ids)
+        end, has_bytes = len(ids), False
+        while end > read_offset:
+            token = ids[end - 1]
+            if token in self._byte_ids:
+                has_bytes = True
+            elif not (skip_special and token in self._special_ids):
+                break
+            end -= 1
+        return end if has_bytes else len(ids)
+
+    def _decode(self, sequences: list[list[int]], skip_special_tokens: bool) -> list[str]:
+        texts = self._backend.decode_batch(sequences, skip_special_tokens=skip_special_tokens)
+        return [_clean_up(t) for t in texts] if self._cleanup else list(texts)
+
+    def _check_ids(self, ids: Sequence[int]) -> None:
+        if ids and (min(ids) < 0 or max(ids) >= self._id_limit):
+            position, bad = next((k, i) for k, i in enumerate(ids) if not 0 <= i < self._id_limit)
+            raise InvalidArgument(f"token id {bad} at position {position} is outside the "
+                                  f"vocabulary (ids 0 to {self._id_limit - 1})")
+
+    # ---- loading
+
+    def _token_id(self, token: str | None) -> int | None:
+        return None if token is None else self._backend.token_to_id(token)
+
+
+def _clean_up(text: str) -> str:
+    for old, new in CLEANUP:
+        text = text.replace(old, new)
+    return text
+
+
+@contextmanager
+def _item(index: int) -> Iterator[None]:
+    """Prefix an `InvalidArgument` raised inside with the index of the batch item at fault."""
+    try:
+        yield
+    except InvalidArgument as e:
+        raise InvalidArgument(f"item {index}: {e}") from None
