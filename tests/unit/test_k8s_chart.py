@@ -35,8 +35,7 @@ CASES = [("r", {"tp": tp}) for tp in (1, 2, 3, 8)] + [
 
 @cache
 def _render(release: str, values_json: str) -> tuple[dict[str, Any], ...]:
-    objs = k8s.render_manifests(CHART, json.loads(values_json), release, NS)
-    return tuple(objs)
+    return tuple(k8s.render_manifests(CHART, json.loads(values_json), release, NS))
 
 
 def render(release: str = "r", values: dict[str, Any] | None = None) -> list[dict[str, Any]]:

@@ -187,6 +187,7 @@ current-context: kmock
     yield Cluster(box, kubeconfig)
     loop.call_soon_threadsafe(box["stop"].set)
     thread.join(10)
+    loop.close()
 
 
 FAST = ("--poll", "0.02", "--timeout", "20")
