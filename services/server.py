@@ -1,0 +1,326 @@
+"""The common gRPC server bootstrap of every cpumesh service (`grpc.aio`).
+
+    service = bind(servicer, shard_pb2.DESCRIPTOR.services_by_name["ShardService"])
+    server, port = create_server(service, address="127.0.0.1:0")   # inside the event loop
+    await server.start(serving=False)      # health: NOT_SERVING until warmed up
+    await server.set_serving(True)
+    await server.serve_until_signal(grace_s=10.0)  # SIGTERM/SIGINT → drain → stop
+
+* `bind` registers a servicer's methods without a request deserializer; each handler parses the
+  bytes itself, so garbage gets INVALID_ARGUMENT instead of UNKNOWN. A servicer is written like a
+  generated `*Servicer` (async methods taking the parsed request and the context; server streams
+  as async generators). Methods it lacks answer UNIMPLEMENTED.
+* `ErrorInterceptor` maps `CpumeshError` to its status code with the message as details,
+  `NotImplementedError` to UNIMPLEMENTED, anything else to INTERNAL with the traceback logged.
+* The standard `grpc.health.v1` service reports "" and every bound service, optionally also on a
+  separate plaintext port: Kubernetes' gRPC probes speak no TLS.
+* Reflection is off by default and needs the optional `grpcio-reflection` package.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import DecodeError, Message
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from services.errors import CpumeshError, InvalidArgument
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+M = TypeVar("M", bound=Message)
+Behavior = Callable[[Any, grpc.aio.ServicerContext], Any]
+Pem = Path | str | bytes  # a PEM file's path, or its contents
+
+
+def setup_logging(level: str | int = "INFO", *, name: str = "cpumesh") -> None:
+    """One line per record, with time, level, process name and logger; for entry points only."""
+    logging.basicConfig(level=level, force=True,
+                        format=f"%(asctime)s %(levelname)s {name} %(name)s: %(message)s")
+
+
+def _common_options(max_message_bytes: int, keepalive_time_s: float,
+                    keepalive_timeout_s: float) -> list[tuple[str, int]]:
+    return [("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.keepalive_time_ms", int(keepalive_time_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(keepalive_timeout_s * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1)]
+
+
+def server_options(*, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                   keepalive_time_s: float = 30.0, keepalive_timeout_s: float = 10.0,
+                   min_client_ping_interval_s: float = 5.0) -> list[tuple[str, int]]:
+    """Message limits (larger messages get RESOURCE_EXHAUSTED), keepalive pings to idle clients,
+    and permission for clients' own keepalive pings down to `min_client_ping_interval_s`."""
+    return [*_common_options(max_message_bytes, keepalive_time_s, keepalive_timeout_s),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms",
+             int(min_client_ping_interval_s * 1000)),
+            ("grpc.http2.max_ping_strikes", 0)]
+
+
+def channel_options(*, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                    keepalive_time_s: float = 10.0,
+                    keepalive_timeout_s: float = 5.0) -> list[tuple[str, int]]:
+    """Client options matching `server_options`: a dead link is noticed within ~15 s, not 2 h."""
+    return [*_common_options(max_message_bytes, keepalive_time_s, keepalive_timeout_s),
+            ("grpc.http2.max_pings_without_data", 0)]
+
+
+def _read(source: Pem) -> bytes:
+    return source if isinstance(source, bytes) else Path(source).read_bytes()
+
+
+def server_credentials(cert: Pem, key: Pem, ca: Pem | None = None) -> grpc.ServerCredentials:
+    """TLS with this server's PEM certificate chain and key (paths or bytes). With `ca`, mutual
+    TLS: clients without a certificate signed by that CA are refused."""
+    return grpc.ssl_server_credentials([(_read(key), _read(cert))],
+                                       root_certificates=_read(ca) if ca is not None else None,
+                                       require_client_auth=ca is not None)
+
+
+def channel_credentials(ca: Pem, cert: Pem | None = None,
+                        key: Pem | None = None) -> grpc.ChannelCredentials:
+    """Client side of `server_credentials`: trust `ca`; present `cert`/`key` for mutual TLS."""
+    return grpc.ssl_channel_credentials(root_certificates=_read(ca),
+                                        private_key=_read(key) if key is not None else None,
+                                        certificate_chain=_read(cert) if cert is not None else None)
+
+
+def parse(message_class: type[M], data: bytes) -> M:
+    """Parse request bytes; garbage raises InvalidArgument (→ INVALID_ARGUMENT)."""
+    try:
+        return message_class.FromString(data)
+    except DecodeError as e:
+        raise InvalidArgument(
+            f"cannot parse the request as {message_class.DESCRIPTOR.full_name}: {e}") from None
+
+
+async def _maybe_await(result: Any) -> Any:
+    return await result if inspect.isawaitable(result) else result
+
+
+async def _iterate(result: Any) -> AsyncIterator[Any]:
+    """A streaming handler's result: an async or sync iterator, or a coroutine using write()."""
+    if hasattr(result, "__aiter__"):
+        async for item in result:
+            yield item
+    elif inspect.isawaitable(result):
+        await result
+    elif result is not None:
+        for item in result:
+            yield item
+
+
+@dataclass(frozen=True)
+class BoundService:
+    """A servicer's methods as a generic handler, with the service's full name for health."""
+
+    name: str
+    handler: grpc.GenericRpcHandler
+
+
+def bind(servicer: object, service: ServiceDescriptor) -> BoundService:
+    """Register `servicer`'s methods for `service`, each parsing its own request bytes."""
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in service.methods:
+        impl = getattr(servicer, method.name, None)
+        if impl is None:
+            continue
+        if method.client_streaming:
+            raise ValueError(f"{method.full_name}: client streaming is not supported")
+        parsing = functools.partial(_call_parsed, impl,
+                                    message_factory.GetMessageClass(method.input_type))
+        serialize = message_factory.GetMessageClass(method.output_type).SerializeToString
+        make = (grpc.unary_stream_rpc_method_handler if method.server_streaming
+                else grpc.unary_unary_rpc_method_handler)
+        handlers[method.name] = make(_adapt(parsing, method.server_streaming),
+                                     response_serializer=serialize)
+    return BoundService(service.full_name,
+                        grpc.method_handlers_generic_handler(service.full_name, handlers))
+
+
+def _call_parsed(impl: Behavior, request_class: type[Message], data: bytes,
+                 context: grpc.aio.ServicerContext) -> Any:
+    return impl(parse(request_class, data), context)
+
+
+def _adapt(call: Behavior, streaming: bool, method: str | None = None) -> Behavior:
+    """An async unary behavior or async generator around `call`; with `method`, exceptions
+    become statuses (see `abort_with`), without it they propagate."""
+    if streaming:
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            try:
+                async for item in _iterate(call(request, context)):
+                    yield item
+            except Exception as e:
+                if method is None or isinstance(e, grpc.aio.AbortError):
+                    raise
+                await abort_with(context, method, e)
+        return stream
+
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await _maybe_await(call(request, context))
+        except Exception as e:
+            if method is None or isinstance(e, grpc.aio.AbortError):
+                raise
+            await abort_with(context, method, e)
+    return unary
+
+
+async def abort_with(context: grpc.aio.ServicerContext, method: str, error: Exception) -> None:
+    """End the call with the status `error` stands for (the mapping of ErrorInterceptor)."""
+    if isinstance(error, CpumeshError):
+        code, details = error.code, str(error) or type(error).__name__
+    elif isinstance(error, NotImplementedError):
+        code, details = grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented"
+    else:
+        log.error("unhandled error in %s", method, exc_info=error)
+        code = grpc.StatusCode.INTERNAL
+        details = f"internal error in {method}: {type(error).__name__}: {error}"[:1000]
+    await context.abort(code, details)
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Turns exceptions escaping unary and server-streaming handlers into statuses."""
+
+    async def intercept_service(self, continuation: Callable[[Any], Any],
+                                handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or handler.request_streaming:
+            return handler
+        if handler.unary_stream is not None:
+            return handler._replace(unary_stream=_adapt(handler.unary_stream, True, method))
+        return handler._replace(unary_unary=_adapt(handler.unary_unary, False, method))
+
+
+class Server:
+    """A started-on-demand gRPC server with its health service (and optional health port)."""
+
+    def __init__(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer,
+                 service_names: Sequence[str], health_server: grpc.aio.Server | None = None,
+                 health_port: int | None = None) -> None:
+        self.grpc_server = server
+        self.health = health_servicer
+        self.service_names = tuple(service_names)
+        self.health_server = health_server
+        self.health_port = health_port
+        self._stopping = asyncio.Event()
+
+    async def start(self, *, serving: bool = True) -> None:
+        await self.set_serving(serving)
+        await self.grpc_server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
+
+    async def set_serving(self, serving: bool, service: str | None = None) -> None:
+        """Health of `service`, or of "" and every bound service when None."""
+        status = (health_pb2.HealthCheckResponse.SERVING if serving
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in ("", *self.service_names) if service is None else (service,):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING, refuse new calls, let in-flight ones finish for `grace` seconds."""
+        self._stopping.set()
+        await self.health.enter_graceful_shutdown()
+        await self.grpc_server.stop(grace)
+        if self.health_server is not None:
+            await self.health_server.stop(None)
+
+    async def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return await self.grpc_server.wait_for_termination(timeout)
+
+    async def serve_until_signal(
+            self, grace_s: float,
+            signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT)) -> int | None:
+        """Serve until one of `signals`, then stop gracefully; return the signal's number.
+
+        Returns None at once when `stop` is called by someone else."""
+        loop = asyncio.get_running_loop()
+        received: asyncio.Future[int] = loop.create_future()
+
+        def on_signal(sig: int) -> None:
+            if not received.done():
+                received.set_result(sig)
+
+        for sig in signals:
+            loop.add_signal_handler(sig, on_signal, int(sig))
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            waits: set[asyncio.Future[Any]] = {received, stopping}
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+        if not received.done():
+            return None
+        log.info("signal %d: draining for up to %.1f s", received.result(), grace_s)
+        await self.stop(grace_s)
+        return received.result()
+
+
+def create_server(*services: BoundService, address: str = "127.0.0.1:0",
+                  credentials: grpc.ServerCredentials | None = None,
+                  health_address: str | None = None, reflection: bool = False,
+                  options: Sequence[tuple[str, Any]] | None = None,
+                  maximum_concurrent_rpcs: int | None = None) -> tuple[Server, int]:
+    """Build (not start) a server for `services` bound to `address`; returns (server, port).
+
+    Call it from a running event loop. `credentials` (see `server_credentials`) serve TLS;
+    `health_address` adds a plaintext port that serves only health.
+    """
+    options = list(options if options is not None else server_options())
+    interceptors = [ErrorInterceptor()]
+    server = grpc.aio.server(interceptors=interceptors, options=options,
+                             maximum_concurrent_rpcs=maximum_concurrent_rpcs)
+    server.add_generic_rpc_handlers([s.handler for s in services])
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [s.name for s in services]
+    if reflection:
+        _enable_reflection(server, names)
+    port = _listen(server, address, credentials)
+    health_server, health_port = None, None
+    if health_address is not None:
+        health_server = grpc.aio.server(interceptors=interceptors, options=options)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_port = _listen(health_server, health_address, None)
+    return Server(server, health_servicer, names, health_server, health_port), port
+
+
+def _listen(server: grpc.aio.Server, address: str,
+            credentials: grpc.ServerCredentials | None) -> int:
+    try:
+        port = (server.add_secure_port(address, credentials) if credentials is not None
+                else server.add_insecure_port(address))
+    except RuntimeError as e:
+        raise OSError(f"cannot listen on {address}: {e}") from e
+    if not port:
+        raise OSError(f"cannot listen on {address}")
+    return int(port)
+
+
+def _enable_reflection(server: grpc.aio.Server, names: Sequence[str]) -> None:
+    try:
+        from grpc_reflection.v1alpha import reflection
+    except ImportError:
+        log.warning("reflection requested but grpcio-reflection is not installed; skipped")
+        return
+    reflection.enable_server_reflection(
+        [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
