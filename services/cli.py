@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare-default": ("services.embedded",
                         "convert the embedded SmolLM2 model once into the cache; print its dir"),
     "shard": ("shard_svc.cli", "run one tensor-parallel shard (one rank of the model)"),
+    "tokenizer": ("tokenizer_svc.cli", "run the tokenizer service (text <-> token ids)"),
 }
 
 

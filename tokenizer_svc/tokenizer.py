@@ -20,10 +20,10 @@ whatever is still pending when the sequence ends.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from services.errors import InvalidArgument
 from tokenizer_svc.chat_template import DEFAULT_ROLES, ChatTemplate
@@ -62,16 +62,14 @@ class EncodeInput:
     add_special_tokens: bool | None = None  # None: True for text, False for chat
 
 
-@dataclass(frozen=True)
-class DetokenizeInput:
+class DetokenizeInput(NamedTuple):  # tuples: a batch of 64 is built and read in every step
     token_ids: Sequence[int]
     prefix_offset: int
     read_offset: int
     flush: bool = False
 
 
-@dataclass(frozen=True)
-class Detokenized:
+class Detokenized(NamedTuple):
     text: str
     prefix_offset: int
     read_offset: int
@@ -151,10 +149,13 @@ class Tokenizer:
     def encode_batch(self, items: Sequence[EncodeInput]) -> list[list[int]]:
         """Token ids of each item; `InvalidArgument` naming the first bad item."""
         texts: dict[bool, list[tuple[int, str]]] = {True: [], False: []}
-        for index, item in enumerate(items):
-            with _item(index):
+        index = 0
+        try:
+            for index, item in enumerate(items):
                 text, special = self._prompt(item)
                 texts[special].append((index, text))
+        except InvalidArgument as e:  # the template's, or a limit's: name the item
+            raise InvalidArgument(f"item {index}: {e}") from None
         out: list[list[int]] = [[] for _ in items]
         for special, group in texts.items():
             if group:
@@ -184,10 +185,10 @@ class Tokenizer:
 
     def decode_batch(self, sequences: Sequence[Sequence[int]],
                      skip_special_tokens: bool = False) -> list[str]:
-        for index, ids in enumerate(sequences):
-            with _item(index):
-                self._check_ids(ids)
-        return self._decode([list(ids) for ids in sequences], skip_special_tokens)
+        lists = [list(ids) for ids in sequences]
+        for index, ids in enumerate(lists):
+            self._check_ids(ids, index)
+        return self._decode(lists, skip_special_tokens)
 
     def detokenize_step(self, token_ids: Sequence[int], prefix_offset: int, read_offset: int,
                         *, skip_special_tokens: bool = False,
@@ -198,26 +199,27 @@ class Tokenizer:
 
     def detokenize_batch(self, items: Sequence[DetokenizeInput],
                          skip_special_tokens: bool = False) -> list[Detokenized]:
-        """One `detokenize_step` per item, decoded together in two library calls."""
-        plans: list[tuple[list[int], int, int, int, bool]] = []
-        for index, item in enumerate(items):
-            with _item(index):
-                ids = list(item.token_ids)
-                p, r = item.prefix_offset, item.read_offset
-                if not 0 <= p <= r <= len(ids):
-                    raise InvalidArgument(
-                        f"offsets must satisfy 0 <= prefix_offset ({p}) <= read_offset ({r}) "
-                        f"<= the number of token ids ({len(ids)})")
-                self._check_ids(ids)
-                end = len(ids) if item.flush else self._stable_end(ids, r, skip_special_tokens)
-                plans.append((ids, p, r, end, item.flush))
-        windows = [ids[p:r] for ids, p, r, _, _ in plans] + [ids[p:e] for ids, p, _, e, _ in plans]
-        texts, n = self._decode(windows, skip_special_tokens), len(plans)
-        results = []
-        for (_, p, r, end, flush), old, new in zip(plans, texts[:n], texts[n:], strict=True):
-            ready = end > r and len(new) > len(old) and not new.endswith("\ufffd") and not (
-                self._cleanup and new.endswith(_CLEANUP_PENDING))
-            if ready or flush:
+        """One `detokenize_step` per item, decoded together in one library call."""
+        olds: list[list[int]] = []
+        news: list[list[int]] = []
+        ends: list[int] = []
+        for index, (token_ids, p, r, flush) in enumerate(items):
+            ids = list(token_ids)
+            if not 0 <= p <= r <= len(ids):
+                raise InvalidArgument(
+                    f"item {index}: offsets must satisfy 0 <= prefix_offset ({p}) <= "
+                    f"read_offset ({r}) <= the number of token ids ({len(ids)})")
+            self._check_ids(ids, index)
+            end = len(ids) if flush else self._stable_end(ids, r, skip_special_tokens)
+            olds.append(ids[p:r])
+            news.append(ids[p:end])
+            ends.append(end)
+        texts = self._decode(olds + news, skip_special_tokens)
+        n, cleanup, results = len(items), self._cleanup, []
+        for k, (_, p, r, flush) in enumerate(items):
+            old, new, end = texts[k], texts[n + k], ends[k]
+            if flush or (end > r and len(new) > len(old) and not new.endswith("\ufffd")
+                         and not (cleanup and new.endswith(_CLEANUP_PENDING))):
                 results.append(Detokenized(new[len(old):], r, end))
             else:
                 results.append(Detokenized("", p, r))
@@ -242,11 +244,11 @@ class Tokenizer:
         texts = self._backend.decode_batch(sequences, skip_special_tokens=skip_special_tokens)
         return [_clean_up(t) for t in texts] if self._cleanup else list(texts)
 
-    def _check_ids(self, ids: Sequence[int]) -> None:
+    def _check_ids(self, ids: list[int], index: int) -> None:
         if ids and (min(ids) < 0 or max(ids) >= self._id_limit):
             position, bad = next((k, i) for k, i in enumerate(ids) if not 0 <= i < self._id_limit)
-            raise InvalidArgument(f"token id {bad} at position {position} is outside the "
-                                  f"vocabulary (ids 0 to {self._id_limit - 1})")
+            raise InvalidArgument(f"item {index}: token id {bad} at position {position} is "
+                                  f"outside the vocabulary (ids 0 to {self._id_limit - 1})")
 
     # ---- loading
 
@@ -258,12 +260,3 @@ def _clean_up(text: str) -> str:
     for old, new in CLEANUP:
         text = text.replace(old, new)
     return text
-
-
-@contextmanager
-def _item(index: int) -> Iterator[None]:
-    """Prefix an `InvalidArgument` raised inside with the index of the batch item at fault."""
-    try:
-        yield
-    except InvalidArgument as e:
-        raise InvalidArgument(f"item {index}: {e}") from None
