@@ -1,0 +1,163 @@
+"""Receiving inside a formed mesh: each DATA payload straight into a preallocated buffer, every wait
+bounded, every peer event and control message turned into a `MeshError` naming the peer.
+
+All peers' messages share one PULL socket. A message for a later step or collective (a fast peer
+may run ahead) is received into a pooled buffer and kept until asked for; one from an earlier
+collective or another formation is dropped unread, never summed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from shard_svc.mesh import MeshError
+from shard_svc.mesh_handshake import Formation
+from shard_svc.mesh_transport import Links, PeerEvent
+from shard_svc.mesh_wire import CODE_DTYPES, Header, Kind, parse_body
+
+Key = tuple[int, int, int]  # (seq, sender, step)
+POOL_LIMIT_BYTES = 512 * 1024 * 1024
+
+
+class Inbox:
+    def __init__(self, links: Links, formation: Formation, recv_timeout_s: float,
+                 early: Sequence[tuple[Header, torch.Tensor]] = ()) -> None:
+        self.links = links
+        self.me = links.me
+        self.formation = formation
+        self.nonces = {h.rank: h.nonce for h in formation.hellos}
+        self.timeout_s = recv_timeout_s
+        self.stash: dict[Key, tuple[Header, torch.Tensor]] = {
+            (h.seq, h.sender, h.step): (h, buf) for h, buf in early}
+        self.pool: dict[int, list[torch.Tensor]] = {}
+        self.pooled_bytes = 0
+        self.gone: dict[int, str] = {}  # peers lost, restarted or closed: why
+
+    def start(self) -> None:
+        """At the start of a collective: fail at once if a peer is already known gone."""
+        if self.gone:
+            self.check(list(self.gone))
+
+    def check(self, needed: Sequence[int]) -> None:
+        """Raise if a peer we still need a message from is gone (others are remembered: the
+        rank that needs them fails and sends ABORT)."""
+        for peer in needed:
+            if peer in self.gone:
+                raise MeshError(f"rank {self.me}: rank {peer} {self.gone[peer]}", peer)
+
+    def take(self, seq: int, senders: Sequence[int], step: int, nbytes: int,
+             expect: tuple[int, int, int], dest: torch.Tensor | None = None
+             ) -> tuple[int, torch.Tensor]:
+        """The payload of message (seq, one of `senders`, step) as a uint8 tensor (`dest` when
+        given and the message was not already stashed); `expect` = (numel, dtype, algo)."""
+        for sender in senders:
+            kept = self.stash.pop((seq, sender, step), None)
+            if kept is not None:
+                self._validate(kept[0], nbytes, expect)
+                if dest is None:
+                    return sender, kept[1]
+                dest.copy_(kept[1])
+                self.release(kept[1])
+                return sender, dest
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            raw = self.links.recv_header()
+            if raw is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise MeshError(f"rank {self.me}: collective {seq} got nothing from rank(s) "
+                                    f"{list(senders)} within {self.timeout_s:g}s", senders[0])
+                self._events(self.links.wait(remaining))
+                self.check(senders)
+                continue
+            header = Header.unpack(raw)
+            if header is None or header.kind != Kind.DATA:
+                self._control(header)
+                self.check(senders)
+                continue
+            if header.formation != self.formation.formation or header.seq < seq \
+                    or header.sender not in self.nonces or header.sender == self.me:
+                self.links.skip_rest()
+                continue
+            wanted = header.seq == seq and header.step == step and header.sender in senders
+            into = dest if wanted and dest is not None and header.nbytes == nbytes else None
+            buf = into if into is not None else self._buffer(header.nbytes)
+            got = self.links.recv_into(memoryview(buf.numpy()))
+            self.links.skip_rest()
+            if got != header.nbytes:
+                raise MeshError(f"rank {header.sender} sent {got} bytes, its header says "
+                                f"{header.nbytes}", header.sender)
+            if wanted:
+                self._validate(header, nbytes, expect)
+                return header.sender, buf
+            self.stash[(header.seq, header.sender, header.step)] = (header, buf)
+
+    def _validate(self, header: Header, nbytes: int, expect: tuple[int, int, int]) -> None:
+        numel, dtype, algo = expect
+        if (header.numel, header.dtype, header.algo) != expect or header.nbytes != nbytes:
+            theirs = CODE_DTYPES.get(header.dtype, header.dtype)
+            raise MeshError(
+                f"rank {header.sender} reduces {header.numel} {theirs} elements (algorithm "
+                f"{header.algo}, {header.nbytes} bytes at step {header.step}); rank {self.me} "
+                f"reduces {numel} {CODE_DTYPES[dtype]} (algorithm {algo}, {nbytes} bytes)",
+                header.sender)
+
+    def service(self, needed: Sequence[int]) -> None:
+        """Without waiting: note peer events and control messages (the shared-memory path sends
+        no DATA); raise on ABORT or if a peer in `needed` is gone."""
+        self._events(self.links.events())
+        while (raw := self.links.recv_header()) is not None:
+            header = Header.unpack(raw)
+            if header is None or header.kind != Kind.DATA:
+                self._control(header)
+            else:
+                self.links.skip_rest()
+        self.check(needed)
+
+    def _events(self, events: list[PeerEvent]) -> None:
+        for event in events:
+            if event.lost and event.peer is not None:
+                self.gone.setdefault(event.peer, event.describe().removeprefix(
+                    f"rank {event.peer} "))
+
+    def _control(self, header: Header | None) -> None:
+        """HELLO from a new incarnation, ABORT and BYE end the collective; the rest is noise."""
+        if header is None or not self.links.pull or not self.links.pull.rcvmore:
+            self.links.skip_rest()
+            return
+        body = parse_body(self.links.recv_body()) or {}
+        self.links.skip_rest()
+        sender = header.sender
+        if header.kind == Kind.HELLO and sender in self.nonces and sender != self.me \
+                and body.get("nonce") not in (None, self.nonces[sender]):
+            self.gone.setdefault(sender, f"restarted (pid {body.get('pid')}) and is forming "
+                                         "a new mesh")
+        if header.formation != self.formation.formation:
+            return
+        if header.kind == Kind.ABORT:
+            failed = body.get("failed")
+            raise MeshError(f"rank {self.me}: rank {sender} aborted collective {header.seq}: "
+                            f"{body.get('reason')}", failed if isinstance(failed, int) else sender)
+        if header.kind == Kind.BYE:
+            self.gone.setdefault(sender, "closed the mesh")
+
+    def _buffer(self, nbytes: int) -> torch.Tensor:
+        free = self.pool.get(nbytes)
+        if free:
+            self.pooled_bytes -= nbytes
+            return free.pop()
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def release(self, buf: torch.Tensor) -> None:
+        """Give a buffer returned by `take` back to the pool."""
+        if self.pooled_bytes + buf.numel() <= POOL_LIMIT_BYTES:
+            self.pool.setdefault(buf.numel(), []).append(buf)
+            self.pooled_bytes += buf.numel()
+
+    def drop_stale(self, before_seq: int) -> None:
+        for key in [k for k in self.stash if k[0] < before_seq]:
+            self.release(self.stash.pop(key)[1])
+

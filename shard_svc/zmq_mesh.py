@@ -1,0 +1,303 @@
+"""ZmqMesh: the allreduce mesh between shard processes, over ZeroMQ (and shared memory on one host).
+
+Glossary (the words used here and in every mesh_* module):
+
+| term        | meaning                                                                      |
+|-------------|------------------------------------------------------------------------------|
+| tp_size     | number of tensor-parallel ranks in the group (one shard process each), 1..16 |
+| tp_rank     | this shard's index in the group, 0 … tp_size-1                               |
+| peers       | "host:port" mesh address of every rank, indexed by tp_rank (ours included)   |
+| partial     | a rank's contribution, the tensor handed to `all_reduce`                     |
+| allreduce   | every rank ends with the sum of all partials, bitwise identical              |
+| fingerprint | a string naming the model and plan; every rank must present the same one     |
+| formation   | one successful handshake of all ranks; its id is in every message            |
+| seq         | a collective's number within a formation; in every message                   |
+| step        | a message's index within one collective                                      |
+| direct      | every rank sends its partial to every other, then sums all in rank order     |
+| ring        | reduce-scatter then all-gather; chunk c is reduced by its owner, rank c      |
+| transport   | how DATA travels: shm (one host), tcp or ipc; control always uses ZeroMQ     |
+
+Lifecycle: `ZmqMesh(config)` forms the mesh (binds, connects, handshakes; `MeshError` after
+`form_timeout_s` listing who never answered or was refused). `all_reduce` sums in place. Any
+failure (a peer died, hung past the heartbeat timeout, restarted, aborted, or sent nonsense)
+raises `MeshError` naming the peer, tells the other ranks (ABORT), and leaves the mesh broken:
+every later `all_reduce` raises at once until `reform()` succeeds. `close()` says BYE.
+
+Summation order: direct and shm give `sum_in_rank_order` bit for bit. The tcp ring sums chunk c
+as ((p[c+1] + p[c+2]) + …) + p[c], the same on every rank because only its owner computes it.
+bfloat16 is accumulated in float32 and rounded once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import secrets
+import time
+from pathlib import Path
+from types import TracebackType
+
+import torch
+import zmq
+import zmq.auth
+
+from shard_svc.mesh import MeshError
+from shard_svc.mesh_config import MeshConfig
+from shard_svc.mesh_handshake import Formation, Handshake, Hello, local_hello
+from shard_svc.mesh_inbox import Inbox
+from shard_svc.mesh_shm import SharedSlots
+from shard_svc.mesh_transport import Links
+from shard_svc.mesh_wire import DTYPE_CODES, Algo, Header, Kind, chunk_bounds, control
+
+__all__ = ["MeshConfig", "MeshError", "ZmqMesh", "create_curve_keys"]
+
+
+def create_curve_keys(directory: Path, tp_size: int) -> list[tuple[Path, Path]]:
+    """Write a CURVE key pair per rank into `directory` (rank-R.key public, rank-R.key_secret);
+    returns [(public, secret)] by rank. The directory then serves as `curve_public_keys`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    pairs = []
+    for rank in range(tp_size):
+        public, secret = zmq.auth.create_certificates(str(directory), f"rank-{rank}")
+        pairs.append((Path(public), Path(secret)))
+    return pairs
+
+
+class ZmqMesh:
+    def __init__(self, config: MeshConfig, *, form: bool = True) -> None:
+        self.config = config
+        self._ctx: zmq.Context | None = None
+        self._links: Links | None = None
+        self._shm: SharedSlots | None = None
+        self._inbox: Inbox | None = None
+        self._formation: Formation | None = None
+        self._seq = 0
+        self._scratch = torch.empty(0, dtype=torch.float32)
+        self._broken: MeshError | None = MeshError("the mesh has not been formed")
+        if form:
+            self.form()
+
+    @property
+    def tp_rank(self) -> int:
+        return self.config.tp_rank
+
+    @property
+    def tp_size(self) -> int:
+        return self.config.tp_size
+
+    @property
+    def transport(self) -> str:
+        """The data path in use: "shm", "tcp" or "ipc" ("none" at tp_size 1)."""
+        if self.tp_size == 1:
+            return "none"
+        if self._formation is not None and self._formation.shm:
+            return "shm"
+        return "ipc" if self.config.transport == "ipc" else "tcp"
+
+    @property
+    def formed(self) -> bool:
+        return self._broken is None
+
+    def form(self, timeout_s: float | None = None) -> None:
+        """(Re)form the mesh with fresh sockets; blocks until every peer agreed or the deadline."""
+        self._teardown()
+        if self.tp_size == 1:
+            self._broken = None
+            return
+        cfg = self.config
+        deadline = time.monotonic() + (cfg.form_timeout_s if timeout_s is None else timeout_s)
+        self._ctx = self._ctx or zmq.Context()
+        nonce = secrets.token_hex(8)
+        try:
+            if cfg.transport in ("auto", "shm") and cfg.shm_dir.is_dir() \
+                    and _stores_are_ordered():
+                self._shm = SharedSlots(cfg, nonce)
+            self._links = Links(cfg, self._ctx)
+            self._links.open(deadline)
+            me = local_hello(nonce, str(self._shm.path) if self._shm else None, str(cfg.shm_dir))
+            handshake = Handshake(cfg, self._links, me, self._map_shm)
+            self._formation = handshake.run(deadline)
+        except BaseException:
+            self._teardown()
+            raise
+        if self._shm is not None:
+            self._shm.unlink()  # every peer has mapped it (or given up on shared memory)
+            if not self._formation.shm:
+                self._shm.close()
+                self._shm = None
+        self._inbox = Inbox(self._links, self._formation, cfg.recv_timeout_s, handshake.early)
+        self._seq = 0
+        self._broken = None
+
+    reform = form
+
+    def _map_shm(self, hellos: list[Hello]) -> bool:
+        return self._shm is not None and self._shm.map_peers([h.shm for h in hellos])
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum `tensor` over all ranks in place and return it (see the module docstring)."""
+        if tensor.dtype not in DTYPE_CODES:
+            raise ValueError(f"all_reduce supports float32 and bfloat16, got {tensor.dtype}")
+        if tensor.device.type != "cpu" or not tensor.is_contiguous():
+            raise ValueError("all_reduce needs a contiguous CPU tensor")
+        if self.tp_size == 1:
+            return tensor
+        if self._broken is not None:
+            raise MeshError(f"mesh is broken ({self._broken}); reform() it first",
+                            self._broken.peer)
+        flat = tensor.detach().view(-1)
+        nbytes = flat.numel() * flat.element_size()
+        try:
+            assert self._inbox is not None
+            self._inbox.start()
+            if self._shm is not None:
+                ring = self._use_ring(nbytes, self.config.shm_ring_min_bytes)
+                self._seq += self._shm.all_reduce(flat, self._seq, ring, self._inbox.service)
+            elif self._use_ring(nbytes, self.config.ring_min_bytes):
+                self._ring(flat)
+                self._seq += 1
+            else:
+                self._direct(flat)
+                self._seq += 1
+        except MeshError as e:
+            self._fail(e)
+            raise
+        except BaseException as e:
+            self._fail(MeshError(f"rank {self.tp_rank}: collective {self._seq} interrupted: "
+                                 f"{e!r}"))
+            raise
+        return tensor
+
+    def _use_ring(self, nbytes: int, threshold: int) -> bool:
+        algorithm = self.config.algorithm
+        return algorithm == "ring" or (algorithm == "auto" and nbytes >= threshold)
+
+    def _header(self, flat: torch.Tensor, step: int, algo: Algo, nbytes: int) -> bytes:
+        assert self._formation is not None
+        return Header(Kind.DATA, DTYPE_CODES[flat.dtype], self.tp_rank, step, algo,
+                      self._formation.formation, self._seq, flat.numel(), nbytes).pack()
+
+    def _direct(self, flat: torch.Tensor) -> None:
+        links, inbox, me, n = self._links, self._inbox, self.tp_rank, self.tp_size
+        assert links is not None and inbox is not None
+        raw = flat.view(torch.uint8)
+        expect = (flat.numel(), DTYPE_CODES[flat.dtype], Algo.DIRECT)
+        header = self._header(flat, 0, Algo.DIRECT, raw.numel())
+        payload = memoryview(raw.numpy())
+        trackers = [(peer, links.send_data(peer, header, payload)) for peer in links.others]
+        parts: dict[int, torch.Tensor] = {}
+        while len(parts) < n - 1:
+            missing = [r for r in links.others if r not in parts]
+            sender, buf = inbox.take(self._seq, missing, 0, raw.numel(), expect)
+            parts[sender] = buf
+        self._wait_sent(trackers)  # our partial has left before we overwrite it
+        views = [flat if r == me else parts[r].view(flat.dtype) for r in range(n)]
+        if flat.dtype == torch.float32:  # ((p0 + p1) + p2) + … accumulated in place
+            acc = views[0]
+            for r in range(1, n):
+                if r == me:
+                    torch.add(flat, acc, out=flat)  # a + b == b + a exactly
+                    acc = flat
+                else:
+                    acc += views[r]
+        else:
+            acc = self._scratch_f32(flat.numel())
+            acc.copy_(views[0])
+            for view in views[1:]:
+                acc += view
+            flat.copy_(acc)
+        for buf in parts.values():
+            inbox.release(buf)
+
+    def _ring(self, flat: torch.Tensor) -> None:
+        links, inbox, r, n = self._links, self._inbox, self.tp_rank, self.tp_size
+        assert links is not None and inbox is not None
+        nxt, prv = (r + 1) % n, (r - 1) % n
+        b = chunk_bounds(flat.numel(), n)
+        expect = (flat.numel(), DTYPE_CODES[flat.dtype], Algo.RING)
+        work = flat if flat.dtype == torch.float32 else self._scratch_f32(flat.numel())
+        if work is not flat:
+            work.copy_(flat)
+        work_bytes, flat_bytes = work.view(torch.uint8), flat.view(torch.uint8)
+        trackers: list[tuple[int, zmq.MessageTracker]] = []
+        for s in range(n - 1):  # reduce-scatter in float32: after it we own chunk r's sum
+            send, recv = (r - s - 1) % n, (r - s - 2) % n
+            size = (b[send + 1] - b[send]) * 4
+            trackers.append((nxt, links.send_data(
+                nxt, self._header(flat, s, Algo.RING, size),
+                memoryview(work_bytes[b[send] * 4:][:size].numpy()))))
+            _, buf = inbox.take(self._seq, [prv], s, (b[recv + 1] - b[recv]) * 4, expect)
+            work[b[recv]:b[recv + 1]] += buf.view(torch.float32)
+            inbox.release(buf)
+        if work is not flat:
+            flat[b[r]:b[r + 1]].copy_(work[b[r]:b[r + 1]])
+        item = flat.element_size()
+        for s in range(n - 1):  # all-gather: each final chunk straight into its place
+            send, recv = (r - s) % n, (r - s - 1) % n
+            size = (b[send + 1] - b[send]) * item
+            trackers.append((nxt, links.send_data(
+                nxt, self._header(flat, n - 1 + s, Algo.RING, size),
+                memoryview(flat_bytes[b[send] * item:][:size].numpy()))))
+            dest = flat_bytes[b[recv] * item:b[recv + 1] * item]
+            inbox.take(self._seq, [prv], n - 1 + s, dest.numel(), expect, dest)
+        self._wait_sent(trackers)  # the caller may overwrite the tensor once we return
+
+    def _wait_sent(self, trackers: list[tuple[int, zmq.MessageTracker]]) -> None:
+        """Until libzmq has let go of every zero-copy send, watching those peers meanwhile."""
+        assert self._inbox is not None
+        deadline = time.monotonic() + self.config.recv_timeout_s
+        for peer, tracker in trackers:
+            while not tracker.done:
+                self._inbox.service([peer])
+                if time.monotonic() > deadline:
+                    raise MeshError(f"rank {self.tp_rank}: a send did not leave within "
+                                    f"{self.config.recv_timeout_s:g}s")
+                with contextlib.suppress(zmq.NotDone):
+                    tracker.wait(0.01)
+
+    def _scratch_f32(self, numel: int) -> torch.Tensor:
+        if self._scratch.numel() < numel:
+            self._scratch = torch.empty(numel, dtype=torch.float32)
+        return self._scratch[:numel]
+
+    def _fail(self, error: MeshError) -> None:
+        """Mark the mesh broken and tell every other rank to abandon this collective."""
+        self._broken = error
+        if self._links is not None and self._formation is not None:
+            for peer in self._links.others:
+                if peer != error.peer:
+                    self._links.send(peer, control(
+                        Kind.ABORT, self.tp_rank, self._formation.formation, self._seq,
+                        failed=error.peer, reason=str(error)))
+
+    def _teardown(self, linger_s: float = 0.0) -> None:
+        if self._links is not None:
+            self._links.close(linger_s)
+        if self._shm is not None:
+            self._shm.close()
+        self._links = self._shm = self._inbox = self._formation = None
+        self._broken = MeshError("the mesh has not been formed")
+
+    def close(self) -> None:
+        """Say BYE to the peers (if formed) and release every socket and mapping."""
+        if self._broken is None and self._links is not None and self._formation is not None:
+            for peer in self._links.others:
+                self._links.send(peer, control(Kind.BYE, self.tp_rank,
+                                               self._formation.formation))
+        self._teardown(linger_s=0.2)
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+        self._broken = MeshError("the mesh is closed")
+
+    def __enter__(self) -> ZmqMesh:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def _stores_are_ordered() -> bool:
+    """The shared-memory path relies on x86-64's in-order stores (see mesh_shm)."""
+    return platform.machine().lower() in ("x86_64", "amd64")

@@ -1,0 +1,229 @@
+"""Real mesh ranks for tests: each rank a spawned process reporting to the parent over a queue.
+
+Children run the `rank_*` functions below. Every report is (name, kind, payload); the parent
+waits for reports with deadlines and kills every child it started when the block ends.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing as mp
+import queue
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any
+
+from tests.procs import free_ports
+
+SIZES = (1, 7, 576, 4096, 65536, 4 * 1024 * 1024)
+
+
+def mesh_config(tp_rank: int, ports: list[int], **overrides: Any) -> Any:
+    from shard_svc.zmq_mesh import MeshConfig
+
+    fields: dict[str, Any] = dict(
+        fingerprint="test-model/plan", mesh_name="test", form_timeout_s=60.0,
+        recv_timeout_s=20.0, heartbeat_interval_s=0.2, heartbeat_timeout_s=1.0)
+    fields.update(overrides)
+    return MeshConfig(tp_rank, len(ports), tuple(f"127.0.0.1:{p}" for p in ports), **fields)
+
+
+class Ranks:
+    """Spawned rank processes and the queue they report on."""
+
+    def __init__(self) -> None:
+        self.ctx = mp.get_context("spawn")
+        self.reports: Any = self.ctx.Queue()
+        self.procs: dict[str, Any] = {}
+        self.pending: list[tuple[str, str, Any]] = []
+
+    def start(self, name: str, fn: Callable[..., Any], *args: Any) -> None:
+        proc = self.ctx.Process(target=_child, args=(name, fn, args, self.reports), daemon=True)
+        proc.start()
+        self.procs[name] = proc
+
+    def wait(self, name: str, kind: str, timeout: float) -> Any:
+        """The payload of `name`'s next report of `kind`; fails on its error or the deadline."""
+        end = time.monotonic() + timeout
+        while True:
+            for i, (n, k, payload) in enumerate(self.pending):
+                if n == name and k in (kind, "crash"):
+                    del self.pending[i]
+                    if k == "crash":
+                        raise AssertionError(f"{name} failed:\n{payload}")
+                    return payload
+            try:
+                self.pending.append(self.reports.get(timeout=max(0.01, end - time.monotonic())))
+            except queue.Empty:
+                raise AssertionError(f"{name}: no {kind!r} report within {timeout}s; "
+                                     f"other reports: {self.pending}") from None
+
+    def kill(self, name: str, sig: int = 9) -> None:
+        import os
+
+        os.kill(self.procs[name].pid, sig)
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            if proc.is_alive():
+                proc.kill()
+        for proc in self.procs.values():
+            proc.join(5)
+
+
+@contextmanager
+def ranks() -> Iterator[Ranks]:
+    r = Ranks()
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def ports(n: int) -> list[int]:
+    return free_ports(n)
+
+
+def _child(name: str, fn: Callable[..., Any], args: tuple[Any, ...], reports: Any) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        fn(lambda kind, payload=None: reports.put((name, kind, payload)), *args)
+    except BaseException:
+        reports.put((name, "crash", traceback.format_exc()))
+
+
+# ---- what the children run -------------------------------------------------------------------
+
+def partials(numel: int, tp_size: int, dtype: Any, seed: int) -> list[Any]:
+    import torch
+
+    g = torch.Generator().manual_seed(seed * 1_000_003 + numel)
+    return [torch.randn(numel, generator=g).to(dtype) for _ in range(tp_size)]
+
+
+def digest(t: Any) -> str:
+    return hashlib.sha256(t.view(-1).view(__import__("torch").uint8).numpy().tobytes()).hexdigest()
+
+
+class Reference:
+    """Each rank's partials for (numel, dtype), the float64 sum, its rounding bound, and the
+    rank-order sum, computed once per process and reused for every mesh."""
+
+    def __init__(self, tp_size: int) -> None:
+        self.tp_size = tp_size
+        self.cache: dict[tuple[int, Any], tuple[list[Any], Any, Any, Any]] = {}
+
+    def get(self, numel: int, dtype: Any) -> tuple[list[Any], Any, Any, Any]:
+        import torch
+
+        from shard_svc.mesh import sum_in_rank_order
+
+        key = (numel, dtype)
+        if key not in self.cache:
+            parts = partials(numel, self.tp_size, dtype, seed=1)
+            exact = torch.zeros(numel, dtype=torch.float64)
+            bound = torch.zeros(numel, dtype=torch.float64)
+            for p in parts:
+                exact += p.double()
+                bound += p.double().abs()
+            bound *= self.tp_size * 2.0 ** -23
+            if dtype == torch.bfloat16:
+                bound += exact.abs() * 2.0 ** -8
+            self.cache[key] = (parts, exact, bound, sum_in_rank_order(parts))
+        return self.cache[key]
+
+    def check(self, result: Any, numel: int, dtype: Any) -> tuple[bool, bool, float]:
+        """(within rounding of the float64 sum, bitwise equal to sum_in_rank_order, max error)"""
+        import torch
+
+        _, exact, bound, rank_order = self.get(numel, dtype)
+        err = (result.double() - exact).abs()
+        return bool((err <= bound).all()), bool(torch.equal(result, rank_order)), \
+            float(err.max()) if numel else 0.0
+
+
+def rank_matrix(report: Callable[..., None], tp_rank: int, meshes: list[tuple[str, list[int],
+                dict[str, Any]]], sizes: tuple[int, ...]) -> None:
+    """For each mesh (label, ports, overrides): allreduce every size in both dtypes; report
+    {(label, transport, numel, dtype): (within rounding, equals rank order, max error, digest)}.
+    """
+    import torch
+
+    from shard_svc.zmq_mesh import ZmqMesh
+
+    out = {}
+    ref = Reference(len(meshes[0][1]))
+    for label, mesh_ports, overrides in meshes:
+        with ZmqMesh(mesh_config(tp_rank, mesh_ports, **overrides)) as mesh:
+            for numel in sizes:
+                for dtype in (torch.float32, torch.bfloat16):
+                    t = ref.get(numel, dtype)[0][tp_rank].clone()
+                    assert mesh.all_reduce(t) is t
+                    out[(label, mesh.transport, numel, str(dtype))] = (
+                        *ref.check(t, numel, dtype), digest(t))
+    report("done", out)
+
+
+def rank_loop(report: Callable[..., None], tp_rank: int, mesh_ports: list[int],
+              overrides: dict[str, Any], rounds: int) -> None:
+    """Allreduce in a loop until the mesh fails; report the failure, re-form, verify, repeat
+    `rounds` times. A restarted rank (rounds 0) just forms and verifies."""
+    import torch
+
+    from shard_svc.mesh import MeshError
+    from shard_svc.zmq_mesh import ZmqMesh
+
+    mesh = ZmqMesh(mesh_config(tp_rank, mesh_ports, **overrides))
+
+    def verify() -> None:
+        for seed in range(20):
+            parts = partials(4096, mesh.tp_size, torch.float32, seed)
+            t = mesh.all_reduce(parts[tp_rank].clone())
+            assert torch.allclose(t.double(), sum(p.double() for p in parts), atol=1e-5), \
+                "wrong sum after re-forming"
+        report("verified", mesh.transport)
+
+    verify()
+    for _ in range(rounds):
+        t = torch.ones(576)
+        count = 0
+        try:
+            while True:
+                mesh.all_reduce(t.fill_(1.0))
+                assert float(t[0]) == mesh.tp_size
+                count += 1
+                if count == 200:
+                    report("looping")
+        except MeshError as e:
+            report("failed", (time.monotonic(), e.peer, str(e)))
+        mesh.reform()
+        verify()
+    mesh.close()
+
+
+def rank_form(report: Callable[..., None], tp_rank: int, mesh_ports: list[int],
+              overrides: dict[str, Any]) -> None:
+    """Form (or fail to); report "formed" and run one allreduce, or report "refused"."""
+    import torch
+
+    from shard_svc.mesh import MeshError
+    from shard_svc.zmq_mesh import ZmqMesh
+
+    try:
+        mesh = ZmqMesh(mesh_config(tp_rank, mesh_ports, **overrides))
+    except MeshError as e:
+        report("refused", (e.peer, str(e)))
+        return
+    report("formed")
+    t = mesh.all_reduce(torch.full((8,), float(tp_rank + 1)))
+    report("sum", t.tolist())
+    mesh.close()
+
+
+def with_overrides(config: Any, **changes: Any) -> Any:
+    return replace(config, **changes)
