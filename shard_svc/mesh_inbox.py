@@ -68,8 +68,9 @@ class Inbox:
             if raw is None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise MeshError(f"rank {self.me}: collective {seq} got nothing from rank(s) "
-                                    f"{list(senders)} within {self.timeout_s:g}s", senders[0])
+                    who = ", ".join(f"rank {r}" for r in senders)
+                    raise MeshError(f"rank {self.me}: collective {seq} got nothing from {who} "
+                                    f"within {self.timeout_s:g}s", senders[0])
                 self._events(self.links.wait(remaining))
                 self.check(senders)
                 continue

@@ -171,8 +171,8 @@ def rank_matrix(report: Callable[..., None], tp_rank: int, meshes: list[tuple[st
 
 def rank_loop(report: Callable[..., None], tp_rank: int, mesh_ports: list[int],
               overrides: dict[str, Any], rounds: int) -> None:
-    """Allreduce in a loop until the mesh fails; report the failure, re-form, verify, repeat
-    `rounds` times. A restarted rank (rounds 0) just forms and verifies."""
+    """Form and verify; then `rounds` times: allreduce in a loop until the mesh fails, report
+    the failure, re-form and verify. A restarted rank passes rounds=0."""
     import torch
 
     from shard_svc.mesh import MeshError
@@ -185,7 +185,7 @@ def rank_loop(report: Callable[..., None], tp_rank: int, mesh_ports: list[int],
             parts = partials(4096, mesh.tp_size, torch.float32, seed)
             t = mesh.all_reduce(parts[tp_rank].clone())
             assert torch.allclose(t.double(), sum(p.double() for p in parts), atol=1e-5), \
-                "wrong sum after re-forming"
+                "wrong sum"
         report("verified", mesh.transport)
 
     verify()
@@ -195,15 +195,40 @@ def rank_loop(report: Callable[..., None], tp_rank: int, mesh_ports: list[int],
         try:
             while True:
                 mesh.all_reduce(t.fill_(1.0))
-                assert float(t[0]) == mesh.tp_size
+                assert float(t[0]) == mesh.tp_size and float(t[-1]) == mesh.tp_size
                 count += 1
-                if count == 200:
+                if count == 100:
                     report("looping")
         except MeshError as e:
             report("failed", (time.monotonic(), e.peer, str(e)))
+        try:
+            mesh.all_reduce(t)
+        except MeshError as e:
+            report("broken", str(e))
         mesh.reform()
         verify()
+    report("finished")
     mesh.close()
+
+
+def rank_idle(report: Callable[..., None], tp_rank: int, mesh_ports: list[int],
+              overrides: dict[str, Any]) -> None:
+    """Rank 0 allreduces; the others form and then never call all_reduce."""
+    import torch
+
+    from shard_svc.mesh import MeshError
+    from shard_svc.zmq_mesh import ZmqMesh
+
+    mesh = ZmqMesh(mesh_config(tp_rank, mesh_ports, **overrides))
+    report("formed")
+    if tp_rank == 0:
+        start = time.monotonic()
+        try:
+            mesh.all_reduce(torch.ones(10))
+        except MeshError as e:
+            report("failed", (time.monotonic() - start, e.peer, str(e)))
+    else:
+        time.sleep(30)
 
 
 def rank_form(report: Callable[..., None], tp_rank: int, mesh_ports: list[int],
