@@ -27,16 +27,18 @@ from shard_svc.weights import load_shard_weights
 
 log = logging.getLogger("cpumesh.shard")
 LIVENESS = "liveness"
+REFORM_ATTEMPT_S = 5.0
 
 
 def open_mesh(config: ShardConfig, fingerprint: str) -> Any:
     """The communicator among the group's ranks (blocks until formed or its deadline)."""
     if config.tp_size == 1:
         return SingleRank()
-    from shard_svc.zmq_mesh import MeshConfig, ZmqMesh
+    from shard_svc.mesh_config import MeshConfig
+    from shard_svc.zmq_mesh import ZmqMesh
 
     return ZmqMesh(MeshConfig(
-        name=config.mesh_name, tp_rank=config.tp_rank, tp_size=config.tp_size,
+        mesh_name=config.mesh_name, tp_rank=config.tp_rank, tp_size=config.tp_size,
         peers=config.peers, fingerprint=fingerprint, form_timeout_s=config.mesh_timeout_s,
         curve_secret_key=config.curve_secret_key, curve_public_keys=config.curve_public_keys))
 
@@ -59,6 +61,7 @@ class ShardProcess:
         self.plan = plan_shard(self.model_config, config.tp_rank, config.tp_size)
         self.fingerprint = f"{model_fingerprint(config.model_dir)}-tp{config.tp_size}"
         self.mesh: Any = None
+        self.servicer: ShardServicer | None = None
         self.reforming: asyncio.Task[None] | None = None
 
     async def serve(self) -> int:
@@ -70,6 +73,7 @@ class ShardProcess:
         t0 = time.monotonic()
         servicer = ShardServicer(self.fingerprint, cfg.model_dir.name, cfg.dtype,
                                  on_step_failure=self.on_step_failure)
+        self.servicer = servicer
         service = bind(servicer, shard_pb2.DESCRIPTOR.services_by_name["ShardService"])
         self.server, port = create_server(service, address=cfg.listen, credentials=creds,
                                           health_address=cfg.health_listen)
@@ -113,11 +117,14 @@ class ShardProcess:
         self.reforming = asyncio.ensure_future(self._reform())
 
     async def _reform(self) -> None:
+        """Re-form on the step thread, so no step runs while the sockets are rebuilt."""
+        assert self.servicer is not None
         loop = asyncio.get_running_loop()
         try:
             while True:
                 try:
-                    await loop.run_in_executor(None, self.mesh.reform)
+                    await loop.run_in_executor(self.servicer.executor, self.mesh.reform,
+                                               REFORM_ATTEMPT_S)
                     break
                 except Exception as e:  # the peer is still away: keep trying
                     log.warning("mesh not re-formed yet: %s", e)
