@@ -34,6 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                         "convert the embedded SmolLM2 model once into the cache; print its dir"),
     "shard": ("shard_svc.cli", "run one tensor-parallel shard (one rank of the model)"),
     "tokenizer": ("tokenizer_svc.cli", "run the tokenizer service (text <-> token ids)"),
+    "router": ("router_svc.cli", "run the router: the API clients talk to (batching, sampling)"),
 }
 
 

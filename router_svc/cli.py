@@ -1,0 +1,59 @@
+"""`cpumesh router`: flags → RouterConfig → one router process."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+from router_svc.config import RouterConfig
+
+
+def cli_arguments(p: argparse.ArgumentParser) -> None:
+    d = RouterConfig.__dataclass_fields__
+    p.add_argument("--listen", default=d["listen"].default, help="gRPC address")
+    p.add_argument("--tokenizer", required=True, help="tokenizer service address host:port")
+    p.add_argument("--shards", default="127.0.0.1:50061",
+                   help="comma-separated shard addresses host:port, in tp_rank order")
+    p.add_argument("--max-waiting", type=int, default=d["max_waiting"].default,
+                   help="queued requests beyond which Generate gets RESOURCE_EXHAUSTED")
+    p.add_argument("--max-running", type=int, default=d["max_running"].default,
+                   help="most sequences in one batch")
+    p.add_argument("--prefill-token-budget", type=int,
+                   default=d["prefill_token_budget"].default,
+                   help="prompt tokens prefilled per step (a longer prompt runs alone)")
+    p.add_argument("--step-timeout", type=float, default=d["step_timeout_s"].default,
+                   help="seconds one shard step may take before the step fails")
+    p.add_argument("--rpc-timeout", type=float, default=d["rpc_timeout_s"].default,
+                   help="seconds for Info, Release, Reset, health and tokenizer calls")
+    p.add_argument("--max-stop-strings", type=int, default=d["max_stop_strings"].default)
+    p.add_argument("--health-listen", help="separate plaintext health address (with TLS)")
+    p.add_argument("--drain-grace", type=float, default=d["drain_grace_s"].default)
+    p.add_argument("--tls-cert", type=Path, help="serve TLS with this certificate chain")
+    p.add_argument("--tls-key", type=Path)
+    p.add_argument("--tls-ca", type=Path, help="require client certificates signed by this CA "
+                   "(and connect to the shards and tokenizer with mutual TLS)")
+    p.add_argument("--log-level", default="INFO")
+
+
+def build_config(args: argparse.Namespace) -> RouterConfig:
+    return RouterConfig(
+        tokenizer=args.tokenizer,
+        shards=tuple(s.strip() for s in args.shards.split(",") if s.strip()),
+        listen=args.listen, health_listen=args.health_listen, max_waiting=args.max_waiting,
+        max_running=args.max_running, prefill_token_budget=args.prefill_token_budget,
+        step_timeout_s=args.step_timeout, rpc_timeout_s=args.rpc_timeout,
+        max_stop_strings=args.max_stop_strings, drain_grace_s=args.drain_grace,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca)
+
+
+def cli_run(args: argparse.Namespace) -> int:
+    from router_svc.service import RouterProcess
+    from services.server import setup_logging
+
+    setup_logging(args.log_level, name="cpumesh")
+    try:
+        config = build_config(args)
+    except ValueError as e:
+        raise SystemExit(f"cpumesh router: error: {e}") from None
+    return asyncio.run(RouterProcess(config).serve())

@@ -1,0 +1,63 @@
+"""RouterConfig: everything one router process needs, built once from flags at the entry point."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def check_address(name: str, address: str) -> None:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"{name} {address!r} is not host:port")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    tokenizer: str  # the tokenizer service, host:port
+    shards: tuple[str, ...]  # the shard services, host:port, in tp_rank order
+    listen: str = "127.0.0.1:50051"
+    health_listen: str | None = None  # separate plaintext health address (with TLS)
+    max_waiting: int = 256  # queued requests beyond which Generate gets RESOURCE_EXHAUSTED
+    max_running: int = 64  # sequences in one batch
+    prefill_token_budget: int = 2048  # prompt tokens prefilled per step (one longer one alone)
+    step_timeout_s: float = 30.0  # one shard step, prefill included
+    rpc_timeout_s: float = 5.0  # Info, Release, Reset, health, tokenizer calls
+    health_interval_s: float = 2.0  # while idle: how often to check that the group is whole
+    recover_poll_s: float = 0.25  # while not whole: how often to poll the shards' health
+    max_stop_strings: int = 16
+    max_stop_string_chars: int = 256
+    max_stop_token_ids: int = 64
+    max_request_id_chars: int = 256
+    drain_grace_s: float = 10.0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None  # require client certificates; also trust it for shards/tokenizer
+
+    def __post_init__(self) -> None:
+        check_address("tokenizer", self.tokenizer)
+        if not self.shards:
+            raise ValueError("shards must list at least one address")
+        for address in self.shards:
+            check_address("shard", address)
+        if len(set(self.shards)) != len(self.shards):
+            raise ValueError(f"shards lists an address twice: {', '.join(self.shards)}")
+        check_address("listen", self.listen)
+        if self.health_listen is not None:
+            check_address("health_listen", self.health_listen)
+        for name in ("max_waiting", "max_running", "prefill_token_budget", "max_stop_strings",
+                     "max_stop_string_chars", "max_stop_token_ids", "max_request_id_chars"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("step_timeout_s", "rpc_timeout_s", "health_interval_s", "recover_poll_s",
+                     "drain_grace_s"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        tls = (self.tls_cert, self.tls_key)
+        if any(tls) and not all(tls):
+            raise ValueError("TLS needs both tls_cert and tls_key")
+        if self.tls_ca is not None and not all(tls):
+            raise ValueError("tls_ca (mutual TLS) needs tls_cert and tls_key")

@@ -1,0 +1,303 @@
+"""The router's engine: one step at a time across every shard, overlapped with detokenization.
+
+    stream = await engine.submit(request)   # validated, tokenized and queued, or an error
+    async for chunk in stream: ...           # text deltas and token ids; the last has finish
+    stream.close()                           # in `finally`: cancels it if still running
+
+Each step: release the sequences that ended, let the scheduler admit waiting requests (their
+prefill runs in the same step as the others' decode), send the step to all shards, and, while
+the shards compute, detokenize the previous step's tokens (one DetokenizeBatch for the batch),
+check stop strings and stream the chunks. Then merge each sequence's candidates and sample.
+
+A failed step fails every live request with UNAVAILABLE, reports not serving, and `_recover`
+polls the shards (with deadlines) until they are whole and consistent, resets them with a fresh
+step id, and serves again. Adapters (gRPC here; HTTP and metrics later) use `submit`, `model`,
+`serving` and `stats` only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from router_svc.config import RouterConfig
+from router_svc.request import GenerateRequest, check_prompt_length, validate
+from router_svc.sampling import merge
+from router_svc.scheduler import Scheduler, SchedulerConfig, StepPlan
+from router_svc.sequence import Chunk, Sequence
+from router_svc.served_model import ServedModel, probe
+from router_svc.shards import ShardGroup, StepResult
+from router_svc.stats import EngineStats
+from router_svc.tokenizer_client import TokenizerClient
+from services.errors import CpumeshError, ResourceExhausted, Unavailable
+
+log = logging.getLogger("cpumesh.router")
+T = TypeVar("T")
+
+
+class Stream:
+    """A request's chunks, in order; ends after the chunk that carries the finish."""
+
+    def __init__(self, engine: Engine, seq: Sequence) -> None:
+        self.engine, self.seq, self.request_id = engine, seq, seq.request_id
+        self._ended = False
+
+    def __aiter__(self) -> Stream:
+        return self
+
+    async def __anext__(self) -> Chunk:
+        if self._ended:
+            raise StopAsyncIteration
+        chunk = await self.seq.queue.get()
+        self._ended = chunk.finish is not None
+        return chunk
+
+    def close(self) -> None:
+        """Cancel the request unless it has ended; its KV is released within one step."""
+        self.engine.cancel(self.seq)
+
+
+class Engine:
+    def __init__(self, config: RouterConfig, shards: ShardGroup, tokenizer: TokenizerClient,
+                 on_serving: Callable[[bool], Awaitable[None]] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config, self.shards, self.tokenizer = config, shards, tokenizer
+        self.on_serving, self.clock = on_serving, clock
+        self.model: ServedModel | None = None
+        self.serving = False
+        self.not_serving_reason = "connecting to the shards and the tokenizer"
+        self.stats = EngineStats()
+        self.step_id = 0
+        self._scheduler: Scheduler | None = None
+        self._seqs: dict[int, Sequence] = {}
+        self._ids = itertools.count(1)
+        self._to_release: set[int] = set()
+        self._detok: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    # -- requests -------------------------------------------------------------------------------
+
+    async def submit(self, request: GenerateRequest) -> Stream:
+        """Validate, tokenize and queue a request; raise before any chunk when it cannot run."""
+        arrival = self.clock()
+        model, scheduler = self.model, self._scheduler
+        if model is None or scheduler is None or not self.serving:
+            raise Unavailable(f"the router is not serving: {self.not_serving_reason}")
+        limits = model.limits(self.config)
+        validate(request, limits)
+        if scheduler.num_waiting >= self.config.max_waiting:
+            raise ResourceExhausted(f"waiting queue full ({self.config.max_waiting} requests)")
+        prompt_ids = await self.tokenizer.encode(request.prompt, request.messages,
+                                                 self.config.rpc_timeout_s)
+        check_prompt_length(len(prompt_ids), request.max_new_tokens, limits)
+        if scheduler is not self._scheduler or not self.serving:
+            raise Unavailable(f"the router is not serving: {self.not_serving_reason}")
+        max_new, detail = request.max_new_tokens, None
+        if max_new is None:  # until the context (or what the KV cache can ever hold) is full
+            room = min(model.context_length, scheduler.kv_capacity_tokens)
+            max_new, detail = max(1, room - len(prompt_ids)), f"context length {room}"
+        seq = Sequence(next(self._ids), request.request_id or uuid.uuid4().hex, request,
+                       prompt_ids, max_new, model.eos_token_ids, arrival, detail,
+                       model.group.max_top_k)
+        scheduler.submit(seq.seq_id, len(prompt_ids), max_new)
+        self._seqs[seq.seq_id] = seq
+        self._wake.set()
+        return Stream(self, seq)
+
+    def cancel(self, seq: Sequence) -> None:
+        if not seq.done:
+            seq.cancel(self.clock())
+            self._log_end(seq)
+        self._drop(seq)
+
+    def _drop(self, seq: Sequence) -> None:
+        """Forget an ended sequence."""
+        if self._seqs.pop(seq.seq_id, None) is not None:
+            self._retire(seq)
+
+    def _retire(self, seq: Sequence) -> None:
+        """No more steps for `seq`: free its reservation, and its KV before the next step (so
+        the shards always hold no more than the scheduler has reserved)."""
+        if seq.retired:
+            return
+        seq.retired = True
+        if self._scheduler is not None:
+            self._scheduler.finish(seq.seq_id)
+        if seq.prefilled:
+            self._to_release.add(seq.seq_id)
+        self._wake.set()
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve until cancelled; every wait inside has a deadline."""
+        try:
+            await self._recover()
+            while True:
+                try:
+                    t0, waited0 = time.perf_counter(), self.stats.waited_s
+                    await self._release()
+                    assert self._scheduler is not None
+                    plan = self._scheduler.schedule()
+                    if plan.empty:
+                        await self._idle()
+                        continue
+                    result = await self._step(plan)
+                    wall = time.perf_counter() - t0
+                    self.stats.record_step(len(plan.prefill), len(plan.prefill) + len(
+                        plan.decode), result.prefill_tokens, result, wall,
+                        wall - (self.stats.waited_s - waited0))
+                except CpumeshError as e:
+                    await self._on_failure(e)
+        finally:
+            if self._detok is not None:
+                self._detok.cancel()
+            self._fail_all(Unavailable("the router is shutting down"))
+
+    async def _idle(self) -> None:
+        if self._detok is not None:
+            await self._timed(self._take_detok(), "tokenizer")
+            return
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), self.config.health_interval_s)
+        except TimeoutError:  # nothing to do for a while: check the group is still whole
+            await probe(self.shards, self.tokenizer, self.config.rpc_timeout_s)
+
+    async def _release(self) -> None:
+        if self._to_release:
+            ids, self._to_release = sorted(self._to_release), set()
+            await self._timed(self.shards.release_all(ids, self.config.rpc_timeout_s), "release")
+
+    async def _step(self, plan: StepPlan) -> StepResult:
+        seqs = [self._seqs[i] for i in (*plan.prefill, *plan.decode)]
+        work = [s.work() for s in seqs]
+        for s in seqs[: len(plan.prefill)]:
+            s.prefilled, s.joined_step = True, self.step_id
+        step = asyncio.ensure_future(self.shards.step_all(self.step_id, work,
+                                                          self.config.step_timeout_s))
+        try:
+            if self._detok is not None:  # the previous step's text, while the shards compute
+                await self._timed(self._take_detok(), "tokenizer")
+            result = await self._timed(step, "shards")
+        finally:
+            step.cancel()
+        self.step_id += 1
+        now = self.clock()
+        for s in seqs:
+            if s.finish is None:  # not ended by a stop string or a cancel meanwhile
+                s.accept(merge(result.candidates[s.seq_id]), now)
+                if s.finish is not None:
+                    self._retire(s)
+        self._detok = asyncio.ensure_future(self._detokenize([s for s in seqs if not s.done]))
+        return result
+
+    async def _take_detok(self) -> None:
+        task, self._detok = self._detok, None
+        if task is not None:
+            await task
+
+    async def _detokenize(self, seqs: list[Sequence]) -> None:
+        """One DetokenizeBatch (and one Decode for logprob texts) for the step; stream chunks."""
+        seqs = [s for s in seqs if not s.done]
+        items = [s.detok_item() for s in seqs]
+        timeout = self.config.rpc_timeout_s
+        try:
+            results, texts = await asyncio.gather(
+                self.tokenizer.detokenize([i for i in items if i is not None], timeout),
+                self.tokenizer.token_texts([t for s in seqs for t in s.logprob_token_ids()],
+                                           timeout))
+        except CpumeshError as e:  # the tokenizer failed: these requests fail, others go on
+            for s in seqs:
+                s.fail(e, self.clock())
+                self._end(s)
+            return
+        by_seq = {r.seq_id: r for r in results}
+        now = self.clock()
+        for s in seqs:
+            if not s.done:  # cancelled while the tokenizer was answering
+                s.apply_detok(by_seq.get(s.seq_id), texts, now)
+                if s.done:
+                    self._end(s)
+
+    def _end(self, seq: Sequence) -> None:
+        seq.left_step = self.step_id
+        self._log_end(seq)
+        self._drop(seq)
+
+    # -- failures -------------------------------------------------------------------------------
+
+    async def _on_failure(self, error: CpumeshError) -> None:
+        """A step (or a health check) failed: fail every live request, then wait until whole."""
+        log.error("step %d failed: %s", self.step_id, error)
+        self.stats.step_failures += 1
+        await self._set_serving(False, str(error))
+        if self._detok is not None:  # streams that ended before the failure get their end
+            await self._take_detok()
+        self._fail_all(Unavailable(str(error)))
+        await self._recover()
+
+    def _fail_all(self, error: CpumeshError) -> None:
+        now = self.clock()
+        for seq in list(self._seqs.values()):
+            seq.fail(error, now)
+            self._log_end(seq)
+        self._seqs.clear()
+        self._to_release.clear()
+        if self._scheduler is not None:
+            self._scheduler.abort_all()
+
+    async def _recover(self) -> None:
+        """Poll until every shard is SERVING and consistent and the tokenizer answers; reset the
+        shards to a fresh step id; serve again."""
+        last = None
+        while True:
+            try:
+                model = await probe(self.shards, self.tokenizer, self.config.rpc_timeout_s)
+                next_id = max(self.step_id, model.group.next_step_id) + 1
+                await self.shards.reset_all(next_id, self.config.rpc_timeout_s)
+                break
+            except CpumeshError as e:
+                if str(e) != last:
+                    log.warning("waiting for the shard group: %s", e)
+                    last = str(e)
+                self.not_serving_reason = str(e)
+                await asyncio.sleep(self.config.recover_poll_s)
+        self.step_id, self.model = next_id, model
+        g = model.group
+        self._scheduler = Scheduler(SchedulerConfig(
+            kv_capacity_tokens=g.kv_capacity_tokens, kv_page_size=g.kv_page_size,
+            max_waiting=self.config.max_waiting, max_running=self.config.max_running,
+            prefill_token_budget=self.config.prefill_token_budget))
+        log.info("shard group whole: %s, tp %d, KV %d tokens; serving from step %d",
+                 g.model_name, g.tp_size, g.kv_capacity_tokens, next_id)
+        await self._set_serving(True, "")
+
+    async def _set_serving(self, serving: bool, reason: str) -> None:
+        self.serving = serving
+        self.not_serving_reason = reason
+        if self.on_serving is not None:
+            await self.on_serving(serving)
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    async def _timed(self, awaitable: Awaitable[T], kind: str) -> T:
+        t0 = time.perf_counter()
+        try:
+            return await awaitable
+        finally:
+            self.stats.add_wait(kind, time.perf_counter() - t0)
+
+    def _log_end(self, seq: Sequence) -> None:
+        assert seq.finish is not None
+        self.stats.finished[seq.finish.reason.value] += 1
+        u = seq.usage(self.clock())
+        log.info("request %s (seq %d): %s (%s); prompt %d, generated %d tokens; steps %d-%d; "
+                 "ttft %.3f s, total %.3f s", seq.request_id, seq.seq_id, seq.finish.reason.value,
+                 seq.finish.detail, u.prompt_tokens, u.generated_tokens, seq.joined_step,
+                 seq.left_step, u.time_to_first_token_s, u.total_s)

@@ -1,0 +1,87 @@
+"""One router process: connect to the tokenizer and the shards, serve RouterService until SIGTERM.
+
+Health ("" and the RouterService name) is NOT_SERVING until the tokenizer and every shard answer
+and agree, and again while the shard group is not whole after a failed step; "liveness" is
+SERVING while the process is alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import grpc
+
+from router_svc.config import RouterConfig
+from router_svc.engine import Engine
+from router_svc.servicer import RouterServicer
+from router_svc.shards import ShardGroup
+from router_svc.tokenizer_client import TokenizerClient
+from services.pb.cpumesh.v1 import router_pb2
+from services.server import (
+    bind,
+    channel_credentials,
+    channel_options,
+    create_server,
+    server_credentials,
+)
+
+log = logging.getLogger("cpumesh.router")
+LIVENESS = "liveness"
+STATS_INTERVAL_S = 60.0
+
+
+class RouterProcess:
+    def __init__(self, config: RouterConfig) -> None:
+        self.config = config
+
+    def _credentials(self) -> tuple[grpc.ServerCredentials | None,
+                                    grpc.ChannelCredentials | None]:
+        cfg = self.config
+        if cfg.tls_cert is None or cfg.tls_key is None:
+            return None, None
+        server = server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_ca)
+        # With a CA (mutual TLS), the router presents its own certificate to the other services.
+        client = channel_credentials(cfg.tls_ca, cfg.tls_cert, cfg.tls_key) \
+            if cfg.tls_ca is not None else None
+        return server, client
+
+    async def serve(self) -> int:
+        cfg = self.config
+        server_creds, client_creds = self._credentials()
+        shards = ShardGroup(cfg.shards, client_creds, channel_options())
+        tokenizer = TokenizerClient(cfg.tokenizer, client_creds, channel_options())
+        engine = Engine(cfg, shards, tokenizer)
+        service = bind(RouterServicer(engine, cfg.max_running),
+                       router_pb2.DESCRIPTOR.services_by_name["RouterService"])
+        server, port = create_server(service, address=cfg.listen, credentials=server_creds,
+                                     health_address=cfg.health_listen)
+        engine.on_serving = server.set_serving
+        await server.start(serving=False)
+        await server.set_serving(True, LIVENESS)
+        log.info("router on port %d: tokenizer %s, shards %s", port, cfg.tokenizer,
+                 ", ".join(cfg.shards))
+        run = asyncio.ensure_future(engine.run())
+        stats = asyncio.ensure_future(_log_stats(engine))
+        try:
+            await server.serve_until_signal(cfg.drain_grace_s)
+        finally:
+            for task in (stats, run):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await shards.close()
+            await tokenizer.close()
+        log.info("engine stats: %s", engine.stats.summary())
+        log.info("router stopped")
+        return 0
+
+
+async def _log_stats(engine: Engine) -> None:
+    last = -1
+    while True:
+        await asyncio.sleep(STATS_INTERVAL_S)
+        if engine.stats.steps != last:
+            last = engine.stats.steps
+            log.info("engine stats: %s", engine.stats.summary())

@@ -1,0 +1,101 @@
+"""RouterService over gRPC: a thin adapter (parse → engine → convert).
+
+A client that cancels, disconnects or runs past its deadline gets `asyncio.CancelledError` at
+the next `await`/`yield` here; the `finally` cancels its request in the engine, which releases
+the sequence on every shard before the next step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from router_svc.engine import Engine
+from router_svc.request import GenerateRequest
+from router_svc.sequence import Chunk, TokenLogprob
+from router_svc.stops import FinishReason
+from services.errors import Unavailable
+from services.pb.cpumesh.v1 import common_pb2, router_pb2
+
+FINISH_REASONS = {
+    FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
+    FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
+    FinishReason.CANCELLED: common_pb2.FINISH_REASON_CANCELLED,
+    FinishReason.ERROR: common_pb2.FINISH_REASON_ERROR,
+}
+
+
+class RouterServicer:
+    def __init__(self, engine: Engine, max_batch_size: int) -> None:
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+
+    async def Generate(self, request: router_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext
+                       ) -> AsyncIterator[router_pb2.GenerateResponse]:
+        stream = await self.engine.submit(from_pb(request))
+        try:
+            async for chunk in stream:
+                yield to_pb(stream.request_id, chunk)
+                if chunk.error is not None:
+                    raise chunk.error  # after the chunk with finish ERROR: the call's status
+        finally:
+            stream.close()
+
+    async def ModelInfo(self, request: router_pb2.ModelInfoRequest,
+                        context: grpc.aio.ServicerContext) -> router_pb2.ModelInfoResponse:
+        model = self.engine.model
+        if model is None:
+            raise Unavailable(f"the router is not serving: {self.engine.not_serving_reason}")
+        g, t = model.group, model.tokenizer
+        response = router_pb2.ModelInfoResponse(
+            model_name=g.model_name, model_fingerprint=g.model_fingerprint,
+            context_length=model.context_length, vocab_size=g.vocab_size, tp_size=g.tp_size,
+            dtype=g.dtype, has_chat_template=t.has_chat_template,
+            eos_token_ids=model.eos_token_ids, kv_capacity_tokens=g.kv_capacity_tokens,
+            max_batch_size=self.max_batch_size)
+        if t.bos_token_id is not None:
+            response.bos_token_id = t.bos_token_id
+        return response
+
+
+def from_pb(r: router_pb2.GenerateRequest) -> GenerateRequest:
+    """The request's fields, unset optional ones as None; `validate` judges them."""
+    s = r.sampling
+    which = r.WhichOneof("input")
+    return GenerateRequest(
+        prompt=r.prompt if which == "prompt" else None,
+        messages=tuple((m.role, m.content) for m in r.chat.messages) if which == "chat" else None,
+        max_new_tokens=s.max_new_tokens if s.HasField("max_new_tokens") else None,
+        temperature=s.temperature if s.HasField("temperature") else None,
+        top_k=s.top_k, top_p=s.top_p if s.HasField("top_p") else None,
+        seed=s.seed if s.HasField("seed") else None, stop=tuple(s.stop),
+        stop_token_ids=tuple(s.stop_token_ids), ignore_eos=s.ignore_eos, logprobs=s.logprobs,
+        top_logprobs=s.top_logprobs,
+        request_id=r.request_id if r.HasField("request_id") else None)
+
+
+def _logprob(t: TokenLogprob) -> router_pb2.Logprob:
+    return router_pb2.Logprob(token_id=t.token_id, text=t.text, logprob=t.logprob)
+
+
+def to_pb(request_id: str, chunk: Chunk) -> router_pb2.GenerateResponse:
+    response = router_pb2.GenerateResponse(
+        request_id=request_id, text=chunk.text, token_ids=chunk.token_ids,
+        logprobs=[router_pb2.TokenLogprobs(token=_logprob(p.token),
+                                           top=[_logprob(t) for t in p.top])
+                  for p in chunk.logprobs])
+    if chunk.finish is not None:
+        response.finish_reason = FINISH_REASONS[chunk.finish.reason]
+        response.finish_detail = chunk.finish.detail
+    if chunk.stop_string is not None:
+        response.stop_string = chunk.stop_string
+    elif chunk.stop_token_id is not None:
+        response.stop_token_id = chunk.stop_token_id
+    if chunk.usage is not None:
+        u = chunk.usage
+        response.usage.CopyFrom(common_pb2.Usage(
+            prompt_tokens=u.prompt_tokens, generated_tokens=u.generated_tokens,
+            time_to_first_token_s=u.time_to_first_token_s, total_s=u.total_s))
+    return response

@@ -1,0 +1,57 @@
+"""The engine's counters and timings, for logs, benchmarks and (later) Prometheus metrics."""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+from router_svc.shards import StepResult
+
+RECENT_STEPS = 4096  # per-step timings kept for percentiles
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    step_failures: int = 0
+    prefills: int = 0  # sequences prefilled
+    prefill_tokens: int = 0
+    batch_seqs: int = 0  # sequences per step, summed over steps
+    shard_compute_s: float = 0.0  # the slowest shard's compute, summed over steps
+    shard_allreduce_s: float = 0.0
+    overhead_s: float = 0.0  # engine time per step not spent awaiting shards or tokenizer
+    waits_s: dict[str, float] = field(default_factory=dict)  # awaited, by what: shards, ...
+    finished: Counter[str] = field(default_factory=Counter)  # requests, by finish reason
+    recent_overhead_s: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))
+    recent_step_s: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))
+
+    @property
+    def waited_s(self) -> float:
+        return sum(self.waits_s.values())
+
+    def add_wait(self, kind: str, seconds: float) -> None:
+        self.waits_s[kind] = self.waits_s.get(kind, 0.0) + seconds
+
+    def record_step(self, prefills: int, batch: int, prefill_tokens: int, result: StepResult,
+                    wall_s: float, overhead_s: float) -> None:
+        self.steps += 1
+        self.prefills += prefills
+        self.prefill_tokens += prefill_tokens
+        self.batch_seqs += batch
+        self.shard_compute_s += result.compute_s
+        self.shard_allreduce_s += result.allreduce_s
+        self.overhead_s += overhead_s
+        self.recent_overhead_s.append(overhead_s)
+        self.recent_step_s.append(wall_s)
+
+    def summary(self) -> str:
+        """One line: steps, mean batch, and per-step milliseconds of each part."""
+        n = max(self.steps, 1)
+        recent = sorted(self.recent_overhead_s) or [0.0]
+        waits = " ".join(f"{k} {1e3 * v / n:.3f}" for k, v in sorted(self.waits_s.items()))
+        return (f"steps {self.steps} failures {self.step_failures} mean_batch "
+                f"{self.batch_seqs / n:.2f} prefills {self.prefills} | per step ms: overhead "
+                f"{1e3 * self.overhead_s / n:.3f} overhead_p50 {1e3 * recent[len(recent) // 2]:.3f}"
+                f" overhead_p99 {1e3 * recent[int(0.99 * (len(recent) - 1))]:.3f} waits: {waits}"
+                f" | shard compute {1e3 * self.shard_compute_s / n:.3f} allreduce "
+                f"{1e3 * self.shard_allreduce_s / n:.3f} | finished {dict(self.finished)}")
