@@ -58,6 +58,18 @@ class SingleRank:
         return tensor
 
 
+class LocalOnly:
+    """Skips the sum: for a warm-up pass whose output is thrown away, so that a rank can warm
+    up alone (a restarted rank must not wait for peers that are busy serving)."""
+
+    def __init__(self, tp_rank: int, tp_size: int) -> None:
+        self.tp_rank = tp_rank
+        self.tp_size = tp_size
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+
 class ThreadGroup:
     """An in-process group of `tp_size` ranks, one thread each (tests and simulated TP)."""
 

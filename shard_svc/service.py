@@ -19,7 +19,8 @@ from services.pb.cpumesh.v1 import shard_pb2
 from services.server import bind, create_server, server_credentials
 from shard_svc.config import ShardConfig
 from shard_svc.engine import ShardEngine
-from shard_svc.mesh import Communicator, SingleRank
+from shard_svc.kv_cache import KVCache
+from shard_svc.mesh import Communicator, LocalOnly, SingleRank
 from shard_svc.model import ShardModel, make_batch
 from shard_svc.servicer import ShardServicer
 from shard_svc.sharding import plan_shard
@@ -43,15 +44,28 @@ def open_mesh(config: ShardConfig, fingerprint: str) -> Any:
         curve_secret_key=config.curve_secret_key, curve_public_keys=config.curve_public_keys))
 
 
-def warm_up(engine: ShardEngine) -> None:
-    """One real forward pass through every layer and the mesh, outside any sequence's state."""
-    cache, seq_id = engine.cache, -1
+def memory_mb() -> dict[str, float]:
+    """This process's resident set now (VmRSS) and at its peak (VmHWM), in MiB."""
+    out = {"VmRSS": 0.0, "VmHWM": 0.0}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key = line.split(":")[0]
+            if key in out:
+                out[key] = int(line.split()[1]) / 1024
+    return out
+
+
+def warm_up(model: ShardModel, cache: KVCache) -> None:
+    """One real forward pass through every layer, outside any sequence's state and without
+    the mesh (its sums are skipped), so a rank can warm up while its peers serve."""
+    seq_id, comm = -1, model.comm
+    model.comm = LocalOnly(comm.tp_rank, comm.tp_size)
     cache.add(seq_id)
     try:
-        batch = make_batch([(seq_id, [0, 1, 2, 3])], cache)
-        engine.model.forward(batch, cache)
+        model.forward(make_batch([(seq_id, [0, 1, 2, 3])], cache), cache)
     finally:
         cache.release(seq_id)
+        model.comm = comm
 
 
 class ShardProcess:
@@ -79,6 +93,7 @@ class ShardProcess:
                                           health_address=cfg.health_listen)
         await self.server.start(serving=False)  # answers health (NOT_SERVING) while loading
         await self.server.set_serving(True, LIVENESS)
+        rss_before = memory_mb()["VmRSS"]
         log.info("rank %d/%d on port %d: loading %s, %s", cfg.tp_rank, cfg.tp_size, port,
                  cfg.model_dir, self.plan)
         weights = await loop.run_in_executor(None, load_shard_weights, cfg.model_dir,
@@ -88,12 +103,16 @@ class ShardProcess:
         self.mesh = await loop.run_in_executor(None, open_mesh, cfg, self.fingerprint)
         comm: Communicator = self.mesh
         model = ShardModel(self.model_config, self.plan, weights, comm)
-        engine = ShardEngine(model, model.new_cache(cfg.kv_capacity_tokens, cfg.kv_page_size),
-                             cfg.max_context)
-        await loop.run_in_executor(servicer.executor, warm_up, engine)
+        cache = model.new_cache(cfg.kv_capacity_tokens, cfg.kv_page_size)
+        await loop.run_in_executor(servicer.executor, warm_up, model, cache)
+        engine = ShardEngine(model, cache, cfg.max_context)
         servicer.engine = engine
         await self.server.set_serving(True)
         log.info("rank %d SERVING after %.1f s", cfg.tp_rank, time.monotonic() - t0)
+        mem = memory_mb()
+        log.info("memory: %.0f MB before loading, %.0f MB now, peak %.0f MB (KV cache %.0f MB)",
+                 rss_before, mem["VmRSS"], mem["VmHWM"],
+                 (engine.cache.k.nbytes + engine.cache.v.nbytes) / 2**20)
         try:
             await self.server.serve_until_signal(cfg.drain_grace_s)
         finally:
