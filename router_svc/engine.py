@@ -226,7 +226,6 @@ class Engine:
                     self._end(s)
 
     def _end(self, seq: Sequence) -> None:
-        seq.left_step = self.step_id
         self._log_end(seq)
         self._drop(seq)
 
@@ -297,7 +296,9 @@ class Engine:
         assert seq.finish is not None
         self.stats.finished[seq.finish.reason.value] += 1
         u = seq.usage(self.clock())
-        log.info("request %s (seq %d): %s (%s); prompt %d, generated %d tokens; steps %d-%d; "
+        seq.left_step = self.step_id
+        steps = f"steps {seq.joined_step}-{seq.left_step}" if seq.prefilled else "never ran"
+        log.info("request %s (seq %d): %s (%s); prompt %d, generated %d tokens; %s; "
                  "ttft %.3f s, total %.3f s", seq.request_id, seq.seq_id, seq.finish.reason.value,
-                 seq.finish.detail, u.prompt_tokens, u.generated_tokens, seq.joined_step,
-                 seq.left_step, u.time_to_first_token_s, u.total_s)
+                 seq.finish.detail, u.prompt_tokens, u.generated_tokens, steps,
+                 u.time_to_first_token_s, u.total_s)
