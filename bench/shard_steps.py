@@ -1,0 +1,75 @@
+"""Shard step time for SmolLM2, split into compute and allreduce wait, at tp 1 and tp 2.
+
+    python -m bench.shard_steps [--model-dir DIR] [--steps 32] [--cores 2]
+
+tp 1 runs one shard process with all cores; tp 2 runs two processes with one core each, joined
+by the ZeroMQ mesh on loopback. A driver (like the router, but greedy only) sends the same Step to
+every shard at once. Reported per decode step, medians: wall time seen by the driver, the
+shards' compute and allreduce wait (mean over ranks), and the rest (gRPC, driver, skew).
+Writes bench/results/shard_steps.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from services.pb.cpumesh.v1 import shard_pb2
+from tests.service.test_shard_service import ShardGroup, shard_group
+
+
+def run(model_dir: Path, tp: int, batch: int, steps: int, cores: int) -> dict[str, float]:
+    threads = max(1, cores // tp)
+    with tempfile.TemporaryDirectory() as logs, \
+            shard_group(model_dir, tp, Path(logs), extra=("--threads", str(threads),
+                                                          "--kv-capacity-tokens", "8192")) \
+            as (_, addrs):
+        group = ShardGroup(addrs)
+        prompt = list(range(1000, 1032))
+        chosen = group.step(shard_pb2.StepRequest(step_id=1, prefill=[
+            shard_pb2.PrefillSeq(seq_id=i, token_ids=prompt, top_k=1) for i in range(batch)]))
+        walls, compute, allreduce = [], [], []
+        for s in range(steps):
+            request = shard_pb2.StepRequest(step_id=s + 2, extend=[
+                shard_pb2.ExtendSeq(seq_id=i, token_id=chosen[i], top_k=1) for i in range(batch)])
+            t0 = time.perf_counter()
+            responses = group.call("Step", request)
+            walls.append(time.perf_counter() - t0)
+            compute.append(statistics.mean(r.compute_s for r in responses))
+            allreduce.append(statistics.mean(r.allreduce_s for r in responses))
+            chosen = {r.seq_id: r.token_ids[0] for r in responses[0].results}  # rank 0's pick
+        group.close()
+    wall, comp, ar = (statistics.median(x) * 1e3 for x in (walls, compute, allreduce))
+    return {"tp": tp, "batch": batch, "threads_per_shard": threads, "wall_ms": wall,
+            "compute_ms": comp, "allreduce_ms": ar, "other_ms": wall - comp - ar}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model-dir", type=Path)
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--cores", type=int, default=2)
+    p.add_argument("--out", type=Path, default=Path("bench/results/shard_steps.json"))
+    args = p.parse_args(argv)
+    model_dir = args.model_dir
+    if model_dir is None:
+        from services.embedded import default_model_dir
+        model_dir = default_model_dir()
+    rows = [run(model_dir, tp, b, args.steps, args.cores) for tp in (1, 2) for b in (1, 8)]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"model_dir": str(model_dir), "rows": rows}, indent=2))
+    print(f"decode step, {args.steps} steps, medians (ms); {args.cores} cores in all")
+    print(f"{'tp':>3}{'batch':>6}{'thr/shard':>10}{'wall':>8}{'compute':>9}{'allreduce':>10}"
+          f"{'other':>7}{'ms/token':>9}")
+    for r in rows:
+        print(f"{r['tp']:>3}{r['batch']:>6}{r['threads_per_shard']:>10}{r['wall_ms']:>8.1f}"
+              f"{r['compute_ms']:>9.1f}{r['allreduce_ms']:>10.2f}{r['other_ms']:>7.1f}"
+              f"{r['wall_ms'] / r['batch']:>9.2f}")
+
+
+if __name__ == "__main__":
+    main()
