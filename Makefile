@@ -35,9 +35,11 @@ lint: $(STAMP)
 typecheck: protos
 	$(VENV)/bin/mypy
 
-serve:
-	@echo "make serve arrives with the local-cluster issue (#7); see README.md." >&2
-	@exit 2
+# The embedded SmolLM2 (or any model: SERVE_ARGS="--model-dir DIR --tp 4") on this machine:
+# tokenizer, shards and router as separate processes until Ctrl-C. See `cpumesh local --help`.
+SERVE_ARGS ?=
+serve: protos
+	$(PY) -m services.cli local --tp 2 $(SERVE_ARGS)
 
 clean:
 	rm -rf $(VENV) services/pb/*_pb2*.py* build *.egg-info

@@ -35,6 +35,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "shard": ("shard_svc.cli", "run one tensor-parallel shard (one rank of the model)"),
     "tokenizer": ("tokenizer_svc.cli", "run the tokenizer service (text <-> token ids)"),
     "router": ("router_svc.cli", "run the router: the API clients talk to (batching, sampling)"),
+    "local": ("services.local",
+              "run tokenizer, shards and router on this machine until Ctrl-C (make serve)"),
+    "generate": ("services.generate_cli", "stream one completion of a prompt from a router"),
+    "chat": ("services.generate_cli", "chat with the model, turn by turn, through a router"),
 }
 
 

@@ -1,0 +1,284 @@
+"""`cpumesh local`: the whole system on one machine, supervised until Ctrl-C.
+
+The tokenizer, `tp` shards and the router run as separate `python -m ...` processes on loopback
+(only the router listens on `--host`), each with its log file and in its own process group. The
+launcher shows each one's progress, waits until every one is healthy, prints where to connect,
+then watches them: when one exits, it prints that one's last log lines and stops the others; on
+SIGINT or SIGTERM it drains the router first, then stops the rest and exits 0. A second signal
+skips the grace periods.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import socket
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.local_procs import Child, stop_all
+
+POLL_S = 0.2
+SERVICES = ("tokenizer", "shard", "router")
+EXAMPLE_PROMPT, EXAMPLE_CHAT = "Once upon a time", "Write a haiku about CPUs."
+
+
+@dataclass(frozen=True)
+class LocalConfig:
+    model_dir: Path
+    model_name: str
+    tp: int = 2
+    threads_per_shard: int = 1
+    host: str = "127.0.0.1"
+    port: int = 50051  # the router's; 0 means any free port
+    dtype: str = "float32"
+    kv_capacity_tokens: int | None = None
+    max_context: int | None = None
+    log_dir: Path = Path("logs")
+    ready_timeout_s: float = 600.0
+    drain_grace_s: float = 10.0
+    extra_args: tuple[tuple[str, ...], ...] = ((), (), ())  # tokenizer, shard, router flags
+
+    def __post_init__(self) -> None:
+        if self.tp < 1:
+            raise ValueError(f"tp must be >= 1, got {self.tp}")
+        if self.threads_per_shard < 1:
+            raise ValueError(f"threads per shard must be >= 1, got {self.threads_per_shard}")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be 0-65535, got {self.port}")
+        for name in ("ready_timeout_s", "drain_grace_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+def cli_arguments(p: argparse.ArgumentParser) -> None:
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--model-dir", type=Path, metavar="DIR",
+                       help="Hugging Face model directory (default: the embedded SmolLM2)")
+    model.add_argument("--gguf", type=Path, metavar="FILE",
+                       help="a GGUF file, converted once into the cache")
+    p.add_argument("--tp", type=int, default=2, metavar="N", help="shards (tensor-parallel ranks)")
+    p.add_argument("--threads-per-shard", default="auto", metavar="N",
+                   help="torch threads per shard; 'auto' divides the available cores")
+    p.add_argument("--host", default="127.0.0.1", help="address the router listens on")
+    p.add_argument("--port", type=int, default=50051, help="router port (0: any free port)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="compute dtype of the shards")
+    p.add_argument("--kv-capacity-tokens", type=int, metavar="N",
+                   help="KV cache per shard, in tokens (default: the shard's, 16384)")
+    p.add_argument("--max-context", type=int, metavar="N",
+                   help="longest sequence (default: the model's context length)")
+    p.add_argument("--cache-dir", type=Path, metavar="DIR", help="converted models and logs "
+                   "(default: $CPUMESH_CACHE_DIR, $XDG_CACHE_HOME/cpumesh or ~/.cache/cpumesh)")
+    p.add_argument("--log-dir", type=Path, metavar="DIR",
+                   help="one log file per service (default: CACHE_DIR/logs/local-<time>)")
+    p.add_argument("--ready-timeout", type=float, default=600.0, metavar="S",
+                   help="seconds every service may take to become healthy")
+    p.add_argument("--drain-grace", type=float, default=10.0, metavar="S",
+                   help="seconds in-flight requests may finish when stopping")
+    for service in SERVICES:
+        p.add_argument(f"--{service}-args", default="", metavar="FLAGS",
+                       help=f"more flags for every `cpumesh {service}`, as one string "
+                       f"after '=': --{service}-args='--log-level DEBUG'")
+
+
+def build_config(args: argparse.Namespace) -> LocalConfig:
+    from services.embedded import MODEL_NAME, default_cache_dir, default_model_dir
+    from services.gguf_convert import stderr_progress
+
+    cache_dir = args.cache_dir or default_cache_dir(args.environ)
+    if args.model_dir is not None:
+        model_dir, name = args.model_dir, args.model_dir.resolve().name
+    elif args.gguf is not None:
+        from services.local_procs import converted_gguf
+        say(f"preparing {args.gguf} (converted once, then cached)")
+        model_dir, name = converted_gguf(args.gguf, cache_dir, stderr_progress), args.gguf.stem
+    else:
+        say(f"preparing the embedded {MODEL_NAME} (converted on the first run only)")
+        model_dir, name = default_model_dir(cache_dir, progress=stderr_progress), MODEL_NAME
+    cores = len(os.sched_getaffinity(0))
+    threads = (max(1, cores // args.tp) if args.threads_per_shard == "auto"
+               else int(args.threads_per_shard))
+    log_dir = args.log_dir or cache_dir / "logs" / time.strftime("local-%Y%m%d-%H%M%S")
+    return LocalConfig(
+        model_dir=model_dir, model_name=name, tp=args.tp, threads_per_shard=threads,
+        host=args.host, port=args.port, dtype=args.dtype,
+        kv_capacity_tokens=args.kv_capacity_tokens, max_context=args.max_context,
+        log_dir=log_dir, ready_timeout_s=args.ready_timeout, drain_grace_s=args.drain_grace,
+        extra_args=tuple(tuple(shlex.split(getattr(args, f"{s}_args"))) for s in SERVICES))
+
+
+def say(line: str) -> None:
+    print(f"cpumesh local: {line}", flush=True)
+
+
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    socks = [socket.socket(_family(host)) for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def check_port_free(host: str, port: int) -> None:
+    with socket.socket(_family(host)) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is ok
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise OSError(f"cannot listen on {host}:{port} ({e.strerror}): is cpumesh already "
+                          "running? Pass --port with another number, or --port 0") from None
+
+
+def router_address(config: LocalConfig) -> tuple[str, str]:
+    """(where the router listens, where clients on this machine reach it)."""
+    port = config.port or free_ports(1, config.host)[0]
+    if config.port:
+        check_port_free(config.host, port)
+    listen = f"[{config.host}]:{port}" if ":" in config.host else f"{config.host}:{port}"
+    local = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(config.host)
+    return listen, f"{local}:{port}" if local else listen
+
+
+def plan(config: LocalConfig, environ: Mapping[str, str]) -> tuple[list[Child], str]:
+    """The children (tokenizer, shards, router, in start order) and the router's client address."""
+    tp, loop = config.tp, "127.0.0.1"
+    ports = free_ports(1 + 2 * tp)
+    tokenizer = f"{loop}:{ports[0]}"
+    shards = [f"{loop}:{p}" for p in ports[1:1 + tp]]
+    peers = ",".join(f"{loop}:{p}" for p in ports[1 + tp:])
+    listen, reach = router_address(config)
+    env = {**environ, "PYTHONUNBUFFERED": "1"}
+    grace = ["--drain-grace", str(config.drain_grace_s)]
+    model = ["--model-dir", str(config.model_dir)]
+    limits = [f"--{k.replace('_', '-')}={v}" for k in ("kv_capacity_tokens", "max_context")
+              if (v := getattr(config, k)) is not None]
+    more_tokenizer, more_shard, more_router = config.extra_args
+    children = [Child("tokenizer", tokenizer, [
+        "-m", "tokenizer_svc", *model, "--model-name", config.model_name, "--listen", tokenizer,
+        *grace, *more_tokenizer])]
+    children += [Child(f"shard {r}", a, [
+        "-m", "shard_svc", *model, "--tp-size", str(tp), "--tp-rank", str(r), "--peers", peers,
+        "--listen", a, "--threads", str(config.threads_per_shard), "--dtype", config.dtype,
+        *limits, *grace, *more_shard]) for r, a in enumerate(shards)]
+    children.append(Child("router", reach, [
+        "-m", "router_svc", "--listen", listen, "--tokenizer", tokenizer,
+        "--shards", ",".join(shards), *grace, *more_router]))
+    for child in children:
+        child.log_path = config.log_dir / f"{child.name.replace(' ', '')}.log"
+        child.env = env
+    return children, reach
+
+
+class Launcher:
+    def __init__(self, config: LocalConfig, environ: Mapping[str, str]) -> None:
+        self.config = config
+        self.environ = environ
+        self.signals = 0
+
+    def on_signal(self, signum: int, frame: object) -> None:
+        self.signals += 1
+        if self.signals == 1:
+            print(f"\ncpumesh local: {signal.Signals(signum).name}: stopping "
+                  "(again to stop at once)", flush=True)
+
+    def run(self) -> int:
+        cfg = self.config
+        cfg.log_dir.mkdir(parents=True, exist_ok=True)
+        children, router = plan(cfg, self.environ)
+        say(f"{cfg.model_name}: tokenizer, {cfg.tp} shard(s) with {cfg.threads_per_shard} "
+            f"thread(s) each, router; logs in {cfg.log_dir}")
+        previous = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            return self.supervise(children, router)
+        finally:
+            stop_all(children, cfg.drain_grace_s + 5.0, lambda: self.signals > 1, say)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def supervise(self, children: list[Child], router: str) -> int:
+        t0 = time.monotonic()
+        for child in children:
+            child.start()
+        deadline = t0 + self.config.ready_timeout_s
+        while not self.signals:
+            if (dead := next((c for c in children if c.exited()), None)) is not None:
+                return self.report_death(dead)
+            for child in children:
+                if (phase := child.phase()) is not None:
+                    say(f"[{time.monotonic() - t0:5.1f} s] {child.name}: {phase}")
+            if all(c.ready for c in children):
+                self.banner(router, time.monotonic() - t0)
+                break
+            if time.monotonic() > deadline:
+                for child in (c for c in children if not c.ready):
+                    say(f"{child.name} not healthy after {self.config.ready_timeout_s:.0f} s; "
+                        f"its last log lines:\n{child.tail()}")
+                return 1
+            time.sleep(POLL_S)
+        while not self.signals:
+            if (dead := next((c for c in children if c.exited()), None)) is not None:
+                return self.report_death(dead)
+            time.sleep(POLL_S)
+        return 0
+
+    def report_death(self, child: Child) -> int:
+        say(f"{child.name} exited with code {child.returncode()}; its last log lines "
+            f"({child.log_path}):\n{child.tail()}\ncpumesh local: stopping the others")
+        return 1
+
+    def banner(self, router: str, elapsed_s: float) -> None:
+        cli = cli_command()
+        flag = "" if router == "127.0.0.1:50051" else f" --router {router}"
+        python = relative(Path(sys.executable))
+        # The router's HTTP API (OpenAI-compatible) gets its own row here once it exists.
+        print(f"\ncpumesh is ready in {elapsed_s:.1f} s: {self.config.model_name}, tp "
+              f"{self.config.tp}\n\n"
+              f"  gRPC   {router}   cpumesh.v1.RouterService (Generate, ModelInfo), "
+              f"grpc.health.v1\n"
+              f"  logs   {self.config.log_dir}\n\n"
+              f"Try:\n"
+              f"  {cli} generate{flag} \"{EXAMPLE_PROMPT}\"\n"
+              f"  {cli} chat{flag}\n"
+              f"  {python} -m services.client --router {router} --chat \"{EXAMPLE_CHAT}\"\n\n"
+              f"Press Ctrl-C to stop.", flush=True)
+
+
+def relative(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def cli_command() -> str:
+    """How to run `cpumesh` from here: on PATH, else this interpreter's script, else -m."""
+    import shutil
+
+    script = Path(sys.executable).parent / "cpumesh"
+    on_path = shutil.which("cpumesh")
+    if script.is_file() and on_path and Path(on_path).resolve() == script.resolve():
+        return "cpumesh"
+    if script.is_file():
+        return relative(script)
+    return f"{relative(Path(sys.executable))} -m services.cli"
+
+
+def cli_run(args: argparse.Namespace) -> int:
+    try:
+        config = build_config(args)
+    except ValueError as e:
+        raise SystemExit(f"cpumesh local: error: {e}") from None
+    return Launcher(config, args.environ).run()

@@ -1,0 +1,188 @@
+"""`cpumesh local` as a user runs it (what `make serve` starts): one launcher subprocess that
+brings up tokenizer, shards and router, serves the same greedy text to the gRPC client and to the
+CLI, drains on Ctrl-C and leaves no process behind; and stops everything when a service dies."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from services.client import RouterClient
+from tests.procs import free_ports
+
+PROMPT = "The capital of France is"
+NEW = 24
+
+
+class Launcher:
+    """`python -m services.cli local ...` with its output collected line by line."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "local", *args], stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.lines: list[str] = []
+        self._new: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            self._new.put(line)
+        self._new.put(None)
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for(self, text: str, deadline_s: float) -> None:
+        end = time.monotonic() + deadline_s
+        while not any(text in line for line in self.lines):
+            try:
+                if self._new.get(timeout=max(0.0, end - time.monotonic())) is None:
+                    pytest.fail(f"launcher exited ({self.proc.wait()}):\n{self.output()}")
+            except queue.Empty:
+                pytest.fail(f"no {text!r} after {deadline_s} s:\n{self.output()}")
+
+    def services(self) -> list[psutil.Process]:
+        return psutil.Process(self.proc.pid).children(recursive=True)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # only when a test failed midway
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def launch(tmp_path: Path) -> Iterator[list[Launcher]]:
+    made: list[Launcher] = []
+    yield made
+    for launcher in made:
+        launcher.stop()
+
+
+def start(launch: list[Launcher], model_dir: Path, tp: int, log_dir: Path) -> tuple[Launcher, str]:
+    port = free_ports(1)[0]
+    launcher = Launcher(["--model-dir", str(model_dir), "--tp", str(tp), "--port", str(port),
+                         "--log-dir", str(log_dir), "--kv-capacity-tokens", "1024",
+                         "--max-context", "512", "--ready-timeout", "150"])
+    launch.append(launcher)
+    launcher.wait_for("Press Ctrl-C to stop.", 180)
+    return launcher, f"127.0.0.1:{port}"
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "services.cli", *args], capture_output=True,
+                          text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+
+def gone(procs: list[psutil.Process], deadline_s: float = 5.0) -> list[psutil.Process]:
+    _, alive = psutil.wait_procs(procs, timeout=deadline_s)
+    return alive
+
+
+def test_grpc_and_cli_stream_the_same_text_and_ctrl_c_drains_and_leaves_nothing(
+        launch: list[Launcher], smollm2_dir: Path, tmp_path: Path) -> None:
+    launcher, router = start(launch, smollm2_dir, 2, tmp_path / "logs")
+    assert f"generate --router {router}" in launcher.output()
+    procs = launcher.services()
+    assert sorted(p.cmdline()[2] for p in procs) == \
+        ["router_svc", "shard_svc", "shard_svc", "tokenizer_svc"]
+
+    async def through_grpc() -> list[str]:
+        async with RouterClient(router) as client:
+            return [r.text async for r in client.generate(
+                PROMPT, max_new_tokens=NEW, temperature=0, ignore_eos=True, timeout=60)]
+
+    chunks = asyncio.run(through_grpc())
+    text = "".join(chunks)
+    assert len([c for c in chunks if c]) >= NEW // 2 and len(text) > 30
+
+    greedy = ["--router", router, "--temperature", "0", "--max-new-tokens", str(NEW),
+              "--ignore-eos"]
+    plain = cli("generate", *greedy, PROMPT)
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout == text + "\n"
+    assert f"{NEW} generated tokens" in plain.stderr
+
+    # --json streams one line per chunk, as the chunks come, then the whole.
+    stream = subprocess.Popen([sys.executable, "-m", "services.cli", "generate", *greedy,
+                               "--json", PROMPT], stdout=subprocess.PIPE, text=True)
+    assert stream.stdout is not None
+    arrivals = [(time.monotonic(), json.loads(line)) for line in stream.stdout]
+    assert stream.wait(60) == 0
+    *deltas, (_, final) = arrivals
+    assert "".join(d["text"] for _, d in deltas) == final["text"] == text
+    assert len(deltas) >= NEW // 2 and deltas[-1][0] - deltas[0][0] > 0.2
+    assert final["done"] and final["finish_reason"] == "length"
+    assert final["usage"]["generated_tokens"] == NEW
+
+    # chat: two turns over a pipe; the second sees the first.
+    talk = subprocess.run([sys.executable, "-m", "services.cli", "chat", "--router", router,
+                           "--temperature", "0", "--max-new-tokens", "12", "--json"],
+                          input="Hello!\nSay that again.\n/exit\n", capture_output=True,
+                          text=True, timeout=120)
+    assert talk.returncode == 0, talk.stderr
+    turns = [d for d in map(json.loads, talk.stdout.splitlines()) if d.get("done")]
+    assert [t["turn"] for t in turns] == [1, 2]
+    assert turns[1]["usage"]["prompt_tokens"] > turns[0]["usage"]["prompt_tokens"] + 12
+
+    # Ctrl-C while a request streams: it finishes (drain), then every process is gone.
+    async def interrupted() -> tuple[str, int]:
+        async with RouterClient(router) as client:
+            got = []
+            async for r in client.generate(PROMPT, max_new_tokens=NEW, temperature=0,
+                                           ignore_eos=True, timeout=60):
+                got.append(r.text)
+                if len(got) == 3:
+                    os.kill(launcher.proc.pid, signal.SIGINT)
+                if r.finish_reason:
+                    return "".join(got), r.usage.generated_tokens
+        raise AssertionError("the stream ended without a finish")
+
+    assert asyncio.run(interrupted()) == (text, NEW)
+    assert launcher.proc.wait(60) == 0, launcher.output()
+    assert "stopped tokenizer (0), shard 0 (0), shard 1 (0), router (0)" in launcher.output()
+    assert gone(procs) == []
+
+
+def test_a_service_that_dies_is_reported_and_the_rest_are_stopped(
+        launch: list[Launcher], smollm2_dir: Path, tmp_path: Path) -> None:
+    launcher, _ = start(launch, smollm2_dir, 1, tmp_path / "logs")
+    procs = launcher.services()
+    shard = next(p for p in procs if p.cmdline()[2] == "shard_svc")
+    shard.kill()
+    assert launcher.proc.wait(60) == 1
+    out = launcher.output()
+    assert "shard 0 exited with code -9; its last log lines" in out
+    assert "| " in out and "rank 0 SERVING" in out  # the shard's own log, quoted
+    assert gone(procs) == []
+
+
+def test_readme_documents_every_option_of_every_command() -> None:
+    import argparse
+
+    from services.cli import _subcommands
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = []
+    for name, command in _subcommands().items():
+        parser = argparse.ArgumentParser(prog=f"cpumesh {name}")
+        command.add_arguments(parser)
+        missing += [f"cpumesh {name} {option}" for action in parser._actions
+                    for option in action.option_strings
+                    if option.startswith("--") and option != "--help"
+                    and f"`{option}" not in readme]
+    assert not missing, f"add these to README.md's option tables: {missing}"
