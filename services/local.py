@@ -216,8 +216,10 @@ class Launcher:
         while not self.signals:
             if (dead := next((c for c in children if c.exited()), None)) is not None:
                 return self.report_death(dead)
+            # Polled router first (it is ready only after the others), shown in start order.
+            phases = {c.name: c.phase() for c in reversed(children)}
             for child in children:
-                if (phase := child.phase()) is not None:
+                if (phase := phases[child.name]) is not None:
                     say(f"[{time.monotonic() - t0:5.1f} s] {child.name}: {phase}")
             if all(c.ready for c in children):
                 self.banner(router, time.monotonic() - t0)

@@ -34,6 +34,10 @@ PHASES = [
 ]
 SERVING = health_pb2.HealthCheckResponse.SERVING
 PR_SET_PDEATHSIG = 1
+# Health polls must see a server as soon as it listens, not after gRPC's reconnect backoff
+# (1 s, growing to 120 s) since the last refused attempt.
+FAST_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 100),
+                  ("grpc.min_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 500)]
 
 
 class Child:
@@ -82,7 +86,7 @@ class Child:
 
     def _health(self) -> int | None:
         if self._channel is None:
-            self._channel = grpc.insecure_channel(self.address)
+            self._channel = grpc.insecure_channel(self.address, FAST_RECONNECT)
         try:
             return health_pb2_grpc.HealthStub(self._channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=0.5).status
