@@ -86,10 +86,12 @@ class Engine:
         """Validate, tokenize and queue a request; raise before any chunk when it cannot run."""
         arrival = self.clock()
         model, scheduler = self.model, self._scheduler
-        if model is None or scheduler is None or not self.serving:
+        if model is None:
             raise Unavailable(f"the router is not serving: {self.not_serving_reason}")
         limits = model.limits(self.config)
-        validate(request, limits)
+        validate(request, limits)  # against the last group seen, even while it is not whole
+        if scheduler is None or not self.serving:
+            raise Unavailable(f"the router is not serving: {self.not_serving_reason}")
         if scheduler.num_waiting >= self.config.max_waiting:
             raise ResourceExhausted(f"waiting queue full ({self.config.max_waiting} requests)")
         prompt_ids = await self.tokenizer.encode(request.prompt, request.messages,
@@ -154,6 +156,10 @@ class Engine:
                         wall - (self.stats.waited_s - waited0))
                 except CpumeshError as e:
                     await self._on_failure(e)
+                except Exception as e:  # a bug: fail what is in flight, start afresh
+                    log.exception("step %d: unexpected error", self.step_id)
+                    await self._on_failure(Unavailable(
+                        f"step {self.step_id} failed: {type(e).__name__}: {e}"))
         finally:
             if self._detok is not None:
                 self._detok.cancel()

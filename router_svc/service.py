@@ -8,7 +8,7 @@ SERVING while the process is alive.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import json
 import logging
 
 import grpc
@@ -64,18 +64,25 @@ class RouterProcess:
                  ", ".join(cfg.shards))
         run = asyncio.ensure_future(engine.run())
         stats = asyncio.ensure_future(_log_stats(engine))
+        serving = asyncio.ensure_future(server.serve_until_signal(cfg.drain_grace_s))
+        status = 0
         try:
-            await server.serve_until_signal(cfg.drain_grace_s)
+            await asyncio.wait({serving, run}, return_when=asyncio.FIRST_COMPLETED)
+            if run.done():  # the engine never stops by itself: exit, so a supervisor restarts us
+                log.critical("the engine stopped: %r", run.exception(),
+                             exc_info=run.exception())
+                await server.stop(0)
+                status = 1
         finally:
-            for task in (stats, run):
+            for task in (serving, stats, run):
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await asyncio.gather(serving, stats, run, return_exceptions=True)
             await shards.close()
             await tokenizer.close()
         log.info("engine stats: %s", engine.stats.summary())
+        log.info("engine stats json: %s", json.dumps(engine.stats.as_dict()))
         log.info("router stopped")
-        return 0
+        return status
 
 
 async def _log_stats(engine: Engine) -> None:

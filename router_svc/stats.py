@@ -44,6 +44,26 @@ class EngineStats:
         self.recent_overhead_s.append(overhead_s)
         self.recent_step_s.append(wall_s)
 
+    def as_dict(self) -> dict[str, object]:
+        """Totals, and per-step means and percentiles in milliseconds (JSON-ready)."""
+        n = max(self.steps, 1)
+        overhead = sorted(self.recent_overhead_s) or [0.0]
+        step = sorted(self.recent_step_s) or [0.0]
+
+        def pct(values: list[float], q: float) -> float:
+            return 1e3 * values[int(q * (len(values) - 1))]
+
+        return {
+            "steps": self.steps, "step_failures": self.step_failures,
+            "mean_batch": self.batch_seqs / n, "prefills": self.prefills,
+            "prefill_tokens": self.prefill_tokens, "finished": dict(self.finished),
+            "overhead_ms": 1e3 * self.overhead_s / n, "overhead_p50_ms": pct(overhead, 0.5),
+            "overhead_p99_ms": pct(overhead, 0.99), "step_p50_ms": pct(step, 0.5),
+            "wait_ms": {k: 1e3 * v / n for k, v in sorted(self.waits_s.items())},
+            "shard_compute_ms": 1e3 * self.shard_compute_s / n,
+            "shard_allreduce_ms": 1e3 * self.shard_allreduce_s / n,
+        }
+
     def summary(self) -> str:
         """One line: steps, mean batch, and per-step milliseconds of each part."""
         n = max(self.steps, 1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -128,6 +129,67 @@ async def complete(c: Cluster, prompt: str | None = PROMPT, **params: object) ->
         return await client.complete(prompt, timeout=120, **params)
 
 
+async def test_router_without_shards_is_alive_not_ready_and_stops_on_sigterm(
+        tmp_path: Path) -> None:
+    tokenizer_port, shard_port, router_port = free_ports(3)
+    address = f"127.0.0.1:{router_port}"
+    router = Service("router", ["-m", "router_svc", "--tokenizer", f"127.0.0.1:{tokenizer_port}",
+                                "--shards", f"127.0.0.1:{shard_port}", "--listen", address],
+                     tmp_path).start()
+    try:
+        async with asyncio.timeout(30):
+            while health_status(address, "liveness") != SERVING:
+                await asyncio.sleep(0.1)
+        assert health_status(address) == health_pb2.HealthCheckResponse.NOT_SERVING
+        async with RouterClient(address) as client:
+            for call in (client.complete(PROMPT, timeout=10), client.model_info()):
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await call
+                assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert f"127.0.0.1:{shard_port}" in (e.value.details() or "")
+        router.signal(signal.SIGTERM)
+        assert router.proc is not None and router.proc.wait(15) == 0
+    finally:
+        router.stop()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+async def test_mutual_tls_between_all_services(smollm2_dir: Path, tmp_path: Path) -> None:
+    from tests.service.test_server import _make_certs
+
+    _make_certs(tmp_path)
+    tls = ["--tls-cert", str(tmp_path / "server.pem"), "--tls-key", str(tmp_path / "server.key"),
+           "--tls-ca", str(tmp_path / "ca.pem")]
+    ports = free_ports(7)
+    tok, shard, router, mesh, *health = (f"127.0.0.1:{p}" for p in ports)
+    services = [
+        Service("tokenizer", ["-m", "tokenizer_svc", "--model-dir", str(smollm2_dir), "--listen",
+                              tok, "--health-listen", health[0], *tls], tmp_path),
+        Service("shard0", ["-m", "shard_svc", "--model-dir", str(smollm2_dir), "--peers", mesh,
+                           "--listen", shard, "--threads", "1", "--kv-capacity-tokens", "512",
+                           "--health-listen", health[1], *tls], tmp_path),
+        Service("router", ["-m", "router_svc", "--tokenizer", tok, "--shards", shard,
+                           "--listen", router, "--health-listen", health[2], *tls], tmp_path)]
+    try:
+        for s in services:
+            s.start()
+        wait_serving(health[2], services[2], deadline_s=120)
+        mine = grpc.ssl_channel_credentials(
+            (tmp_path / "ca.pem").read_bytes(), (tmp_path / "client.key").read_bytes(),
+            (tmp_path / "client.pem").read_bytes())
+        async with RouterClient(router, mine) as client:
+            done = await client.complete(PROMPT, max_new_tokens=4, temperature=0, timeout=60)
+            assert len(done.token_ids) == 4
+        no_cert = grpc.ssl_channel_credentials((tmp_path / "ca.pem").read_bytes())
+        async with RouterClient(router, no_cert) as client:
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await client.complete(PROMPT, max_new_tokens=4, timeout=10)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        for s in reversed(services):
+            s.stop()
+
+
 @pytest.mark.parametrize("tp", [1, 2])
 async def test_greedy_equals_transformers(cluster_of: Callable[[int], Cluster],
                                           reference: dict[str, tuple[list[int], str]],
@@ -190,7 +252,7 @@ async def test_concurrent_requests_equal_their_solo_runs(
     assert len(spans) == len(params)
     joins, leaves = {j for j, _ in spans.values()}, {v for _, v in spans.values()}
     most_live = max(sum(j <= s < v for j, v in spans.values()) for s in joins)
-    assert len(joins) >= 4 and len(leaves) >= 4 and most_live >= 3, spans
+    assert len(joins) >= 3 and len(leaves) >= 3 and most_live >= 3, spans
 
 
 async def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(
