@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: all install protos test lint typecheck serve bench clean
+.PHONY: all install protos test lint typecheck serve bench bench-quick bench-env clean
 
 all: test
 
@@ -40,6 +40,24 @@ typecheck: protos
 SERVE_ARGS ?=
 serve: protos
 	$(PY) -m services.cli local --tp 2 $(SERVE_ARGS)
+
+# Benchmarks (bench/): `make bench` regenerates BENCHMARKS.md, bench/plots/ and bench/results/;
+# `make bench-quick` runs a ~5-minute subset into build/bench-quick/. llama.cpp, the peer, lives
+# only in its own environment (build/bench-venv, no torch), compiled once (~10 min on 2 cores);
+# without it the llama.cpp rows are skipped and the report says so.
+BENCH_VENV := build/bench-venv
+$(BENCH_VENV)/.llama-stamp:
+	python3 -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet 'llama-cpp-python[server]==0.3.36'
+	touch $@
+
+bench-env: $(BENCH_VENV)/.llama-stamp
+
+bench: protos bench-env
+	$(PY) -m bench
+
+bench-quick: protos bench-env
+	$(PY) -m bench --quick
 
 clean:
 	rm -rf $(VENV) services/pb/*_pb2*.py* build *.egg-info

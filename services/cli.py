@@ -39,6 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
               "run tokenizer, shards and router on this machine until Ctrl-C (make serve)"),
     "generate": ("services.generate_cli", "stream one completion of a prompt from a router"),
     "chat": ("services.generate_cli", "chat with the model, turn by turn, through a router"),
+    "loadtest": ("services.loadtest", "load-test a router (gRPC) or an OpenAI-compatible server"),
 }
 
 

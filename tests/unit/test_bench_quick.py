@@ -1,0 +1,74 @@
+"""`make bench-quick`'s code paths run end to end on tiny inputs (not their timings): every
+stage of `python -m bench`, the report and its plots, and `cpumesh loadtest`'s SSE parsing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.__main__ import Plan, quick_plan, run_plan
+from bench.models import BenchModel, smollm2
+from services.loadtest import LoadConfig, parse_dist
+from services.loadtest_clients import sse_events
+from tests.checkpoints import tiny_checkpoint
+
+
+def test_bench_quick_paths(tmp_path: Path) -> None:
+    tiny = BenchModel("tiny", "tiny random Llama", tiny_checkpoint(tmp_path / "tiny", "llama"))
+    quick = quick_plan(tmp_path / "cache")
+    plan = Plan(tmp_path / "out", (tiny,), smollm2(), batches=(2,), tokens=3, repeats=1,
+                tp_steps=2, users=(2,), serving_requests=2, serving_duration_s=10.0,
+                serving_output="3", multihost_rates=quick.multihost_rates, multihost_steps=2,
+                cache=tmp_path / "cache", command="test", peers=False)
+    md = run_plan(plan).read_text()
+    results = tmp_path / "out" / "results"
+    ml = json.loads((results / "model_level.json").read_text())
+    assert {r["system"] for r in ml["rows"]} == {"cpumesh", "transformers"}
+    assert "disabled" in ml["skipped"]
+    tp = json.loads((results / "tp_scaling.json").read_text())
+    assert [r["tp"] for r in tp["rows"]] == [1, 2]
+    serving = json.loads((results / "serving.json").read_text())
+    for rows in serving["systems"].values():
+        assert rows[0]["ok"] == 2 and rows[0]["output_tokens"] == 6
+    for heading in ("## Machine", "### Headline", "## Tensor-parallel", "Qwen2-72B",
+                    "## Service-level"):
+        assert heading in md
+    for png in ("decode", "tp_scaling", "projection", "serving"):
+        assert (tmp_path / "out" / "plots" / f"{png}.png").stat().st_size > 1000
+
+
+class _Stream:
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+
+    async def iter_any(self):  # type: ignore[no-untyped-def]
+        for c in self.chunks:
+            yield c
+
+
+def test_sse_parsing_is_robust() -> None:
+    raw = (b": keep-alive\r\n\r\ndata: {\"a\": 1}\r\n\r\nevent: x\ndata: line1\ndata: line2\n\n"
+           b"data:[DONE]")
+    for cut in range(len(raw)):  # every split into two network chunks gives the same events
+        events = asyncio.run(_collect(_Stream([raw[:cut], raw[cut:]])))
+        assert events == ['{"a": 1}', "line1\nline2", "[DONE]"], cut
+
+
+async def _collect(stream: _Stream) -> list[str]:
+    return [e async for e in sse_events(stream)]
+
+
+def test_load_config_validation() -> None:
+    with pytest.raises(ValueError, match="exactly one"):
+        LoadConfig("grpc://x:1")
+    with pytest.raises(ValueError, match="bad length"):
+        LoadConfig("grpc://x:1", users=1, prompt_tokens="9:3")
+    import random
+
+    rng = random.Random(0)
+    assert {parse_dist("4")(rng)} == {4}
+    assert all(2 <= parse_dist("2:5")(rng) <= 5 for _ in range(50))
+    assert all(parse_dist("exp:3")(rng) >= 1 for _ in range(50))
