@@ -18,6 +18,7 @@ step id, and serves again. Adapters (gRPC here; HTTP and metrics later) use `sub
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -239,10 +240,10 @@ class Engine:
 
     async def _on_failure(self, error: CpumeshError) -> None:
         """A step (or a health check) failed: fail every live request, then wait until whole."""
-        log.error("step %d failed: %s", self.step_id, error)
+        log.error("the shard group failed at step %d: %s", self.step_id, error)
         self.stats.step_failures += 1
         await self._set_serving(False, str(error))
-        if self._detok is not None:  # streams that ended before the failure get their end
+        with contextlib.suppress(Exception):  # streams that ended before it get their end
             await self._take_detok()
         self._fail_all(Unavailable(str(error)))
         await self._recover()

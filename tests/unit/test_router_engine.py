@@ -253,3 +253,21 @@ async def test_default_max_new_tokens_runs_to_the_context() -> None:
         chunks = await collect(engine, GenerateRequest(prompt="hello", ignore_eos=True))
     assert len(ids_of(chunks)) == 35
     assert chunks[-1].finish is not None and chunks[-1].finish.detail == "context length 40"
+
+
+async def test_cancel_while_waiting_or_during_its_prefill_step() -> None:
+    async with engine_running(step_delay_s=0.03) as (engine, shards, _):
+        queued = await engine.submit(GenerateRequest(prompt="ab", max_new_tokens=50))
+        queued.close()  # before any step: never reaches the shards
+        in_flight = await engine.submit(GenerateRequest(prompt="abc", max_new_tokens=50))
+        async with asyncio.timeout(2):
+            while not in_flight.seq.prefilled:
+                await asyncio.sleep(0.001)
+        in_flight.close()  # its prefill step is running: released right after it
+        async with asyncio.timeout(2):
+            while not shards.releases:
+                await asyncio.sleep(0.001)
+        assert shards.releases == [[in_flight.seq.seq_id]] and not shards.seqs
+        prefilled = {w.seq_id for _, work in shards.steps for w in work}
+        assert queued.seq.seq_id not in prefilled and in_flight.seq.seq_id in prefilled
+        assert engine.stats.finished["cancelled"] == 2
