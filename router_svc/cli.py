@@ -28,6 +28,8 @@ def cli_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds for Info, Release, Reset, health and tokenizer calls")
     p.add_argument("--max-stop-strings", type=int, default=d["max_stop_strings"].default)
     p.add_argument("--health-listen", help="separate plaintext health address (with TLS)")
+    p.add_argument("--http-listen", help="serve the OpenAI-compatible HTTP API, /health, /ready "
+                   "and /metrics on HOST:PORT (plain HTTP; off by default)")
     p.add_argument("--drain-grace", type=float, default=d["drain_grace_s"].default)
     p.add_argument("--tls-cert", type=Path, help="serve TLS with this certificate chain")
     p.add_argument("--tls-key", type=Path)
@@ -40,7 +42,8 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
     return RouterConfig(
         tokenizer=args.tokenizer,
         shards=tuple(s.strip() for s in args.shards.split(",") if s.strip()),
-        listen=args.listen, health_listen=args.health_listen, max_waiting=args.max_waiting,
+        listen=args.listen, health_listen=args.health_listen,
+        http_listen=args.http_listen, max_waiting=args.max_waiting,
         max_running=args.max_running, prefill_token_budget=args.prefill_token_budget,
         step_timeout_s=args.step_timeout, rpc_timeout_s=args.rpc_timeout,
         max_stop_strings=args.max_stop_strings, drain_grace_s=args.drain_grace,

@@ -19,6 +19,7 @@ class RouterConfig:
     shards: tuple[str, ...]  # the shard services, host:port, in tp_rank order
     listen: str = "127.0.0.1:50051"
     health_listen: str | None = None  # separate plaintext health address (with TLS)
+    http_listen: str | None = None  # OpenAI-compatible HTTP API and /metrics; off when None
     max_waiting: int = 256  # queued requests beyond which Generate gets RESOURCE_EXHAUSTED
     max_running: int = 64  # sequences in one batch
     prefill_token_budget: int = 2048  # prompt tokens prefilled per step (one longer one alone)
@@ -46,6 +47,8 @@ class RouterConfig:
         check_address("listen", self.listen)
         if self.health_listen is not None:
             check_address("health_listen", self.health_listen)
+        if self.http_listen is not None:
+            check_address("http_listen", self.http_listen)
         for name in ("max_waiting", "max_running", "prefill_token_budget", "max_stop_strings",
                      "max_stop_string_chars", "max_stop_token_ids", "max_request_id_chars"):
             value = getattr(self, name)

@@ -81,6 +81,11 @@ class Engine:
         self._detok: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
 
+    @property
+    def scheduler(self) -> Scheduler | None:
+        """The current scheduler (None until the group is first whole), for metrics to read."""
+        return self._scheduler
+
     # -- requests -------------------------------------------------------------------------------
 
     async def submit(self, request: GenerateRequest) -> Stream:
@@ -184,8 +189,10 @@ class Engine:
     async def _step(self, plan: StepPlan) -> StepResult:
         seqs = [self._seqs[i] for i in (*plan.prefill, *plan.decode)]
         work = [s.work() for s in seqs]
+        sent = self.clock()
         for s in seqs[: len(plan.prefill)]:
             s.prefilled, s.joined_step = True, self.step_id
+            self.stats.scheduled(s, sent)
         step = asyncio.ensure_future(self.shards.step_all(self.step_id, work,
                                                           self.config.step_timeout_s))
         try:
@@ -199,6 +206,7 @@ class Engine:
         for s in seqs:
             if s.finish is None:  # not ended by a stop string or a cancel meanwhile
                 s.accept(merge(result.candidates[s.seq_id]), now)
+                self.stats.sampled(s, now)
                 if s.finish is not None:
                     self._retire(s)
         self._detok = asyncio.ensure_future(self._detokenize([s for s in seqs if not s.done]))
@@ -303,6 +311,7 @@ class Engine:
         assert seq.finish is not None
         self.stats.finished[seq.finish.reason.value] += 1
         u = seq.usage(self.clock())
+        self.stats.ended(seq, u)
         seq.left_step = self.step_id
         steps = f"steps {seq.joined_step}-{seq.left_step}" if seq.prefilled else "never ran"
         log.info("request %s (seq %d): %s (%s); prompt %d, generated %d tokens; %s; "

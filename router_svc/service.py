@@ -62,6 +62,14 @@ class RouterProcess:
         await server.set_serving(True, LIVENESS)
         log.info("router on port %d: tokenizer %s, shards %s", port, cfg.tokenizer,
                  ", ".join(cfg.shards))
+        http = None
+        if cfg.http_listen is not None:  # on this event loop, over the same engine
+            from router_svc.http_api import HttpApi
+            from router_svc.metrics import RouterMetrics
+
+            host, _, http_port = cfg.http_listen.rpartition(":")
+            http, bound = await HttpApi(engine, RouterMetrics(engine)).start(host, int(http_port))
+            log.info("router HTTP API (OpenAI-compatible, /metrics) on http://%s:%d", host, bound)
         run = asyncio.ensure_future(engine.run())
         stats = asyncio.ensure_future(_log_stats(engine))
         serving = asyncio.ensure_future(server.serve_until_signal(cfg.drain_grace_s))
@@ -77,6 +85,8 @@ class RouterProcess:
             for task in (serving, stats, run):
                 task.cancel()
             await asyncio.gather(serving, stats, run, return_exceptions=True)
+            if http is not None:
+                await http.cleanup()
             await shards.close()
             await tokenizer.close()
         log.info("engine stats: %s", engine.stats.summary())

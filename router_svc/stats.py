@@ -4,10 +4,24 @@ from __future__ import annotations
 
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 from router_svc.shards import StepResult
 
+if TYPE_CHECKING:
+    from router_svc.sequence import Sequence, Usage
+
 RECENT_STEPS = 4096  # per-step timings kept for percentiles
+
+
+class StatsListener(Protocol):
+    """Told of each step and request event as it happens (the Prometheus metrics)."""
+
+    def on_step(self, batch: int, result: StepResult, wall_s: float,
+                overhead_s: float) -> None: ...
+    def on_scheduled(self, seq: Sequence, now: float) -> None: ...  # its prefill step is sent
+    def on_sampled(self, seq: Sequence, now: float) -> None: ...  # one more token sampled
+    def on_ended(self, seq: Sequence, usage: Usage) -> None: ...  # whatever the outcome
 
 
 @dataclass
@@ -24,6 +38,7 @@ class EngineStats:
     finished: Counter[str] = field(default_factory=Counter)  # requests, by finish reason
     recent_overhead_s: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))
     recent_step_s: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))
+    listeners: list[StatsListener] = field(default_factory=list)
 
     @property
     def waited_s(self) -> float:
@@ -43,6 +58,20 @@ class EngineStats:
         self.overhead_s += overhead_s
         self.recent_overhead_s.append(overhead_s)
         self.recent_step_s.append(wall_s)
+        for listener in self.listeners:
+            listener.on_step(batch, result, wall_s, overhead_s)
+
+    def scheduled(self, seq: Sequence, now: float) -> None:
+        for listener in self.listeners:
+            listener.on_scheduled(seq, now)
+
+    def sampled(self, seq: Sequence, now: float) -> None:
+        for listener in self.listeners:
+            listener.on_sampled(seq, now)
+
+    def ended(self, seq: Sequence, usage: Usage) -> None:
+        for listener in self.listeners:
+            listener.on_ended(seq, usage)
 
     def as_dict(self) -> dict[str, object]:
         """Totals, and per-step means and percentiles in milliseconds (JSON-ready)."""
