@@ -36,6 +36,7 @@ class LocalConfig:
     threads_per_shard: int = 1
     host: str = "127.0.0.1"
     port: int = 50051  # the router's; 0 means any free port
+    http_port: int = 8000  # the router's OpenAI-compatible HTTP API; 0 means any free port
     dtype: str = "float32"
     kv_capacity_tokens: int | None = None
     max_context: int | None = None
@@ -49,8 +50,9 @@ class LocalConfig:
             raise ValueError(f"tp must be >= 1, got {self.tp}")
         if self.threads_per_shard < 1:
             raise ValueError(f"threads per shard must be >= 1, got {self.threads_per_shard}")
-        if not 0 <= self.port < 65536:
-            raise ValueError(f"port must be 0-65535, got {self.port}")
+        for name in ("port", "http_port"):
+            if not 0 <= getattr(self, name) < 65536:
+                raise ValueError(f"{name} must be 0-65535, got {getattr(self, name)}")
         for name in ("ready_timeout_s", "drain_grace_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -67,6 +69,8 @@ def cli_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch threads per shard; 'auto' divides the available cores")
     p.add_argument("--host", default="127.0.0.1", help="address the router listens on")
     p.add_argument("--port", type=int, default=50051, help="router port (0: any free port)")
+    p.add_argument("--http-port", type=int, default=8000,
+                   help="router HTTP port: OpenAI-compatible API and /metrics (0: any free port)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="compute dtype of the shards")
     p.add_argument("--kv-capacity-tokens", type=int, metavar="N",
@@ -107,7 +111,7 @@ def build_config(args: argparse.Namespace) -> LocalConfig:
     log_dir = args.log_dir or cache_dir / "logs" / time.strftime("local-%Y%m%d-%H%M%S")
     return LocalConfig(
         model_dir=model_dir, model_name=name, tp=args.tp, threads_per_shard=threads,
-        host=args.host, port=args.port, dtype=args.dtype,
+        host=args.host, port=args.port, http_port=args.http_port, dtype=args.dtype,
         kv_capacity_tokens=args.kv_capacity_tokens, max_context=args.max_context,
         log_dir=log_dir, ready_timeout_s=args.ready_timeout, drain_grace_s=args.drain_grace,
         extra_args=tuple(tuple(shlex.split(getattr(args, f"{s}_args"))) for s in SERVICES))
@@ -142,24 +146,28 @@ def check_port_free(host: str, port: int) -> None:
                           "running? Pass --port with another number, or --port 0") from None
 
 
-def router_address(config: LocalConfig) -> tuple[str, str]:
-    """(where the router listens, where clients on this machine reach it)."""
-    port = config.port or free_ports(1, config.host)[0]
-    if config.port:
+def router_address(config: LocalConfig, wanted: int | None = None) -> tuple[str, str]:
+    """(where the router listens, where clients on this machine reach it), on `config.port`
+    or on `wanted` (the HTTP port)."""
+    wanted = config.port if wanted is None else wanted
+    port = wanted or free_ports(1, config.host)[0]
+    if wanted:
         check_port_free(config.host, port)
     listen = f"[{config.host}]:{port}" if ":" in config.host else f"{config.host}:{port}"
     local = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(config.host)
     return listen, f"{local}:{port}" if local else listen
 
 
-def plan(config: LocalConfig, environ: Mapping[str, str]) -> tuple[list[Child], str]:
-    """The children (tokenizer, shards, router, in start order) and the router's client address."""
+def plan(config: LocalConfig, environ: Mapping[str, str]) -> tuple[list[Child], str, str]:
+    """The children (tokenizer, shards, router, in start order), the router's client address
+    and its HTTP API's."""
     tp, loop = config.tp, "127.0.0.1"
     ports = free_ports(1 + 2 * tp)
     tokenizer = f"{loop}:{ports[0]}"
     shards = [f"{loop}:{p}" for p in ports[1:1 + tp]]
     peers = ",".join(f"{loop}:{p}" for p in ports[1 + tp:])
     listen, reach = router_address(config)
+    http_listen, http_reach = router_address(config, config.http_port)
     env = {**environ, "PYTHONUNBUFFERED": "1"}
     grace = ["--drain-grace", str(config.drain_grace_s)]
     model = ["--model-dir", str(config.model_dir)]
@@ -175,11 +183,11 @@ def plan(config: LocalConfig, environ: Mapping[str, str]) -> tuple[list[Child], 
         *limits, *grace, *more_shard]) for r, a in enumerate(shards)]
     children.append(Child("router", reach, [
         "-m", "router_svc", "--listen", listen, "--tokenizer", tokenizer,
-        "--shards", ",".join(shards), *grace, *more_router]))
+        "--shards", ",".join(shards), "--http-listen", http_listen, *grace, *more_router]))
     for child in children:
         child.log_path = config.log_dir / f"{child.name.replace(' ', '')}.log"
         child.env = env
-    return children, reach
+    return children, reach, f"http://{http_reach}"
 
 
 class Launcher:
@@ -187,6 +195,7 @@ class Launcher:
         self.config = config
         self.environ = environ
         self.signals = 0
+        self.http = ""
 
     def on_signal(self, signum: int, frame: object) -> None:
         self.signals += 1
@@ -197,7 +206,7 @@ class Launcher:
     def run(self) -> int:
         cfg = self.config
         cfg.log_dir.mkdir(parents=True, exist_ok=True)
-        children, router = plan(cfg, self.environ)
+        children, router, self.http = plan(cfg, self.environ)
         say(f"{cfg.model_name}: tokenizer, {cfg.tp} shard(s) with {cfg.threads_per_shard} "
             f"thread(s) each, router; logs in {cfg.log_dir}")
         previous = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -245,16 +254,20 @@ class Launcher:
         cli = cli_command()
         flag = "" if router == "127.0.0.1:50051" else f" --router {router}"
         python = relative(Path(sys.executable))
-        # The router's HTTP API (OpenAI-compatible) gets its own row here once it exists.
         print(f"\ncpumesh is ready in {elapsed_s:.1f} s: {self.config.model_name}, tp "
               f"{self.config.tp}\n\n"
               f"  gRPC   {router}   cpumesh.v1.RouterService (Generate, ModelInfo), "
               f"grpc.health.v1\n"
+              f"  HTTP   {self.http}/v1   OpenAI-compatible (completions, chat), "
+              f"{self.http}/metrics\n"
               f"  logs   {self.config.log_dir}\n\n"
               f"Try:\n"
               f"  {cli} generate{flag} \"{EXAMPLE_PROMPT}\"\n"
               f"  {cli} chat{flag}\n"
-              f"  {python} -m services.client --router {router} --chat \"{EXAMPLE_CHAT}\"\n\n"
+              f"  {python} -m services.client --router {router} --chat \"{EXAMPLE_CHAT}\"\n"
+              f"  curl {self.http}/v1/chat/completions -H 'Content-Type: application/json' "
+              f"-d '{{\"messages\": [{{\"role\": \"user\", \"content\": \"{EXAMPLE_CHAT}\"}}]}}'\n"
+              f"  (or the openai client: OpenAI(base_url=\"{self.http}/v1\", api_key=\"-\"))\n\n"
               f"Press Ctrl-C to stop.", flush=True)
 
 
