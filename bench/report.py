@@ -168,6 +168,12 @@ def serving_section(sv: dict[str, Any], plots: Path) -> list[str]:
                        f"{r['goodput_requests_per_s']:.2f} | {ms(r['ttft_s'])} | "
                        f"{ms(r['itl_s'])} | {ms(r['e2e_s'])} |")
     plot_serving(sv, plots / "serving.png")
+    if any(name.startswith("llama") for name in sv["systems"]):
+        out += ["", "**Not like for like:** llama-cpp-python's server ignores `ignore_eos`, so "
+                "its outputs end at the model's EOS (often after a few tokens on these word-"
+                "salad prompts) while cpumesh always generates the drawn length; its tokens/s "
+                "and end-to-end latency are therefore not comparable, only its TTFT and ITL "
+                "are. It also serves one request at a time (no batching)."]
     return [*out, "", "![serving](bench/plots/serving.png)", "",
             "Command: `python -m bench.serving` (per level: `cpumesh loadtest grpc://ROUTER "
             "--users N ...` or `cpumesh loadtest http://LLAMA_SERVER --users N ...`).", ""]
