@@ -28,6 +28,7 @@ class MeshConfig:
     form_timeout_s: float = 120.0  # forming the mesh (all peers answered and agreed)
     recv_timeout_s: float = 30.0  # longest wait for any one peer's message inside a collective
     hello_interval_s: float = 0.2  # handshake resend period
+    close_timeout_s: float = 2.0  # close() waits this long for every peer's BYE
     heartbeat_interval_s: float = 0.2  # ZeroMQ ZMTP heartbeats on every connection
     heartbeat_timeout_s: float = 1.0  # a peer silent this long is disconnected (dead or hung)
     curve_secret_key: Path | None = None  # our key pair, zmq.auth format (rank-R.key_secret)
@@ -63,7 +64,7 @@ class MeshConfig:
         if self.shm_slot_bytes < 4096 or self.shm_slot_bytes % 64:
             raise ValueError(
                 f"shm_slot_bytes must be a multiple of 64 and >= 4096, got {self.shm_slot_bytes}")
-        for name in ("form_timeout_s", "recv_timeout_s", "hello_interval_s",
+        for name in ("form_timeout_s", "recv_timeout_s", "hello_interval_s", "close_timeout_s",
                      "heartbeat_interval_s", "heartbeat_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -97,7 +98,11 @@ class MeshConfig:
 
     def peer_endpoint(self, tp_rank: int) -> str:
         """The ZeroMQ endpoint at which rank `tp_rank` listens."""
+        return self.endpoint(self.peers[tp_rank])
+
+    def endpoint(self, address: str) -> str:
+        """The ZeroMQ endpoint for a "host:port" mesh address."""
         if self.transport == "ipc":
-            host, _, port = self.peers[tp_rank].rpartition(":")
+            host, _, port = address.rpartition(":")
             return f"ipc://{self.ipc_dir}/{self.mesh_name}-{host.replace('/', '_')}-{port}.sock"
-        return f"tcp://{self.peers[tp_rank]}"
+        return f"tcp://{address}"

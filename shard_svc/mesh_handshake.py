@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 import zmq
-import zmq.utils.z85
 
 from shard_svc.mesh import MeshError
 from shard_svc.mesh_config import MeshConfig
@@ -40,6 +39,7 @@ class Hello:
     pid: int
     host_id: str  # equal on ranks that can share memory
     shm: str | None  # path of the rank's shared-memory segment
+    address: str = ""  # its own entry in its peers list
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,8 @@ class Handshake:
     def __init__(self, config: MeshConfig, links: Links, me: Hello,
                  map_shm: Callable[[list[Hello]], bool]) -> None:
         self.cfg, self.links, self.map_shm = config, links, map_shm
-        self.me = Hello(config.tp_rank, me.nonce, me.host, me.pid, me.host_id, me.shm)
+        self.me = Hello(config.tp_rank, me.nonce, me.host, me.pid, me.host_id, me.shm,
+                        config.peers[config.tp_rank])
         self.settings = settings(config)
         self.hellos: dict[int, Hello] = {}
         self.acked: set[int] = set()
@@ -87,7 +88,7 @@ class Handshake:
         self.sent_at: dict[int, float] = {}
         self.formation: Formation | None = None
         self.early: list[tuple[Header, torch.Tensor]] = []  # DATA of this formation, for Inbox
-        self.keys = {zmq.utils.z85.encode(k).decode(): r for r, k in links.public_keys.items()}
+        self.keys = {k.decode(): r for r, k in links.public_keys.items()}  # z85: the User-Id
 
     def run(self, deadline: float) -> Formation:
         others = self.links.others
@@ -133,6 +134,13 @@ class Handshake:
             body = parse_body(frame.bytes)
             if body is not None:
                 self._hello(body, user)
+        elif header.kind == Kind.REFUSE and header.sender in self.links.others:
+            body = parse_body(self.links.recv_body()) or {}
+            self.links.skip_rest()
+            if body.get("nonce") == self.me.nonce:  # final: our nonce is banned there
+                raise MeshError(f"rank {self.cfg.tp_rank} of mesh {self.cfg.mesh_name!r} was "
+                                f"refused by rank {header.sender}: {body.get('reason')}",
+                                header.sender)
         elif header.kind == Kind.READY and header.sender in self.links.others:
             body = parse_body(self.links.recv_body()) or {}
             self.links.skip_rest()
@@ -167,9 +175,11 @@ class Handshake:
                 reason = (f"duplicate rank {h.rank}: claimed by pid {prev.pid} on {prev.host} "
                           f"and by pid {h.pid} on {h.host}")
                 self.banned.add(prev.nonce)
+                self._refuse(prev, reason)
         if reason is not None:
             self.refused[h.rank] = reason
             self.banned.add(h.nonce)
+            self._refuse(h, reason)
             if self.hellos.get(h.rank, h).nonce in self.banned:
                 self.hellos.pop(h.rank, None)
                 self.acked.discard(h.rank)
@@ -186,6 +196,14 @@ class Handshake:
         if self.replied.get(h.rank) != h.nonce or body.get("ack") != self.me.nonce:
             self._send_hello(h.rank)
 
+    def _refuse(self, h: Hello, reason: str) -> None:
+        """Tell the refused process why, at the address it claims (it waits for nothing else)."""
+        frames = control(Kind.REFUSE, self.cfg.tp_rank, nonce=h.nonce, reason=reason)
+        if h.rank in self.links.others and h.address == self.cfg.peers[h.rank]:
+            self.links.send(h.rank, frames)
+        elif isinstance(h.address, str) and h.address.rpartition(":")[2].isdigit():
+            self.links.send_to(h.address, frames, self.links.public_keys.get(h.rank))
+
     def _check(self, h: Hello, body: dict[str, object], user: str | None) -> str | None:
         """Why this hello is refused, or None."""
         for key, ours in self.settings.items():
@@ -197,6 +215,9 @@ class Handshake:
                     f"(we are pid {self.me.pid} on {self.me.host})")
         if h.rank not in self.links.others:
             return f"a peer (pid {h.pid} on {h.host}) claims rank {h.rank}, outside the mesh"
+        if h.address != self.cfg.peers[h.rank]:
+            return (f"duplicate rank {h.rank}: pid {h.pid} on {h.host} claims it at "
+                    f"{h.address}, our peers list has rank {h.rank} at {self.cfg.peers[h.rank]}")
         if self.cfg.curve and self.keys.get(user or "") != h.rank:
             return (f"rank {h.rank} (pid {h.pid} on {h.host}) presented the CURVE key of "
                     f"rank {self.keys.get(user or '')}")

@@ -34,10 +34,12 @@ class Inbox:
             (h.seq, h.sender, h.step): (h, buf) for h, buf in early}
         self.pool: dict[int, list[torch.Tensor]] = {}
         self.pooled_bytes = 0
-        self.gone: dict[int, str] = {}  # peers lost, restarted or closed: why
+        self.gone: dict[int, str] = {}  # peers lost or closed: why
+        self.seq = 0  # the collective in progress: DATA of earlier ones is dropped
 
-    def start(self) -> None:
-        """At the start of a collective: fail at once if a peer is already known gone."""
+    def start(self, seq: int) -> None:
+        """At the start of collective `seq`: fail at once if a peer is already known gone."""
+        self.seq = seq
         if self.gone:
             self.check(list(self.gone))
 
@@ -53,6 +55,7 @@ class Inbox:
              ) -> tuple[int, torch.Tensor]:
         """The payload of message (seq, one of `senders`, step) as a uint8 tensor (`dest` when
         given and the message was not already stashed); `expect` = (numel, dtype, algo)."""
+        self.seq = seq
         for sender in senders:
             kept = self.stash.pop((seq, sender, step), None)
             if kept is not None:
@@ -79,22 +82,31 @@ class Inbox:
                 self._control(header)
                 self.check(senders)
                 continue
-            if header.formation != self.formation.formation or header.seq < seq \
-                    or header.sender not in self.nonces or header.sender == self.me:
-                self.links.skip_rest()
-                continue
             wanted = header.seq == seq and header.step == step and header.sender in senders
             into = dest if wanted and dest is not None and header.nbytes == nbytes else None
-            buf = into if into is not None else self._buffer(header.nbytes)
-            got = self.links.recv_into(memoryview(buf.numpy()))
-            self.links.skip_rest()
-            if got != header.nbytes:
-                raise MeshError(f"rank {header.sender} sent {got} bytes, its header says "
-                                f"{header.nbytes}", header.sender)
-            if wanted:
+            buf = self._receive(header, into)
+            if buf is not None and wanted:
+                self.stash.pop((seq, header.sender, step), None)
                 self._validate(header, nbytes, expect)
                 return header.sender, buf
+
+    def _receive(self, header: Header, into: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The payload of a DATA message: into `into` (it is the one being waited for), else
+        into a pooled buffer kept in the stash; None when dropped (another formation, an
+        earlier collective, a stranger's sender rank)."""
+        if header.formation != self.formation.formation or header.seq < self.seq \
+                or header.sender not in self.nonces or header.sender == self.me:
+            self.links.skip_rest()
+            return None
+        buf = into if into is not None else self._buffer(header.nbytes)
+        got = self.links.recv_into(memoryview(buf.numpy()))
+        self.links.skip_rest()
+        if got != header.nbytes:
+            raise MeshError(f"rank {header.sender} sent {got} bytes, its header says "
+                            f"{header.nbytes}", header.sender)
+        if into is None:
             self.stash[(header.seq, header.sender, header.step)] = (header, buf)
+        return buf
 
     def _validate(self, header: Header, nbytes: int, expect: tuple[int, int, int]) -> None:
         numel, dtype, algo = expect
@@ -107,35 +119,44 @@ class Inbox:
                 header.sender)
 
     def service(self, needed: Sequence[int]) -> None:
-        """Without waiting: note peer events and control messages (the shared-memory path sends
-        no DATA); raise on ABORT or if a peer in `needed` is gone."""
+        """Without waiting: note peer events and control messages and keep any DATA; raise on
+        ABORT or if a peer in `needed` is gone."""
         self._events(self.links.events())
         while (raw := self.links.recv_header()) is not None:
             header = Header.unpack(raw)
             if header is None or header.kind != Kind.DATA:
                 self._control(header)
-            else:
-                self.links.skip_rest()
+            else:  # a fast peer's next message (tcp), kept for its collective
+                self._receive(header)
         self.check(needed)
+
+    def farewell(self, timeout_s: float) -> None:
+        """After our BYE: wait (bounded) until every peer said BYE or is lost. A peer sends BYE
+        only after its last collective, so none is left needing data from our closed socket."""
+        deadline = time.monotonic() + timeout_s
+        while len(self.gone) < len(self.nonces) - 1 and time.monotonic() < deadline:
+            self._events(self.links.wait(deadline - time.monotonic()))
+            while (raw := self.links.recv_header()) is not None:
+                header = Header.unpack(raw)
+                if header is not None and header.kind == Kind.BYE:
+                    self._control(header)
+                else:
+                    self.links.skip_rest()
 
     def _events(self, events: list[PeerEvent]) -> None:
         for event in events:
-            if event.lost and event.peer is not None:
-                self.gone.setdefault(event.peer, event.describe().removeprefix(
-                    f"rank {event.peer} "))
+            if event.lost and event.peer is not None and event.peer not in self.gone:
+                self.gone[event.peer] = event.describe().removeprefix(f"rank {event.peer} ")
 
     def _control(self, header: Header | None) -> None:
-        """HELLO from a new incarnation, ABORT and BYE end the collective; the rest is noise."""
+        """ABORT ends the collective, BYE marks its sender gone; the rest is noise (a restarted
+        peer's HELLO, or a stranger's: a real restart shows as a lost connection)."""
         if header is None or not self.links.pull or not self.links.pull.rcvmore:
             self.links.skip_rest()
             return
         body = parse_body(self.links.recv_body()) or {}
         self.links.skip_rest()
         sender = header.sender
-        if header.kind == Kind.HELLO and sender in self.nonces and sender != self.me \
-                and body.get("nonce") not in (None, self.nonces[sender]):
-            self.gone.setdefault(sender, f"restarted (pid {body.get('pid')}) and is forming "
-                                         "a new mesh")
         if header.formation != self.formation.formation:
             return
         if header.kind == Kind.ABORT:
@@ -143,7 +164,7 @@ class Inbox:
             raise MeshError(f"rank {self.me}: rank {sender} aborted collective {header.seq}: "
                             f"{body.get('reason')}", failed if isinstance(failed, int) else sender)
         if header.kind == Kind.BYE:
-            self.gone.setdefault(sender, "closed the mesh")
+            self.gone[sender] = "closed the mesh"
 
     def _buffer(self, nbytes: int) -> torch.Tensor:
         free = self.pool.get(nbytes)
@@ -158,7 +179,4 @@ class Inbox:
             self.pool.setdefault(buf.numel(), []).append(buf)
             self.pooled_bytes += buf.numel()
 
-    def drop_stale(self, before_seq: int) -> None:
-        for key in [k for k in self.stash if k[0] < before_seq]:
-            self.release(self.stash.pop(key)[1])
 

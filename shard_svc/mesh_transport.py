@@ -46,7 +46,7 @@ class PeerEvent:
 
 
 def curve_keys(directory: Path, tp_size: int) -> dict[int, bytes]:
-    """Every rank's public key from rank-R.key files in `directory`."""
+    """Every rank's public key (z85) from rank-R.key files in `directory`."""
     keys = {}
     for rank in range(tp_size):
         path = directory / f"rank-{rank}.key"
@@ -65,6 +65,7 @@ class Links:
         self.others = [r for r in range(config.tp_size) if r != self.me]
         self.auth: ThreadAuthenticator | None = None
         self.public_keys: dict[int, bytes] = {}
+        self.keypair: tuple[bytes, bytes] = (b"", b"")
         self.pull: zmq.Socket | None = None
         self.push: dict[int, zmq.Socket] = {}
         self.monitors: dict[int, zmq.Socket] = {}
@@ -81,6 +82,7 @@ class Links:
             public, secret = zmq.auth.load_certificate(cfg.curve_secret_key)
             if not secret:
                 raise ValueError(f"{cfg.curve_secret_key} holds no CURVE secret key")
+            self.keypair = (public, secret)
             self.auth = ThreadAuthenticator(self.ctx)
             self.auth.start()
             self.auth.configure_curve(domain="*", location=str(cfg.curve_public_keys))
@@ -130,6 +132,21 @@ class Links:
         """Send a small control message; dropped silently if it cannot be queued."""
         with contextlib.suppress(zmq.ZMQError):
             self.push[peer].send_multipart(frames, zmq.NOBLOCK)
+
+    def send_to(self, address: str, frames: list[bytes], server_key: bytes | None) -> None:
+        """Send one message to an address outside our peers list (a refused claimant)."""
+        sock = self.ctx.socket(zmq.PUSH)
+        sock.linger = 1000
+        if self.config.curve:
+            if server_key is None:
+                sock.close(0)
+                return
+            sock.curve_publickey, sock.curve_secretkey = self.keypair
+            sock.curve_serverkey = server_key
+        with contextlib.suppress(zmq.ZMQError):
+            sock.connect(self.config.endpoint(address))
+            sock.send_multipart(frames, zmq.NOBLOCK)
+        sock.close()
 
     def send_data(self, peer: int, header: bytes, payload: memoryview) -> zmq.MessageTracker:
         """Queue header + tensor bytes without copying them (libzmq copies below 64 KiB)."""

@@ -27,6 +27,7 @@ class Kind(IntEnum):
     DATA = 3  # a partial, an accumulator or a final chunk (tensor bytes)
     ABORT = 4  # the sender saw a collective fail (JSON: failed peer and reason)
     BYE = 5  # the sender is closing the mesh (JSON, empty)
+    REFUSE = 6  # the sender refused a HELLO (JSON: the refused nonce and why)
 
 
 DTYPE_CODES = {torch.float32: 1, torch.bfloat16: 2}

@@ -149,7 +149,7 @@ class ZmqMesh:
         nbytes = flat.numel() * flat.element_size()
         try:
             assert self._inbox is not None
-            self._inbox.start()
+            self._inbox.start(self._seq)
             if self._shm is not None:
                 ring = self._use_ring(nbytes, self.config.shm_ring_min_bytes)
                 self._seq += self._shm.all_reduce(flat, self._seq, ring, self._inbox.service)
@@ -243,12 +243,15 @@ class ZmqMesh:
         self._wait_sent(trackers)  # the caller may overwrite the tensor once we return
 
     def _wait_sent(self, trackers: list[tuple[int, zmq.MessageTracker]]) -> None:
-        """Until libzmq has let go of every zero-copy send, watching those peers meanwhile."""
+        """Until libzmq has let go of every zero-copy send (a send to a peer that has gone since,
+        e.g. closed after taking all it needed, is not waited for)."""
         assert self._inbox is not None
         deadline = time.monotonic() + self.config.recv_timeout_s
         for peer, tracker in trackers:
             while not tracker.done:
-                self._inbox.service([peer])
+                self._inbox.service([])
+                if peer in self._inbox.gone:  # it will never be sent; pyzmq keeps the memory
+                    break
                 if time.monotonic() > deadline:
                     raise MeshError(f"rank {self.tp_rank}: a send did not leave within "
                                     f"{self.config.recv_timeout_s:g}s")
@@ -279,11 +282,14 @@ class ZmqMesh:
         self._broken = MeshError("the mesh has not been formed")
 
     def close(self) -> None:
-        """Say BYE to the peers (if formed) and release every socket and mapping."""
+        """Say BYE to the peers (if formed), wait up to `close_timeout_s` for theirs, and
+        release every socket and mapping."""
         if self._broken is None and self._links is not None and self._formation is not None:
             for peer in self._links.others:
                 self._links.send(peer, control(Kind.BYE, self.tp_rank,
                                                self._formation.formation))
+            assert self._inbox is not None
+            self._inbox.farewell(self.config.close_timeout_s)
         self._teardown(linger_s=0.2)
         if self._ctx is not None:
             self._ctx.term()

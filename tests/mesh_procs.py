@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing as mp
-import queue
+import multiprocessing.connection
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -32,18 +32,22 @@ def mesh_config(tp_rank: int, ports: list[int], **overrides: Any) -> Any:
 
 
 class Ranks:
-    """Spawned rank processes and the queue they report on."""
+    """Spawned rank processes, each reporting on its own pipe (a queue shared by all would
+    deadlock the others when one is killed while holding its lock)."""
 
     def __init__(self) -> None:
         self.ctx = mp.get_context("spawn")
-        self.reports: Any = self.ctx.Queue()
         self.procs: dict[str, Any] = {}
+        self.pipes: dict[Any, str] = {}
         self.pending: list[tuple[str, str, Any]] = []
 
     def start(self, name: str, fn: Callable[..., Any], *args: Any) -> None:
-        proc = self.ctx.Process(target=_child, args=(name, fn, args, self.reports), daemon=True)
+        reader, writer = self.ctx.Pipe(duplex=False)
+        proc = self.ctx.Process(target=_child, args=(name, fn, args, writer), daemon=True)
         proc.start()
+        writer.close()
         self.procs[name] = proc
+        self.pipes[reader] = name
 
     def wait(self, name: str, kind: str, timeout: float) -> Any:
         """The payload of `name`'s next report of `kind`; fails on its error or the deadline."""
@@ -55,11 +59,27 @@ class Ranks:
                     if k == "crash":
                         raise AssertionError(f"{name} failed:\n{payload}")
                     return payload
-            try:
-                self.pending.append(self.reports.get(timeout=max(0.01, end - time.monotonic())))
-            except queue.Empty:
+            remaining = end - time.monotonic()
+            ready = mp.connection.wait(list(self.pipes), max(0.0, remaining))
+            for reader in ready:
+                try:
+                    self.pending.append(reader.recv())
+                except EOFError:  # the child exited (or was killed)
+                    del self.pipes[reader]
+            if not ready and remaining <= 0:
+                self.dump_stacks()
                 raise AssertionError(f"{name}: no {kind!r} report within {timeout}s; "
-                                     f"other reports: {self.pending}") from None
+                                     f"other reports: {self.pending}")
+
+    def dump_stacks(self) -> None:
+        """Ask every live child to print its threads' stacks (to the captured stderr)."""
+        import os
+        import signal
+
+        for proc in self.procs.values():
+            if proc.is_alive():
+                os.kill(proc.pid, signal.SIGUSR1)
+        time.sleep(0.5)
 
     def kill(self, name: str, sig: int = 9) -> None:
         import os
@@ -87,14 +107,21 @@ def ports(n: int) -> list[int]:
     return free_ports(n)
 
 
-def _child(name: str, fn: Callable[..., Any], args: tuple[Any, ...], reports: Any) -> None:
+def _child(name: str, fn: Callable[..., Any], args: tuple[Any, ...], pipe: Any) -> None:
+    import faulthandler
+    import signal
+    import sys
+
     import torch
+
+    print(f"{name}: pid {__import__('os').getpid()}", file=sys.stderr, flush=True)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     torch.set_num_threads(1)
     try:
-        fn(lambda kind, payload=None: reports.put((name, kind, payload)), *args)
+        fn(lambda kind, payload=None: pipe.send((name, kind, payload)), *args)
     except BaseException:
-        reports.put((name, "crash", traceback.format_exc()))
+        pipe.send((name, "crash", traceback.format_exc()))
 
 
 # ---- what the children run -------------------------------------------------------------------
@@ -239,6 +266,7 @@ def rank_form(report: Callable[..., None], tp_rank: int, mesh_ports: list[int],
     from shard_svc.mesh import MeshError
     from shard_svc.zmq_mesh import ZmqMesh
 
+    report("starting")
     try:
         mesh = ZmqMesh(mesh_config(tp_rank, mesh_ports, **overrides))
     except MeshError as e:
