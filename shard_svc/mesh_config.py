@@ -23,8 +23,8 @@ class MeshConfig:
     # ipc: ZeroMQ ipc:// endpoints in ipc_dir (all ranks on one host). Control always uses ZeroMQ.
     transport: str = "auto"
     algorithm: str = "auto"  # auto: direct below ring_min_bytes (shm_ring_min_bytes), else ring
-    ring_min_bytes: int = 256 * 1024  # tcp/ipc; measured with bench/allreduce.py
-    shm_ring_min_bytes: int = 256 * 1024
+    ring_min_bytes: int = 1024 * 1024  # tcp/ipc; placed with bench/allreduce.py --algorithms
+    shm_ring_min_bytes: int = 256 * 1024  # likewise
     form_timeout_s: float = 120.0  # forming the mesh (all peers answered and agreed)
     recv_timeout_s: float = 30.0  # longest wait for any one peer's message inside a collective
     hello_interval_s: float = 0.2  # handshake resend period

@@ -67,15 +67,17 @@ class Inbox:
                 return sender, dest
         deadline = time.monotonic() + self.timeout_s
         while True:
+            # Poll first: a message that is already here returns at once, and one not here yet
+            # would cost a failed non-blocking receive before the wait anyway.
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                who = ", ".join(f"rank {r}" for r in senders)
+                raise MeshError(f"rank {self.me}: collective {seq} got nothing from {who} "
+                                f"within {self.timeout_s:g}s", senders[0])
+            self._events(self.links.wait(remaining))
+            self.check(senders)
             raw = self.links.recv_header()
             if raw is None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    who = ", ".join(f"rank {r}" for r in senders)
-                    raise MeshError(f"rank {self.me}: collective {seq} got nothing from {who} "
-                                    f"within {self.timeout_s:g}s", senders[0])
-                self._events(self.links.wait(remaining))
-                self.check(senders)
                 continue
             header = Header.unpack(raw)
             if header is None or header.kind != Kind.DATA:
@@ -84,16 +86,16 @@ class Inbox:
                 continue
             wanted = header.seq == seq and header.step == step and header.sender in senders
             into = dest if wanted and dest is not None and header.nbytes == nbytes else None
-            buf = self._receive(header, into)
+            buf = self._receive(header, into, keep=not wanted)
             if buf is not None and wanted:
-                self.stash.pop((seq, header.sender, step), None)
                 self._validate(header, nbytes, expect)
                 return header.sender, buf
 
-    def _receive(self, header: Header, into: torch.Tensor | None = None) -> torch.Tensor | None:
-        """The payload of a DATA message: into `into` (it is the one being waited for), else
-        into a pooled buffer kept in the stash; None when dropped (another formation, an
-        earlier collective, a stranger's sender rank)."""
+    def _receive(self, header: Header, into: torch.Tensor | None = None, keep: bool = True
+                 ) -> torch.Tensor | None:
+        """The payload of a DATA message into `into`, else into a pooled buffer, kept in the
+        stash when `keep`; None when dropped (another formation, an earlier collective, a
+        stranger's sender rank)."""
         if header.formation != self.formation.formation or header.seq < self.seq \
                 or header.sender not in self.nonces or header.sender == self.me:
             self.links.skip_rest()
@@ -104,7 +106,7 @@ class Inbox:
         if got != header.nbytes:
             raise MeshError(f"rank {header.sender} sent {got} bytes, its header says "
                             f"{header.nbytes}", header.sender)
-        if into is None:
+        if keep:
             self.stash[(header.seq, header.sender, header.step)] = (header, buf)
         return buf
 

@@ -47,7 +47,7 @@ from shard_svc.mesh_handshake import Formation, Handshake, Hello, local_hello
 from shard_svc.mesh_inbox import Inbox
 from shard_svc.mesh_shm import SharedSlots
 from shard_svc.mesh_transport import Links
-from shard_svc.mesh_wire import DTYPE_CODES, Algo, Header, Kind, chunk_bounds, control
+from shard_svc.mesh_wire import DTYPE_CODES, HEADER, Algo, Kind, chunk_bounds, control
 
 __all__ = ["MeshConfig", "MeshError", "ZmqMesh", "create_curve_keys"]
 
@@ -145,7 +145,7 @@ class ZmqMesh:
         if self._broken is not None:
             raise MeshError(f"mesh is broken ({self._broken}); reform() it first",
                             self._broken.peer)
-        flat = tensor.detach().view(-1)
+        flat = (tensor.detach() if tensor.requires_grad else tensor).view(-1)
         nbytes = flat.numel() * flat.element_size()
         try:
             assert self._inbox is not None
@@ -174,8 +174,8 @@ class ZmqMesh:
 
     def _header(self, flat: torch.Tensor, step: int, algo: Algo, nbytes: int) -> bytes:
         assert self._formation is not None
-        return Header(Kind.DATA, DTYPE_CODES[flat.dtype], self.tp_rank, step, algo,
-                      self._formation.formation, self._seq, flat.numel(), nbytes).pack()
+        return HEADER.pack(Kind.DATA, DTYPE_CODES[flat.dtype], self.tp_rank, step, algo,
+                           self._formation.formation, self._seq, flat.numel(), nbytes)
 
     def _direct(self, flat: torch.Tensor) -> None:
         links, inbox, me, n = self._links, self._inbox, self.tp_rank, self.tp_size
@@ -219,7 +219,7 @@ class ZmqMesh:
         if work is not flat:
             work.copy_(flat)
         work_bytes, flat_bytes = work.view(torch.uint8), flat.view(torch.uint8)
-        trackers: list[tuple[int, zmq.MessageTracker]] = []
+        trackers: list[tuple[int, zmq.MessageTracker | None]] = []
         for s in range(n - 1):  # reduce-scatter in float32: after it we own chunk r's sum
             send, recv = (r - s - 1) % n, (r - s - 2) % n
             size = (b[send + 1] - b[send]) * 4
@@ -242,13 +242,13 @@ class ZmqMesh:
             inbox.take(self._seq, [prv], n - 1 + s, dest.numel(), expect, dest)
         self._wait_sent(trackers)  # the caller may overwrite the tensor once we return
 
-    def _wait_sent(self, trackers: list[tuple[int, zmq.MessageTracker]]) -> None:
+    def _wait_sent(self, trackers: list[tuple[int, zmq.MessageTracker | None]]) -> None:
         """Until libzmq has let go of every zero-copy send (a send to a peer that has gone since,
         e.g. closed after taking all it needed, is not waited for)."""
         assert self._inbox is not None
         deadline = time.monotonic() + self.config.recv_timeout_s
         for peer, tracker in trackers:
-            while not tracker.done:
+            while tracker is not None and not tracker.done:
                 self._inbox.service([])
                 if peer in self._inbox.gone:  # it will never be sent; pyzmq keeps the memory
                     break
