@@ -6,7 +6,7 @@ processes, same sizes.
 
 Each tensor-parallel size runs as that many spawned processes on loopback. In every process,
 for every size in turn (float32; size in bytes), one after the other:
-  raw rtt     ping-pong of the message between ranks 0 and 1 over bare PUSH/PULL tcp sockets
+  raw rtt     ping-pong of the message between ranks 0 and 1 over a bare PAIR tcp socket
               (zero-copy send, recv_into): the issue's floor of any ZeroMQ exchange
   raw exch    every rank sends the message to every other over the same bare sockets, no
               header, no sum, no deadline: the floor of a direct exchange at this tp
@@ -14,8 +14,8 @@ for every size in turn (float32; size in bytes), one after the other:
   zmq shm     ZmqMesh, transport auto (shared memory: all ranks share this host)
   gloo        torch.distributed.all_reduce, gloo backend
 With --algorithms, ZmqMesh is also timed with algorithm direct and ring forced (to place the
-switch). Per iteration the time is the slowest rank's; p50 and p99 over a number of repeats
-fixed per size (~budget-s each at a rough cost model, at least 30).
+switch). p50 and p99 over every rank's samples (raw rtt: rank 0's), a number of repeats fixed
+per size (~budget-s each at a rough cost model, at least 30).
 Prints a table with the ratios and the issue's targets, writes bench/results/allreduce.json
 and bench/plots/allreduce.png.
 """
@@ -67,7 +67,7 @@ def timed(fn: Any, count: int) -> list[float]:
 class RawZmq:
     """Bare PUSH/PULL sockets between every pair of ranks: no header, no checks, no sum."""
 
-    def __init__(self, rank: int, ports: list[int]) -> None:
+    def __init__(self, rank: int, ports: list[int], rtt_port: int) -> None:
         import zmq
 
         self.zmq, self.rank, self.n = zmq, rank, len(ports)
@@ -80,6 +80,14 @@ class RawZmq:
                 sock = self.ctx.socket(zmq.PUSH)
                 sock.connect(f"tcp://127.0.0.1:{ports[peer]}")
                 self.push[peer] = sock
+        self.pair = None  # ranks 0 and 1 only: the round trip, apart from everything else
+        if rank < 2:
+            self.pair = self.ctx.socket(zmq.PAIR)
+            endpoint = f"tcp://127.0.0.1:{rtt_port}"
+            if rank == 0:
+                self.pair.bind(endpoint)
+            else:
+                self.pair.connect(endpoint)
         self.barrier()
 
     def barrier(self) -> None:
@@ -95,12 +103,13 @@ class RawZmq:
             self.pull.recv_into(into)
 
     def round_trip(self, buf: np.ndarray, into: np.ndarray) -> None:
+        assert self.pair is not None
         if self.rank == 0:
-            self.push[1].send(buf, copy=False)
-            self.pull.recv_into(into)
-        elif self.rank == 1:
-            self.pull.recv_into(into)
-            self.push[0].send(buf, copy=False)
+            self.pair.send(buf, copy=False)
+            self.pair.recv_into(into)
+        else:
+            self.pair.recv_into(into)
+            self.pair.send(buf, copy=False)
 
     def close(self) -> None:
         self.ctx.destroy(0)
@@ -118,7 +127,7 @@ def rank_main(rank: int, tp: int, ports: dict[str, list[int]], sizes: list[int],
 
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1: where it waits
     torch.set_num_threads(1)
-    raw = RawZmq(rank, ports["raw"])
+    raw = RawZmq(rank, ports["raw"], ports["rtt"][0])
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{ports['gloo'][0]}",
                             rank=rank, world_size=tp)
     meshes = {"zmq tcp": {"transport": "tcp"}, "zmq shm": {"transport": "auto"}}
@@ -155,7 +164,7 @@ def rank_main(rank: int, tp: int, ports: dict[str, list[int]], sizes: list[int],
 def run_tp(tp: int, sizes: list[int], budget_s: float, algorithms: bool) -> dict[str, Any]:
     from tests.procs import free_ports
 
-    names = ["raw", "gloo", "zmq tcp", "zmq shm"]
+    names = ["raw", "rtt", "gloo", "zmq tcp", "zmq shm"]
     if algorithms:
         names += [f"{t} {a}" for t in ("tcp", "shm") for a in ("direct", "ring")]
     all_ports = free_ports(len(names) * tp)
@@ -180,12 +189,15 @@ def run_tp(tp: int, sizes: list[int], budget_s: float, algorithms: bool) -> dict
     table: dict[str, dict[str, dict[str, float]]] = {}
     for name in per_rank[0][1]:
         for nbytes in sizes:
+            # raw rtt: rank 0's clock is the round trip (rank 1 only echoes); otherwise every
+            # rank's samples pooled (back-to-back collectives are not aligned in time, so an
+            # elementwise max over ranks would add their jitter instead of measuring it)
             runs = [r[1][name][nbytes] for r in per_rank if nbytes in r[1].get(name, {})]
-            n = min(len(x) for x in runs)
-            slowest = np.max([x[:n] for x in runs], axis=0) * 1e6
+            pooled = np.concatenate([np.asarray(x) for x in runs[:1 if name == "raw rtt"
+                                                                 else None]]) * 1e6
             table.setdefault(name, {})[str(nbytes)] = {
-                "p50_us": float(np.percentile(slowest, 50)),
-                "p99_us": float(np.percentile(slowest, 99)), "samples": n,
+                "p50_us": float(np.percentile(pooled, 50)),
+                "p99_us": float(np.percentile(pooled, 99)), "samples": len(pooled),
                 "p50_us_by_rank": [float(np.percentile(x, 50) * 1e6) for x in runs]}
     return {"tp": tp, "transports": per_rank[0][2], "latency": table}
 
@@ -195,7 +207,7 @@ def report(runs: list[dict[str, Any]], sizes: list[int]) -> list[str]:
     shown = ["zmq tcp", "zmq shm", "gloo", "raw rtt", "raw exch"]
     for run in runs:
         lat = run["latency"]
-        lines.append(f"\ntp {run['tp']}  (p50 / p99 µs; slowest rank per iteration; float32)")
+        lines.append(f"\ntp {run['tp']}  (p50 / p99 µs over all ranks' samples; float32)")
         head = f"{'size':>8} " + "".join(f"{n:>17}" for n in shown + sorted(
             set(lat) - set(shown)))
         lines.append(head + f"{'tcp/rtt':>9}{'tcp/exch':>9}{'tcp/gloo':>9}{'shm/gloo':>9}")

@@ -36,7 +36,7 @@ class MeshConfig:
     ipc_dir: Path = Path("/tmp")
     shm_dir: Path = Path("/dev/shm")
     shm_slot_bytes: int = 8 * 1024 * 1024  # larger tensors are reduced in pieces of this size
-    shm_spin_s: float = 50e-6  # busy-wait this long for a peer, then yield the CPU
+    shm_spin_s: float = 0.0  # busy-wait this long, then yield (a co-scheduled peer needs the CPU)
     shm_yield_s: float = 2e-3  # then sleep between checks
 
     def __post_init__(self) -> None:

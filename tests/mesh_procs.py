@@ -280,3 +280,45 @@ def rank_form(report: Callable[..., None], tp_rank: int, mesh_ports: list[int],
 
 def with_overrides(config: Any, **changes: Any) -> Any:
     return replace(config, **changes)
+
+
+PROMPTS = ([5, 17, 42, 7, 99, 250, 3], [11], [200, 201, 202, 13], [64, 1, 2, 3, 4, 5, 6, 7, 8])
+
+
+def greedy(model_dir: Any, comm: Any, new_tokens: int) -> tuple[list[Any], list[str]]:
+    """Greedy-decode PROMPTS together through the sliced model on `comm`; return each step's
+    local logits [B, V] and a digest of its final hidden states (computed on every rank)."""
+    import torch
+
+    from services.checkpoint import load_model_config
+    from shard_svc.model import ShardModel, make_batch
+    from shard_svc.sharding import plan_shard
+    from shard_svc.weights import load_shard_weights
+
+    config = load_model_config(model_dir)
+    plan = plan_shard(config, comm.tp_rank, comm.tp_size)
+    model = ShardModel(config, plan, load_shard_weights(model_dir, config, plan), comm)
+    cache = model.new_cache(capacity_tokens=1024, page_size=4)
+    steps = [(i, p) for i, p in enumerate(PROMPTS)]
+    for i, _ in steps:
+        cache.add(i)
+    logits, hidden_digests = [], []
+    for _ in range(new_tokens + 1):
+        hidden = model.forward(make_batch(steps, cache), cache)  # [B, H]
+        hidden_digests.append(digest(hidden.contiguous()))
+        local = model.local_logits(hidden)  # [B, V]
+        logits.append(local)
+        full = torch.zeros(local.shape[0], config.vocab_size)  # every rank needs the argmax
+        full[:, plan.vocab_range[0]:plan.vocab_range[1]] = local
+        steps = [(i, [int(t)]) for i, t in enumerate(comm.all_reduce(full).argmax(-1))]
+    return logits, hidden_digests
+
+
+def rank_model(report: Callable[..., None], tp_rank: int, mesh_ports: list[int],
+               model_dir: Any, new_tokens: int, overrides: dict[str, Any]) -> None:
+    from shard_svc.zmq_mesh import ZmqMesh
+
+    with ZmqMesh(mesh_config(tp_rank, mesh_ports, **overrides)) as mesh:
+        logits, hidden = greedy(model_dir, mesh, new_tokens)
+        # numpy, not tensors: torch would pass tensors as shared memory that dies with us
+        report("done", ([x.numpy() for x in logits], hidden, mesh.transport))
