@@ -25,7 +25,8 @@ LOST = {zmq.EVENT_DISCONNECTED: "disconnected (dead, or silent past the heartbea
         zmq.EVENT_HANDSHAKE_FAILED_AUTH: "refused our CURVE key",
         zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "failed the ZeroMQ handshake",
         zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "failed the ZeroMQ handshake"}
-UP = zmq.EVENT_HANDSHAKE_SUCCEEDED
+PUSH_EVENTS = (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+               | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 PULL_EVENTS = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
 
 
@@ -71,7 +72,6 @@ class Links:
         self.monitors: dict[int, zmq.Socket] = {}
         self.pull_monitor: zmq.Socket | None = None
         self.poller = zmq.Poller()
-        self.connected: set[int] = set()
 
     def open(self, deadline: float) -> None:
         cfg = self.config
@@ -99,7 +99,7 @@ class Links:
             if secret:
                 sock.curve_publickey, sock.curve_secretkey = public, secret
                 sock.curve_serverkey = self.public_keys[peer]
-            self.monitors[peer] = sock.get_monitor_socket(zmq.EVENT_ALL)
+            self.monitors[peer] = sock.get_monitor_socket(PUSH_EVENTS)
             self.poller.register(self.monitors[peer], zmq.POLLIN)
             sock.connect(cfg.peer_endpoint(peer))
             self.push[peer] = sock
@@ -205,10 +205,6 @@ class Links:
         for peer, mon in self.monitors.items():
             while mon.poll(0):
                 event = recv_monitor_message(mon)["event"]
-                if event == UP:
-                    self.connected.add(peer)
-                elif event in LOST:
-                    self.connected.discard(peer)
                 events.append(PeerEvent(peer, event))
         while self.pull_monitor is not None and self.pull_monitor.poll(0):
             events.append(PeerEvent(None, recv_monitor_message(
