@@ -1,7 +1,8 @@
 """Shared-memory data path for ranks on one host: no socket, no kernel, a few microseconds.
 
-Each rank owns one segment (a file in `shm_dir`, mapped by every rank of the mesh and unlinked as
-soon as all have mapped it, so a crash leaves nothing behind):
+Each rank owns one segment (a file `<mesh>-<rank>-<pid>-<nonce>` in `shm_dir`, mapped by every
+rank of the mesh and unlinked as soon as all have mapped it; one left by a process killed while
+forming is removed by the next rank that forms a mesh of that name):
 
     bytes 0..7     published: seq + 1 of the last collective whose partial is in the slot
     bytes 64..71   reduced:   seq + 1 of the last collective whose reduced chunk is in the slot
@@ -36,12 +37,29 @@ HEADER_BYTES = 256
 PUBLISHED, REDUCED, META = 0, 8, (16, 24)  # int64 word indices
 
 
+def remove_orphans(shm_dir: Path, mesh_name: str) -> None:
+    """Unlink segments of this mesh left by processes killed before the mesh formed (a formed
+    mesh unlinks its segments at once)."""
+    for path in shm_dir.glob(f"{mesh_name}-*-*-*"):
+        parts = path.name[len(mesh_name) + 1:].split("-")
+        if len(parts) != 3 or not parts[1].isdigit():
+            continue
+        try:
+            os.kill(int(parts[1]), 0)
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+        except PermissionError:
+            pass  # alive, someone else's
+
+
 class SharedSlots:
     def __init__(self, config: MeshConfig, nonce: str) -> None:
         self.cfg = config
         self.me = config.tp_rank
         self.size = HEADER_BYTES + 2 * config.shm_slot_bytes
-        self.path: Path | None = config.shm_dir / f"{config.mesh_name}-{self.me}-{nonce}"
+        remove_orphans(config.shm_dir, config.mesh_name)
+        name = f"{config.mesh_name}-{self.me}-{os.getpid()}-{nonce}"
+        self.path: Path | None = config.shm_dir / name
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, self.size)
