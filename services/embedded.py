@@ -52,12 +52,18 @@ def default_model_dir(cache_dir: Path | None = None, progress: Progress | None =
     """The converted SmolLM2 directory under `cache_dir/models`, converting it on first use."""
     gguf_path = embedded_gguf_path()
     models = Path(cache_dir if cache_dir is not None else default_cache_dir()) / "models"
-    target = models / f"{MODEL_NAME}-{_fingerprint(gguf_path)}"
+    return convert_once(gguf_path, models / f"{MODEL_NAME}-{_fingerprint(gguf_path)}", progress)
+
+
+def convert_once(gguf_path: Path, target: Path, progress: Progress | None = None) -> Path:
+    """Convert `gguf_path` into `target` unless a complete conversion is already there.
+
+    Concurrent callers are serialized by a lock file beside `target`; the loser finds it done."""
     if _complete(target):
         return target
-    models.mkdir(parents=True, exist_ok=True)
-    with open(models / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits here, then finds it done
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         if not _complete(target):
             convert_gguf(gguf_path, target, progress=progress, overwrite=True)
     return target

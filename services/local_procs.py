@@ -8,7 +8,6 @@ the launcher itself dies, so no service outlives it.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import re
@@ -160,23 +159,9 @@ def _die_with_parent(parent_pid: int) -> Callable[[], None] | None:
 
 def converted_gguf(gguf: Path, cache_dir: Path, progress: Progress | None = None) -> Path:
     """`gguf` converted once into `cache_dir/models`, keyed by its path, size and mtime."""
-    from services.embedded import CONVERTER_VERSION
-    from services.gguf_convert import convert_gguf
+    from services.embedded import CONVERTER_VERSION, convert_once
 
     st = gguf.stat()
     key = f"{CONVERTER_VERSION} {gguf.resolve()} {st.st_size} {st.st_mtime_ns}"
-    models = cache_dir / "models"
-    target = models / f"{gguf.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-    if _complete(target):
-        return target
-    models.mkdir(parents=True, exist_ok=True)
-    with open(models / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a concurrent launcher waits here, then finds it done
-        if not _complete(target):
-            convert_gguf(gguf, target, progress=progress, overwrite=True)
-    return target
-
-
-def _complete(model_dir: Path) -> bool:
-    names = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
-    return all((model_dir / name).is_file() for name in names)
+    target = cache_dir / "models" / f"{gguf.stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    return convert_once(gguf, target, progress)
