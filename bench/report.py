@@ -153,27 +153,42 @@ def serving_section(sv: dict[str, Any], plots: Path) -> list[str]:
            f"allows; each level bounded to {sv['requests']} requests (at least one per user) "
            f"and {sv['duration_s']:.0f} s of issuing. Goodput: requests/s with TTFT <= "
            f"{sv['slo_ttft_s']} s and mean ITL <= {sv['slo_itl_s']} s. The model: SmolLM2.",
-           "", "| system | users | ok | errors | tokens/s | req/s | goodput req/s | TTFT p50/p90/"
-           "p99 ms | ITL p50/p90/p99 ms | e2e p50/p90/p99 ms |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           " *Out tok/req*: mean output tokens per request, and the mean asked for.",
+           "", "| system | users | ok | errors | out tok/req (asked) | tokens/s | req/s | goodput "
+           "req/s | TTFT p50/p90/p99 ms | ITL p50/p90/p99 ms | e2e p50/p90/p99 ms |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def ms(p: dict[str, float | None]) -> str:
         return " / ".join("-" if p[q] is None else f"{p[q] * 1e3:.0f}"
                           for q in ("p50", "p90", "p99"))
 
+    def length(r: dict[str, Any]) -> str:
+        if r.get("output_tokens_per_request") is None:  # before the loadtest reported it
+            return f"{r['output_tokens'] / max(1, r['ok']):.1f} (-)"
+        flag = " **short**" if r["length_mismatches"] else ""
+        return (f"{r['output_tokens_per_request']:.1f} ({r['requested_tokens_per_request']:.1f})"
+                f"{flag}")
+
+    short = []
     for system, rows in sv["systems"].items():
         for r in rows:
+            if r.get("length_mismatches", 1):
+                short.append(f"{system} at {r['users']} users")
             out.append(f"| {system} | {r['users']} | {r['ok']} | {r['errors'] or '-'} | "
-                       f"{r['tokens_per_s']:.1f} | {r['requests_per_s']:.2f} | "
+                       f"{length(r)} | {r['tokens_per_s']:.1f} | {r['requests_per_s']:.2f} | "
                        f"{r['goodput_requests_per_s']:.2f} | {ms(r['ttft_s'])} | "
                        f"{ms(r['itl_s'])} | {ms(r['e2e_s'])} |")
     plot_serving(sv, plots / "serving.png")
+    if short:
+        out += ["", "**Not like for like:** requests shorter than asked (or not checked, in "
+                "results from before the loadtest reported lengths) in: " + "; ".join(short)
+                + ". Their tokens/s and end-to-end latency do not compare; TTFT and ITL do."]
     if any(name.startswith("llama") for name in sv["systems"]):
-        out += ["", "**Not like for like:** llama-cpp-python's server ignores `ignore_eos`, so "
-                "its outputs end at the model's EOS (often after a few tokens on these word-"
-                "salad prompts) while cpumesh always generates the drawn length; its tokens/s "
-                "and end-to-end latency are therefore not comparable, only its TTFT and ITL "
-                "are. It also serves one request at a time (no batching)."]
+        out += ["", "llama-cpp-python's server ignores `ignore_eos`; the loadtest also sends "
+                "`min_tokens` equal to `max_tokens`, which it honours, and it runs with "
+                "`--interrupt_requests False` (by default a waiting request ends the one "
+                "streaming). It serves one request at a time (no batching): the others queue, "
+                "which shows in TTFT."]
     return [*out, "", "![serving](bench/plots/serving.png)", "",
             "Command: `python -m bench.serving` (per level: `cpumesh loadtest grpc://ROUTER "
             "--users N ...` or `cpumesh loadtest http://LLAMA_SERVER --users N ...`).", ""]

@@ -61,7 +61,9 @@ def llama_server(gguf: Path, threads: int, log_dir: Path, n_ctx: int = 4096) -> 
     server = Service("llama-server", ["-m", "llama_cpp.server", "--model", str(gguf),
                                       "--n_threads", str(threads), "--n_threads_batch",
                                       str(threads), "--n_ctx", str(n_ctx), "--port", str(port),
-                                      "--host", "127.0.0.1"], log_dir)
+                                      "--host", "127.0.0.1",
+                                      # by default a waiting request ends the streaming one
+                                      "--interrupt_requests", "False"], log_dir)
     try:  # the bench environment's interpreter, not ours
         log = server.log_path.open("ab")
         server.proc = subprocess.Popen([str(BENCH_PYTHON), *server.args], stdout=log,

@@ -13,7 +13,9 @@ words of a fixed list (about one token each); outputs ignore EOS where the serve
 
 Reports time to first token (TTFT), inter-token latency (ITL: the gap between streamed chunks,
 per token) and end-to-end latency at p50/p90/p99, throughput in output tokens/s and requests/s,
-goodput (requests/s that met `--slo-ttft` and `--slo-itl`), and errors by code.
+goodput (requests/s that met `--slo-ttft` and `--slo-itl`), errors by code, and the mean output
+tokens per request against the mean asked for, with the requests not of the asked length (a
+server that ended them early, at EOS, is not comparable on tokens/s).
 """
 
 from __future__ import annotations
@@ -135,7 +137,9 @@ async def run_load(cfg: LoadConfig) -> dict[str, Any]:
         return make_prompt(rng, prompt_len(rng)), output_len(rng)
 
     async def one(job: tuple[str, int]) -> None:
-        samples.append(await client.request(job[0], job[1], cfg.timeout_s))
+        sample = await client.request(job[0], job[1], cfg.timeout_s)
+        sample.requested_tokens = job[1]
+        samples.append(sample)
 
     try:
         if cfg.users is not None:
@@ -176,11 +180,16 @@ def summarize(cfg: LoadConfig, samples: list[Sample], wall_s: float) -> dict[str
     good = [s for s in ok if s.ttft_s is not None and s.ttft_s <= cfg.slo_ttft_s
             and (s.mean_itl_s() or 0.0) <= cfg.slo_itl_s]
     tokens = sum(s.output_tokens for s in ok)
+    asked = sum(s.requested_tokens for s in ok)
     return {
         "config": asdict(cfg), "requests": len(samples), "ok": len(ok), "errors": errors,
         "wall_s": wall_s, "output_tokens": tokens,
         "tokens_per_s": tokens / wall_s, "requests_per_s": len(ok) / wall_s,
         "goodput_requests_per_s": len(good) / wall_s,
+        # EOS is ignored where the server allows: a mean below the asked one shows it did not
+        "output_tokens_per_request": tokens / len(ok) if ok else None,
+        "requested_tokens_per_request": asked / len(ok) if ok else None,
+        "length_mismatches": sum(s.output_tokens != s.requested_tokens for s in ok),
         "ttft_s": percentiles([s.ttft_s for s in ok if s.ttft_s is not None]),
         "itl_s": percentiles([g for s in ok for g in s.itl_s]),
         "e2e_s": percentiles([s.e2e_s for s in ok]),
@@ -201,6 +210,12 @@ def format_report(r: dict[str, Any]) -> str:
     lines.append(f"throughput {r['tokens_per_s']:.1f} tokens/s, {r['requests_per_s']:.2f} req/s;"
                  f" goodput {r['goodput_requests_per_s']:.2f} req/s (TTFT <= "
                  f"{c['slo_ttft_s']} s, mean ITL <= {c['slo_itl_s']} s)")
+    if r["ok"]:
+        lines.append(f"output tokens per request: mean {r['output_tokens_per_request']:.1f}, "
+                     f"asked {r['requested_tokens_per_request']:.1f}; "
+                     f"{r['length_mismatches']} of {r['ok']} requests not of the asked length"
+                     + (" (the server stopped early: tokens/s not comparable)"
+                        if r["length_mismatches"] else ""))
     return "\n".join(lines)
 
 

@@ -18,6 +18,7 @@ class Sample:
     ttft_s: float | None = None
     e2e_s: float = 0.0
     output_tokens: int = 0
+    requested_tokens: int = 0  # max_tokens asked for (EOS ignored: the length expected)
     itl_s: list[float] = field(default_factory=list)  # per token, after the first
 
     def mean_itl_s(self) -> float | None:
@@ -83,7 +84,12 @@ class GrpcClient:
 
 class HttpClient:
     """POST {base}/v1/completions with stream=true; tokens counted from usage when the server
-    sends it, else one per non-empty chunk."""
+    sends it, else one per non-empty chunk.
+
+    A fixed output length is asked for in every dialect a server may understand, since unknown
+    fields are ignored by OpenAI-compatible servers (cpumesh's and vLLM's included):
+    `ignore_eos` (vLLM, cpumesh) and `min_tokens` = `max_tokens` (vLLM, llama-cpp-python, whose
+    server ignores `ignore_eos` and masks the model's EOS token until `min_tokens`)."""
 
     def __init__(self, base_url: str, model: str) -> None:
         self.url = base_url.rstrip("/").removesuffix("/v1") + "/v1/completions"
@@ -96,8 +102,9 @@ class HttpClient:
         if self.session is None:
             self.session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0))
-        body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
-                "ignore_eos": True, "stream_options": {"include_usage": True}}
+        body = {"prompt": prompt, "max_tokens": max_tokens, "min_tokens": max_tokens,
+                "temperature": 0.0, "stream": True, "ignore_eos": True,
+                "stream_options": {"include_usage": True}}
         if self.model:
             body["model"] = self.model
         line = Timeline()

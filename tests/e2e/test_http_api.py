@@ -17,6 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.client import RouterClient
+from services.loadtest import LoadConfig, run_load
 from tests.procs import Service, free_ports, wait_serving
 
 pytestmark = pytest.mark.asyncio
@@ -120,6 +121,15 @@ async def test_errors_have_openai_status_codes_and_shape(cluster: Cluster) -> No
         assert r.status == 400 and set(body["error"]) == {"message", "type", "param", "code"}
     assert (await cluster.get("/health"))[0] == 200
     assert (await cluster.get("/ready"))[0] == 200
+
+
+async def test_loadtest_client_gets_exactly_the_asked_tokens(cluster: Cluster) -> None:
+    """`cpumesh loadtest` over HTTP: its extra fields (ignore_eos, min_tokens) are accepted and
+    every request is as long as asked."""
+    report = await run_load(LoadConfig(cluster.http, users=2, requests=4, duration_s=60,
+                                       prompt_tokens="8", output_tokens="6:10", timeout_s=60))
+    assert report["ok"] == 4 and report["length_mismatches"] == 0
+    assert report["output_tokens_per_request"] == report["requested_tokens_per_request"]
 
 
 async def test_metrics_parse_and_move_as_requests_complete(cluster: Cluster) -> None:
