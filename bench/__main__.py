@@ -91,8 +91,8 @@ def _row(m: BenchModel, system: str, dtype: str, batch: int, plan: Plan,
     weight_bytes = {"float32": 4.0, "F32": 4.0, "F16": 2.0}[dtype]
     return {"model": m.name, "label": m.label, "system": system, "dtype": dtype, "batch": batch,
             "prefill_ms": r["prefill_ms"], "decode_step_ms": r["decode_step_ms"],
-            "step_bytes": m.step_bytes(batch, context, weight_bytes),
-            "command": r["command"]}
+            "step_bytes": m.step_bytes(batch, context, weight_bytes), "prompt": plan.prompt,
+            "tokens": plan.tokens, "repeats": plan.repeats, "command": r["command"]}
 
 
 def stage_tp(plan: Plan, cores: int) -> dict[str, Any]:
@@ -154,11 +154,27 @@ def run_plan(plan: Plan, only: set[str] | None = None) -> Path:
         data = fn()
         data["stage_seconds"] = time.time() - t0
         data["load_avg_after"] = os.getloadavg()[0]
-        (results / f"{name}.json").write_text(json.dumps(data, indent=2, default=str))
+        path = results / f"{name}.json"
+        if name in ("model_level", "tp_scaling") and path.exists():
+            data = merge_rows(json.loads(path.read_text()), data,
+                              {m.name for m in plan.models})
+        path.write_text(json.dumps(data, indent=2, default=str))
         print(f"[bench] {name} done in {data['stage_seconds']:.0f} s", flush=True)
     md = report.write(results, plan.out_dir, plan.command)
     print(f"[bench] wrote {md}")
     return md
+
+
+def merge_rows(old: dict[str, Any], new: dict[str, Any], measured: set[str]) -> dict[str, Any]:
+    """The new stage result, with the old rows of models not measured this time kept first
+    (`--models` reruns one model without losing the others' figures). Stage-wide settings
+    (tokens, repeats) are copied into the rows that lack them, so each row keeps its own."""
+    settings = {k: old[k] for k in ("prompt", "tokens", "repeats", "threads") if k in old}
+    kept = [{**settings, **r} for r in old.get("rows", []) if r["model"] not in measured]
+    if kept:
+        print(f"[bench] kept {len(kept)} earlier row(s) of "
+              f"{', '.join(sorted({r['model'] for r in kept}))}", flush=True)
+    return {**new, "rows": kept + new["rows"]}
 
 
 def _serving_gguf(plan: Plan) -> Path | None:

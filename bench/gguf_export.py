@@ -49,19 +49,25 @@ def export_gguf(model_dir: Path, out: Path, ftype: str = "F32") -> Path:
     _copy_tokenizer(w, gguf.GGUFReader(embedded_gguf_path()), c["vocab_size"])
 
     with safe_open(model_dir / "model.safetensors", framework="np") as f:
-        for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+        names = list(f.keys())
+        # Two passes, so that one tensor at a time is in memory (the 1B model is 5 GB): the
+        # header lists every tensor's shape and type, then the data follows in the same order.
+        for name in names:
+            shape = f.get_slice(name).get_shape()
+            dtype = np.dtype(np.float16 if ftype == "F16" and len(shape) == 2 else np.float32)
+            w.add_tensor_info(_gguf_name(name), shape, dtype, int(np.prod(shape)) * dtype.itemsize)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for name in names:
             array = f.get_tensor(name)
             gname = _gguf_name(name)
             if gname.endswith("attn_q.weight"):
                 array = _permute(array, heads)
             elif gname.endswith("attn_k.weight"):
                 array = _permute(array, kv)
-            if array.ndim == 2 and ftype == "F16":
-                array = array.astype(np.float16)
-            w.add_tensor(gname, np.ascontiguousarray(array, dtype=array.dtype))
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
+            dtype = np.float16 if ftype == "F16" and array.ndim == 2 else np.float32
+            w.write_tensor_data(np.ascontiguousarray(array, dtype=dtype))
         w.close()
     Path(str(out) + ".tmp").rename(out)
     return out

@@ -47,9 +47,13 @@ def machine_section(m: dict[str, Any], command: str) -> list[str]:
 
 def model_section(ml: dict[str, Any], m: dict[str, Any], plots: Path) -> list[str]:
     bw_all = max(m["read_gbs"].values())
+    runs = {(r.get("prompt", ml["prompt"]), r.get("tokens", ml["tokens"]),
+             r.get("repeats", ml["repeats"])): r["label"] for r in ml["rows"]}
+    settings = "; ".join(f"{label + ': ' if len(runs) > 1 else ''}prompt {p} token ids per "
+                         f"sequence, decode {t} tokens, median of {n} repeats"
+                         for (p, t, n), label in runs.items())
     out = ["## Model level: prefill and decode (item 1 and 2)", "",
-           f"Threads: {ml['threads']} for every system. Prompt: {ml['prompt']} token ids per "
-           f"sequence; decode: {ml['tokens']} tokens; median of {ml['repeats']} repeats "
+           f"Threads: {ml['threads']} for every system. {settings} "
            "(min–max), each after a warm-up. A decode step advances every sequence of the batch "
            "by one token. *Bytes/step*: every weight read once (layers + LM head) plus each "
            "sequence's KV cache at the mean context; *BW*: those bytes / step time; *roofline*: "

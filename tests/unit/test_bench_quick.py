@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.__main__ import Plan, quick_plan, run_plan
+from bench.__main__ import Plan, merge_rows, quick_plan, run_plan
 from bench.models import BenchModel, smollm2
 from services.loadtest import LoadConfig, parse_dist
 from services.loadtest_clients import sse_events
@@ -33,6 +33,7 @@ def test_bench_quick_paths(tmp_path: Path) -> None:
     serving = json.loads((results / "serving.json").read_text())
     for rows in serving["systems"].values():
         assert rows[0]["ok"] == 2 and rows[0]["output_tokens"] == 6
+        assert rows[0]["length_mismatches"] == 0
     for heading in ("## Machine", "### Headline", "## Tensor-parallel", "Qwen2-72B",
                     "## Service-level"):
         assert heading in md
@@ -72,3 +73,13 @@ def test_load_config_validation() -> None:
     assert {parse_dist("4")(rng)} == {4}
     assert all(2 <= parse_dist("2:5")(rng) <= 5 for _ in range(50))
     assert all(parse_dist("exp:3")(rng) >= 1 for _ in range(50))
+
+
+def test_rerunning_one_model_keeps_the_other_models_rows() -> None:
+    old = {"tokens": 32, "repeats": 3, "rows": [{"model": "a", "batch": 1},
+                                                 {"model": "b", "batch": 1}]}
+    new = {"tokens": 16, "repeats": 2, "rows": [{"model": "b", "batch": 1, "tokens": 16}]}
+    merged = merge_rows(old, new, {"b"})
+    assert merged["rows"] == [{"tokens": 32, "repeats": 3, "model": "a", "batch": 1},
+                              {"model": "b", "batch": 1, "tokens": 16}]
+    assert merged["tokens"] == 16
