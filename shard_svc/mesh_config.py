@@ -6,7 +6,7 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
-TRANSPORTS = ("auto", "tcp", "ipc", "shm")
+TRANSPORTS = ("auto", "tcp", "zmq", "ipc", "shm")
 ALGORITHMS = ("auto", "direct", "ring")
 MAX_TP_SIZE = 16
 
@@ -19,9 +19,14 @@ class MeshConfig:
     fingerprint: str = ""  # of the model and plan; every rank must present the same one
     mesh_name: str = "cpumesh"
     listen: str | None = None  # bind "host:port"; default: from our peers entry (bind_endpoint)
-    # Data transport. auto: shared memory when every rank reports the same host, else tcp.
-    # ipc: ZeroMQ ipc:// endpoints in ipc_dir (all ranks on one host). Control always uses ZeroMQ.
+    # Data transport; control (handshake, heartbeats, ABORT, BYE) always uses ZeroMQ.
+    # tcp: a plain TCP connection per pair of ranks (mesh_stream; unencrypted, so not with CURVE).
+    # zmq: the ZeroMQ tcp sockets (CURVE-encrypted when CURVE is on).
+    # ipc: ZeroMQ ipc:// endpoints in ipc_dir (all ranks on one host).
+    # shm: shared memory (all ranks on one host). auto: shm when every rank reports the same
+    # host, else tcp, or zmq with CURVE.
     transport: str = "auto"
+    stream_port: int = 0  # tcp: where our data listener binds (0: a port the kernel picks)
     algorithm: str = "auto"  # auto: direct below ring_min_bytes (shm_ring_min_bytes), else ring
     ring_min_bytes: int = 1024 * 1024  # tcp/ipc; placed with bench/allreduce.py --algorithms
     shm_ring_min_bytes: int = 256 * 1024  # likewise
@@ -77,10 +82,29 @@ class MeshConfig:
         curve = (self.curve_secret_key, self.curve_public_keys)
         if any(curve) and not all(curve):
             raise ValueError("CURVE needs both curve_secret_key and curve_public_keys")
+        if self.curve and self.transport == "tcp":
+            raise ValueError("transport 'tcp' sends tensors unencrypted outside ZeroMQ; with "
+                             "CURVE use 'zmq' (or 'auto')")
+        if not 0 <= self.stream_port < 65536:
+            raise ValueError(f"stream_port must be in 0..65535, got {self.stream_port}")
 
     @property
     def curve(self) -> bool:
         return self.curve_secret_key is not None
+
+    @property
+    def offers_streams(self) -> bool:
+        """Whether this rank opens a tcp data listener (used when no shared memory is)."""
+        return self.transport == "tcp" or (self.transport == "auto" and not self.curve)
+
+    def stream_bind_host(self) -> str:
+        """The IP literal our data listener binds ("" for every interface), as bind_endpoint."""
+        host = self.bind_endpoint().removeprefix("tcp://").rpartition(":")[0]
+        return "" if host == "*" else host.strip("[]")
+
+    def stream_address(self, port: int) -> str:
+        """How peers reach our data listener: our peers entry's host, with its port."""
+        return f"{self.peers[self.tp_rank].rpartition(':')[0]}:{port}"
 
     def bind_endpoint(self) -> str:
         """Where we listen. tcp: `listen`, else our peers entry when its host is an IP, else all

@@ -18,7 +18,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import zmq
@@ -40,6 +40,7 @@ class Hello:
     host_id: str  # equal on ranks that can share memory
     shm: str | None  # path of the rank's shared-memory segment
     address: str = ""  # its own entry in its peers list
+    stream: str = ""  # "host:port" of its tcp data listener ("" when it offers none)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class Formation:
     formation: int  # the id in every DATA header of this formation
     hellos: tuple[Hello, ...]  # by rank, ours included
     shm: bool  # every rank mapped every other's shared memory
+    streams: bool = False  # no shared memory, and every rank offered a tcp data listener
 
 
 def settings(config: MeshConfig) -> dict[str, object]:
@@ -58,7 +60,7 @@ def settings(config: MeshConfig) -> dict[str, object]:
             "shm_slot_bytes": config.shm_slot_bytes, "transport": config.transport}
 
 
-def local_hello(nonce: str, shm: str | None, shm_dir: str) -> Hello:
+def local_hello(nonce: str, shm: str | None, shm_dir: str, stream: str = "") -> Hello:
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             boot = f.read().strip()
@@ -66,15 +68,14 @@ def local_hello(nonce: str, shm: str | None, shm_dir: str) -> Hello:
         host_id = f"{boot}/{st.st_dev}/{st.st_ino}"
     except OSError:
         host_id = f"{socket.gethostname()}/{os.getpid()}"  # unique: never shares memory
-    return Hello(-1, nonce, socket.gethostname(), os.getpid(), host_id, shm)
+    return Hello(-1, nonce, socket.gethostname(), os.getpid(), host_id, shm, stream=stream)
 
 
 class Handshake:
     def __init__(self, config: MeshConfig, links: Links, me: Hello,
                  map_shm: Callable[[list[Hello]], bool]) -> None:
         self.cfg, self.links, self.map_shm = config, links, map_shm
-        self.me = Hello(config.tp_rank, me.nonce, me.host, me.pid, me.host_id, me.shm,
-                        config.peers[config.tp_rank])
+        self.me = replace(me, rank=config.tp_rank, address=config.peers[config.tp_rank])
         self.settings = settings(config)
         self.hellos: dict[int, Hello] = {}
         self.acked: set[int] = set()
@@ -99,7 +100,8 @@ class Handshake:
             if f is not None and all(self.ready.get(r, (None,))[0] == f.formation
                                      for r in others):
                 shm = f.shm and all(self.ready[r][1] for r in others)
-                return Formation(f.formation, f.hellos, shm)
+                return Formation(f.formation, f.hellos, shm,
+                                 streams=not shm and all(h.stream for h in f.hellos))
             now = time.monotonic()
             if now > deadline:
                 raise self._failure()

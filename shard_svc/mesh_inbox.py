@@ -20,6 +20,7 @@ from shard_svc.mesh_wire import CODE_DTYPES, Header, Kind, parse_body
 
 Key = tuple[int, int, int]  # (seq, sender, step)
 POOL_LIMIT_BYTES = 512 * 1024 * 1024
+EVENT_SLICE_S = 0.05  # longest blocking receive between two looks at the peers' events
 
 
 class Inbox:
@@ -65,19 +66,24 @@ class Inbox:
                 dest.copy_(kept[1])
                 self.release(kept[1])
                 return sender, dest
-        deadline = time.monotonic() + self.timeout_s
+        now = time.monotonic()
+        deadline, look = now + self.timeout_s, now + EVENT_SLICE_S
         while True:
-            # Poll first: a message that is already here returns at once, and one not here yet
-            # would cost a failed non-blocking receive before the wait anyway.
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            # A blocking receive in slices; the peers' events are read between slices (and at
+            # least every slice while other messages keep coming), so a lost peer is noticed
+            # within a slice of its monitor event.
+            now = time.monotonic()
+            if now >= look:
+                look = now + EVENT_SLICE_S
+                self._events(self.links.events())
+                self.check(senders)
+            if now >= deadline:
                 who = ", ".join(f"rank {r}" for r in senders)
                 raise MeshError(f"rank {self.me}: collective {seq} got nothing from {who} "
                                 f"within {self.timeout_s:g}s", senders[0])
-            self._events(self.links.wait(remaining))
-            self.check(senders)
-            raw = self.links.recv_header()
+            raw = self.links.recv_header(min(deadline, look) - now)
             if raw is None:
+                look = now  # read the events at once
                 continue
             header = Header.unpack(raw)
             if header is None or header.kind != Kind.DATA:
@@ -100,7 +106,7 @@ class Inbox:
                 or header.sender not in self.nonces or header.sender == self.me:
             self.links.skip_rest()
             return None
-        buf = into if into is not None else self._buffer(header.nbytes)
+        buf = into if into is not None else self.buffer(header.nbytes)
         got = self.links.recv_into(memoryview(buf.numpy()))
         self.links.skip_rest()
         if got != header.nbytes:
@@ -168,7 +174,7 @@ class Inbox:
         if header.kind == Kind.BYE:
             self.gone[sender] = "closed the mesh"
 
-    def _buffer(self, nbytes: int) -> torch.Tensor:
+    def buffer(self, nbytes: int) -> torch.Tensor:
         free = self.pool.get(nbytes)
         if free:
             self.pooled_bytes -= nbytes

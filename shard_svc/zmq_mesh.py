@@ -15,7 +15,8 @@ Glossary (the words used here and in every mesh_* module):
 | step        | a message's index within one collective                                      |
 | direct      | every rank sends its partial to every other, then sums all in rank order     |
 | ring        | reduce-scatter then all-gather; chunk c is reduced by its owner, rank c      |
-| transport   | how DATA travels: shm (one host), tcp or ipc; control always uses ZeroMQ     |
+| transport   | how DATA travels: shm (one host), tcp (plain sockets), zmq or ipc (ZeroMQ);  |
+|             | control always uses ZeroMQ                                                   |
 
 Lifecycle: `ZmqMesh(config)` forms the mesh (binds, connects, handshakes; `MeshError` after
 `form_timeout_s` listing who never answered or was refused). `all_reduce` sums in place. Any
@@ -46,6 +47,7 @@ from shard_svc.mesh_config import MeshConfig
 from shard_svc.mesh_handshake import Formation, Handshake, Hello, local_hello
 from shard_svc.mesh_inbox import Inbox
 from shard_svc.mesh_shm import SharedSlots
+from shard_svc.mesh_stream import Streams, listen
 from shard_svc.mesh_transport import Links
 from shard_svc.mesh_wire import DTYPE_CODES, HEADER, Algo, Kind, chunk_bounds, control
 
@@ -69,10 +71,12 @@ class ZmqMesh:
         self._ctx: zmq.Context | None = None
         self._links: Links | None = None
         self._shm: SharedSlots | None = None
+        self._streams: Streams | None = None
         self._inbox: Inbox | None = None
         self._formation: Formation | None = None
         self._seq = 0
         self._scratch = torch.empty(0, dtype=torch.float32)
+        self._trackers: list[tuple[int, zmq.MessageTracker | None]] = []  # zero-copy sends
         self._broken: MeshError | None = MeshError("the mesh has not been formed")
         if form:
             self.form()
@@ -87,12 +91,14 @@ class ZmqMesh:
 
     @property
     def transport(self) -> str:
-        """The data path in use: "shm", "tcp" or "ipc" ("none" at tp_size 1)."""
+        """The data path in use: "shm", "tcp", "zmq" or "ipc" ("none" at tp_size 1)."""
         if self.tp_size == 1:
             return "none"
         if self._formation is not None and self._formation.shm:
             return "shm"
-        return "ipc" if self.config.transport == "ipc" else "tcp"
+        if self._streams is not None:
+            return "tcp"
+        return "ipc" if self.config.transport == "ipc" else "zmq"
 
     @property
     def formed(self) -> bool:
@@ -108,18 +114,32 @@ class ZmqMesh:
         deadline = time.monotonic() + (cfg.form_timeout_s if timeout_s is None else timeout_s)
         self._ctx = self._ctx or zmq.Context()
         nonce = secrets.token_hex(8)
+        listener = None
         try:
             if cfg.transport in ("auto", "shm") and cfg.shm_dir.is_dir() \
                     and _stores_are_ordered():
                 self._shm = SharedSlots(cfg, nonce)
+            stream = ""
+            if cfg.offers_streams:
+                listener = listen(cfg.stream_bind_host(), cfg.stream_port)
+                stream = cfg.stream_address(listener.getsockname()[1])
             self._links = Links(cfg, self._ctx)
             self._links.open(deadline)
-            me = local_hello(nonce, str(self._shm.path) if self._shm else None, str(cfg.shm_dir))
+            me = local_hello(nonce, str(self._shm.path) if self._shm else None, str(cfg.shm_dir),
+                             stream)
             handshake = Handshake(cfg, self._links, me, self._map_shm)
             self._formation = handshake.run(deadline)
+            if self._formation.streams:
+                assert listener is not None
+                self._streams = Streams.open(
+                    listener, [h.stream for h in self._formation.hellos], cfg.tp_rank,
+                    self._formation.formation, deadline, cfg.recv_timeout_s)
         except BaseException:
             self._teardown()
             raise
+        finally:
+            if listener is not None:
+                listener.close()
         if self._shm is not None:
             self._shm.unlink()  # every peer has mapped it (or given up on shared memory)
             if not self._formation.shm:
@@ -177,20 +197,41 @@ class ZmqMesh:
         return HEADER.pack(Kind.DATA, DTYPE_CODES[flat.dtype], self.tp_rank, step, algo,
                            self._formation.formation, self._seq, flat.numel(), nbytes)
 
+    def _swap(self, flat: torch.Tensor, algo: Algo, step: int, send_to: list[int],
+              payload: torch.Tensor, recv_from: list[int], nbytes: int,
+              dest: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+        """Send `payload` (uint8) to `send_to` and receive message `step` of this collective
+        from each of `recv_from` (`nbytes` each, into `dest` if given, else pooled buffers to
+        `release`). Over ZeroMQ, a large send may still be in flight: see `_wait_sent`."""
+        inbox = self._inbox
+        assert inbox is not None
+        header = self._header(flat, step, algo, payload.numel())
+        data = memoryview(payload.numpy())
+        if self._streams is not None:
+            bufs = {p: dest if dest is not None else inbox.buffer(nbytes) for p in recv_from}
+            fields = (DTYPE_CODES[flat.dtype], step, algo, self._seq, flat.numel(), nbytes)
+            self._streams.exchange([(p, header, data) for p in send_to],
+                                   [(p, memoryview(bufs[p].numpy()), fields) for p in recv_from],
+                                   inbox.service)
+            return bufs
+        links = self._links
+        assert links is not None
+        self._trackers += [(p, links.send_data(p, header, data)) for p in send_to]
+        expect = (flat.numel(), DTYPE_CODES[flat.dtype], algo)
+        got: dict[int, torch.Tensor] = {}
+        while len(got) < len(recv_from):
+            missing = [r for r in recv_from if r not in got]
+            sender, buf = inbox.take(self._seq, missing, step, nbytes, expect, dest)
+            got[sender] = buf
+        return got
+
     def _direct(self, flat: torch.Tensor) -> None:
-        links, inbox, me, n = self._links, self._inbox, self.tp_rank, self.tp_size
-        assert links is not None and inbox is not None
+        inbox, me, n = self._inbox, self.tp_rank, self.tp_size
+        assert inbox is not None
         raw = flat.view(torch.uint8)
-        expect = (flat.numel(), DTYPE_CODES[flat.dtype], Algo.DIRECT)
-        header = self._header(flat, 0, Algo.DIRECT, raw.numel())
-        payload = memoryview(raw.numpy())
-        trackers = [(peer, links.send_data(peer, header, payload)) for peer in links.others]
-        parts: dict[int, torch.Tensor] = {}
-        while len(parts) < n - 1:
-            missing = [r for r in links.others if r not in parts]
-            sender, buf = inbox.take(self._seq, missing, 0, raw.numel(), expect)
-            parts[sender] = buf
-        self._wait_sent(trackers)  # our partial has left before we overwrite it
+        others = [r for r in range(n) if r != me]
+        parts = self._swap(flat, Algo.DIRECT, 0, others, raw, others, raw.numel())
+        self._wait_sent()  # our partial has left before we overwrite it
         views = [flat if r == me else parts[r].view(flat.dtype) for r in range(n)]
         if flat.dtype == torch.float32:  # ((p0 + p1) + p2) + … accumulated in place
             acc = views[0]
@@ -210,23 +251,19 @@ class ZmqMesh:
             inbox.release(buf)
 
     def _ring(self, flat: torch.Tensor) -> None:
-        links, inbox, r, n = self._links, self._inbox, self.tp_rank, self.tp_size
-        assert links is not None and inbox is not None
+        inbox, r, n = self._inbox, self.tp_rank, self.tp_size
+        assert inbox is not None
         nxt, prv = (r + 1) % n, (r - 1) % n
         b = chunk_bounds(flat.numel(), n)
-        expect = (flat.numel(), DTYPE_CODES[flat.dtype], Algo.RING)
         work = flat if flat.dtype == torch.float32 else self._scratch_f32(flat.numel())
         if work is not flat:
             work.copy_(flat)
         work_bytes, flat_bytes = work.view(torch.uint8), flat.view(torch.uint8)
-        trackers: list[tuple[int, zmq.MessageTracker | None]] = []
         for s in range(n - 1):  # reduce-scatter in float32: after it we own chunk r's sum
             send, recv = (r - s - 1) % n, (r - s - 2) % n
             size = (b[send + 1] - b[send]) * 4
-            trackers.append((nxt, links.send_data(
-                nxt, self._header(flat, s, Algo.RING, size),
-                memoryview(work_bytes[b[send] * 4:][:size].numpy()))))
-            _, buf = inbox.take(self._seq, [prv], s, (b[recv + 1] - b[recv]) * 4, expect)
+            buf = self._swap(flat, Algo.RING, s, [nxt], work_bytes[b[send] * 4:][:size], [prv],
+                             (b[recv + 1] - b[recv]) * 4)[prv]
             work[b[recv]:b[recv + 1]] += buf.view(torch.float32)
             inbox.release(buf)
         if work is not flat:
@@ -235,17 +272,16 @@ class ZmqMesh:
         for s in range(n - 1):  # all-gather: each final chunk straight into its place
             send, recv = (r - s) % n, (r - s - 1) % n
             size = (b[send + 1] - b[send]) * item
-            trackers.append((nxt, links.send_data(
-                nxt, self._header(flat, n - 1 + s, Algo.RING, size),
-                memoryview(flat_bytes[b[send] * item:][:size].numpy()))))
             dest = flat_bytes[b[recv] * item:b[recv + 1] * item]
-            inbox.take(self._seq, [prv], n - 1 + s, dest.numel(), expect, dest)
-        self._wait_sent(trackers)  # the caller may overwrite the tensor once we return
+            self._swap(flat, Algo.RING, n - 1 + s, [nxt], flat_bytes[b[send] * item:][:size],
+                       [prv], dest.numel(), dest)
+        self._wait_sent()  # the caller may overwrite the tensor once we return
 
-    def _wait_sent(self, trackers: list[tuple[int, zmq.MessageTracker | None]]) -> None:
+    def _wait_sent(self) -> None:
         """Until libzmq has let go of every zero-copy send (a send to a peer that has gone since,
         e.g. closed after taking all it needed, is not waited for)."""
         assert self._inbox is not None
+        trackers, self._trackers = self._trackers, []
         deadline = time.monotonic() + self.config.recv_timeout_s
         for peer, tracker in trackers:
             while tracker is not None and not tracker.done:
@@ -278,7 +314,9 @@ class ZmqMesh:
             self._links.close(linger_s)
         if self._shm is not None:
             self._shm.close()
-        self._links = self._shm = self._inbox = self._formation = None
+        if self._streams is not None:
+            self._streams.close()
+        self._links = self._shm = self._inbox = self._formation = self._streams = None
         self._broken = MeshError("the mesh has not been formed")
 
     def close(self) -> None:

@@ -17,7 +17,7 @@ DETECT_S = 2.0
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("transport", ["tcp", "shm"])
+@pytest.mark.parametrize("transport", ["tcp", "zmq", "shm"])
 def test_killed_rank_is_named_within_2s_and_the_mesh_reforms(transport: str) -> None:
     mesh_ports, victim = ports(3), 2
     overrides = {"transport": transport}

@@ -74,7 +74,7 @@ def test_silent_peers_are_listed_when_the_deadline_passes() -> None:
 
 def curve(keys: Path, rank: int, secret_dir: Path | None = None) -> dict[str, object]:
     return {"curve_secret_key": (secret_dir or keys) / f"rank-{rank}.key_secret",
-            "curve_public_keys": keys, "transport": "tcp"}
+            "curve_public_keys": keys, "transport": "zmq"}
 
 
 @pytest.mark.timeout(60)

@@ -1,0 +1,130 @@
+"""The tcp data path on its own: real sockets on loopback, two ranks as threads of this process."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from shard_svc.mesh import MeshError
+from shard_svc.mesh_stream import INTRO, MAGIC, Streams, _advance, listen
+from shard_svc.mesh_wire import HEADER, Kind
+
+FORMATION = 0x1234_5678_9ABC
+
+
+def header(sender: int, seq: int, nbytes: int, kind: int = Kind.DATA) -> bytes:
+    return HEADER.pack(kind, 1, sender, 0, 1, FORMATION, seq, nbytes // 4, nbytes)
+
+
+def fields(seq: int, nbytes: int) -> tuple[int, ...]:
+    return (1, 0, 1, seq, nbytes // 4, nbytes)  # dtype, step, algo, seq, numel, nbytes
+
+
+@contextmanager
+def pair(stranger: bytes | None = None) -> Iterator[tuple[Streams, Streams]]:
+    """Rank 0 and rank 1 joined by Streams.open; `stranger` (an introduction) connects to rank
+    0's listener first and must be turned away."""
+    lst0, lst1 = listen("127.0.0.1", 0), listen("127.0.0.1", 0)
+    addrs = [f"127.0.0.1:{s.getsockname()[1]}" for s in (lst0, lst1)]
+    if stranger is not None:
+        intruder = socket.create_connection(("127.0.0.1", lst0.getsockname()[1]))
+        intruder.sendall(stranger)
+    deadline = time.monotonic() + 5
+    out: dict[int, Streams] = {}
+    t = threading.Thread(target=lambda: out.__setitem__(
+        1, Streams.open(lst1, addrs, 1, FORMATION, deadline, 2.0)))
+    t.start()
+    out[0] = Streams.open(lst0, addrs, 0, FORMATION, deadline, 2.0)
+    t.join(5)
+    lst0.close()
+    lst1.close()
+    try:
+        yield out[0], out[1]
+    finally:
+        out[0].close()
+        out[1].close()
+        if stranger is not None:
+            intruder.close()
+
+
+def no_events(peers: list[int]) -> None:
+    pass
+
+
+def swap(a: Streams, b: Streams, x: torch.Tensor, y: torch.Tensor
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank 0 sends x and receives into one buffer, rank 1 sends y, both at once."""
+    got_a, got_b = torch.empty_like(y), torch.empty_like(x)
+    xb, yb = x.view(torch.uint8), y.view(torch.uint8)
+    t = threading.Thread(target=b.exchange, args=(
+        [(0, header(1, 0, yb.numel()), memoryview(yb.numpy()))],
+        [(0, memoryview(got_b.view(torch.uint8).numpy()), fields(0, xb.numel()))], no_events))
+    t.start()
+    try:
+        a.exchange([(1, header(0, 0, xb.numel()), memoryview(xb.numpy()))],
+                   [(1, memoryview(got_a.view(torch.uint8).numpy()), fields(0, yb.numel()))],
+                   no_events)
+    finally:
+        t.join(5)
+    return got_a, got_b
+
+
+@pytest.mark.parametrize("numel", [1, 513, 4 * 1024 * 1024])
+def test_both_directions_arrive_intact_and_a_stranger_is_turned_away(numel: int) -> None:
+    wrong_formation = INTRO.pack(MAGIC, FORMATION + 1, 1)
+    with pair(stranger=wrong_formation) as (a, b):
+        x, y = torch.randn(numel), torch.randn(numel)
+        got_a, got_b = swap(a, b, x, y)
+        assert torch.equal(got_a, y) and torch.equal(got_b, x)
+
+
+def test_a_header_that_does_not_match_names_the_peer() -> None:
+    with pair() as (a, b):
+        x = torch.randn(64)
+        y = torch.randn(64)
+        threading.Thread(target=lambda: b.socks[0].sendall(  # rank 1 claims seq 7
+            header(1, 7, 256) + y.view(torch.uint8).numpy().tobytes())).start()
+        dest = torch.empty(256, dtype=torch.uint8)
+        with pytest.raises(MeshError, match="rank 1 sent") as e:
+            a.exchange([(1, header(0, 0, 256), memoryview(x.view(torch.uint8).numpy()))],
+                       [(1, memoryview(dest.numpy()), fields(0, 256))], no_events)
+        assert e.value.peer == 1
+
+
+def test_a_closed_connection_fails_at_once_and_a_silent_one_at_the_deadline() -> None:
+    with pair() as (a, b):
+        dest = torch.empty(16, dtype=torch.uint8)
+        t0 = time.monotonic()
+        with pytest.raises(MeshError, match="no data moved to or from rank 1 within 2s"):
+            a.exchange([], [(1, memoryview(dest.numpy()), fields(0, 16))], no_events)
+        assert 1.9 < time.monotonic() - t0 < 4
+        b.close()
+        t0 = time.monotonic()
+        with pytest.raises(MeshError, match="rank 1 closed its data connection") as e:
+            a.exchange([], [(1, memoryview(dest.numpy()), fields(0, 16))], no_events)
+        assert e.value.peer == 1 and time.monotonic() - t0 < 0.5
+
+
+def test_look_runs_between_waits_and_its_error_ends_the_exchange() -> None:
+    def look(peers: list[int]) -> None:
+        raise MeshError(f"rank 0: rank {peers[0]} aborted", peers[0])
+
+    with pair() as (a, _):
+        dest = torch.empty(16, dtype=torch.uint8)
+        t0 = time.monotonic()
+        with pytest.raises(MeshError, match="rank 1 aborted"):
+            a.exchange([], [(1, memoryview(dest.numpy()), fields(0, 16))], look)
+        assert time.monotonic() - t0 < 0.5
+
+
+def test_advance_drops_sent_bytes_across_views() -> None:
+    views = [memoryview(b"abc"), memoryview(b"defgh")]
+    assert not _advance(views, 4)
+    assert [bytes(v) for v in views] == [b"efgh"]
+    assert _advance(views, 4) and views == []
