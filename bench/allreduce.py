@@ -8,14 +8,16 @@ Each tensor-parallel size runs as that many spawned processes on loopback. In ev
 for every size in turn (float32; size in bytes), one after the other:
   raw rtt     ping-pong of the message between ranks 0 and 1 over a bare PAIR tcp socket
               (zero-copy send, recv_into): the issue's floor of any ZeroMQ exchange
-  raw exch    every rank sends the message to every other over the same bare sockets, no
-              header, no sum, no deadline: the floor of a direct exchange at this tp
-  zmq tcp     ZmqMesh, transport tcp, algorithm auto
-  zmq shm     ZmqMesh, transport auto (shared memory: all ranks share this host)
+  raw exch    every rank sends the message to every other over bare ZeroMQ PUSH/PULL sockets,
+              no header, no sum, no deadline: the floor of a direct exchange through ZeroMQ
+  tcp         ZmqMesh, transport tcp (data on a plain TCP connection per pair; mesh_stream),
+              algorithm auto: what ranks on different hosts use without CURVE
+  zmq         ZmqMesh, transport zmq (data through the ZeroMQ sockets: what CURVE uses)
+  shm         ZmqMesh, transport auto (shared memory: all ranks share this host)
   gloo        torch.distributed.all_reduce, gloo backend
-With --algorithms, ZmqMesh is also timed with algorithm direct and ring forced (to place the
-switch). p50 and p99 over every rank's samples (raw rtt: rank 0's), a number of repeats fixed
-per size (~budget-s each at a rough cost model, at least 30).
+With --algorithms, ZmqMesh tcp and shm are also timed with algorithm direct and ring forced (to
+place the switch). p50 and p99 over every rank's samples (raw rtt: rank 0's), a number of
+repeats fixed per size (~budget-s each at a rough cost model, at least 30).
 Prints a table with the ratios and the issue's targets, writes bench/results/allreduce.json
 and bench/plots/allreduce.png.
 """
@@ -130,7 +132,8 @@ def rank_main(rank: int, tp: int, ports: dict[str, list[int]], sizes: list[int],
     raw = RawZmq(rank, ports["raw"], ports["rtt"][0])
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{ports['gloo'][0]}",
                             rank=rank, world_size=tp)
-    meshes = {"zmq tcp": {"transport": "tcp"}, "zmq shm": {"transport": "auto"}}
+    meshes = {"tcp": {"transport": "tcp"}, "zmq": {"transport": "zmq"},
+              "shm": {"transport": "auto"}}
     if algorithms:
         for transport in ("tcp", "shm"):
             for algo in ("direct", "ring"):
@@ -164,7 +167,7 @@ def rank_main(rank: int, tp: int, ports: dict[str, list[int]], sizes: list[int],
 def run_tp(tp: int, sizes: list[int], budget_s: float, algorithms: bool) -> dict[str, Any]:
     from tests.procs import free_ports
 
-    names = ["raw", "rtt", "gloo", "zmq tcp", "zmq shm"]
+    names = ["raw", "rtt", "gloo", "tcp", "zmq", "shm"]
     if algorithms:
         names += [f"{t} {a}" for t in ("tcp", "shm") for a in ("direct", "ring")]
     all_ports = free_ports(len(names) * tp)
@@ -204,22 +207,22 @@ def run_tp(tp: int, sizes: list[int], budget_s: float, algorithms: bool) -> dict
 
 def report(runs: list[dict[str, Any]], sizes: list[int]) -> list[str]:
     lines = []
-    shown = ["zmq tcp", "zmq shm", "gloo", "raw rtt", "raw exch"]
+    shown = ["tcp", "zmq", "shm", "gloo", "raw rtt", "raw exch"]
     for run in runs:
         lat = run["latency"]
         lines.append(f"\ntp {run['tp']}  (p50 / p99 µs over all ranks' samples; float32)")
         head = f"{'size':>8} " + "".join(f"{n:>17}" for n in shown + sorted(
             set(lat) - set(shown)))
-        lines.append(head + f"{'tcp/rtt':>9}{'tcp/exch':>9}{'tcp/gloo':>9}{'shm/gloo':>9}")
+        lines.append(head + f"{'tcp/rtt':>9}{'zmq/rtt':>9}{'tcp/gloo':>9}{'shm/gloo':>9}")
         for nbytes in sizes:
             k = str(nbytes)
             cells = "".join(f"{lat[n][k]['p50_us']:>9.0f} /{lat[n][k]['p99_us']:>6.0f}"
                             for n in shown + sorted(set(lat) - set(shown)))
             p50 = {n: lat[n][k]["p50_us"] for n in lat}
-            lines.append(f"{label(nbytes):>8} {cells}{p50['zmq tcp'] / p50['raw rtt']:>9.2f}"
-                         f"{p50['zmq tcp'] / p50['raw exch']:>9.2f}"
-                         f"{p50['zmq tcp'] / p50['gloo']:>9.2f}"
-                         f"{p50['zmq shm'] / p50['gloo']:>9.2f}")
+            lines.append(f"{label(nbytes):>8} {cells}{p50['tcp'] / p50['raw rtt']:>9.2f}"
+                         f"{p50['zmq'] / p50['raw rtt']:>9.2f}"
+                         f"{p50['tcp'] / p50['gloo']:>9.2f}"
+                         f"{p50['shm'] / p50['gloo']:>9.2f}")
     lines.append("\ntargets (p50):")
     for run in runs:
         lat, tp = run["latency"], run["tp"]
@@ -227,15 +230,14 @@ def report(runs: list[dict[str, Any]], sizes: list[int]) -> list[str]:
             p = {n: lat[n][str(nbytes)]["p50_us"] for n in lat}
             checks = []
             if nbytes <= 64 * 1024:
-                checks.append(("tcp <= 1.2 x raw rtt", p["zmq tcp"] <= 1.2 * p["raw rtt"]))
+                checks.append(("tcp <= 1.2 x raw rtt", p["tcp"] <= 1.2 * p["raw rtt"]))
                 if nbytes == 2048 and tp == 2:
-                    checks.append(("shm <= 50 us", p["zmq shm"] <= 50))
+                    checks.append(("shm <= 50 us", p["shm"] <= 50))
             if nbytes >= 1024 ** 2:
                 for t in ("tcp", "shm"):
-                    checks.append((f"{t} bandwidth >= 0.8 x gloo",
-                                   p["gloo"] / p[f"zmq {t}"] >= 0.8))
+                    checks.append((f"{t} bandwidth >= 0.8 x gloo", p["gloo"] / p[t] >= 0.8))
             for t in ("tcp", "shm"):
-                checks.append((f"{t} not slower than gloo", p[f"zmq {t}"] <= p["gloo"]))
+                checks.append((f"{t} not slower than gloo", p[t] <= p["gloo"]))
             lines.append(f"  tp {tp} {label(nbytes):>7}: " + ", ".join(
                 f"{what} {'MET' if ok else 'MISSED'}" for what, ok in checks))
     return lines

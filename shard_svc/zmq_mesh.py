@@ -24,9 +24,9 @@ failure (a peer died, hung past the heartbeat timeout, restarted, aborted, or se
 raises `MeshError` naming the peer, tells the other ranks (ABORT), and leaves the mesh broken:
 every later `all_reduce` raises at once until `reform()` succeeds. `close()` says BYE.
 
-Summation order: direct and shm give `sum_in_rank_order` bit for bit. The tcp ring sums chunk c
-as ((p[c+1] + p[c+2]) + …) + p[c], the same on every rank because only its owner computes it.
-bfloat16 is accumulated in float32 and rounded once.
+Summation order (mesh_algorithms): direct and shm give `sum_in_rank_order` bit for bit. The
+message-passing ring sums chunk c as ((p[c+1] + p[c+2]) + …) + p[c], the same on every rank
+because only its owner computes it. bfloat16 is accumulated in float32 and rounded once.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import contextlib
 import platform
 import secrets
 import time
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 
@@ -43,13 +44,14 @@ import zmq
 import zmq.auth
 
 from shard_svc.mesh import MeshError
+from shard_svc.mesh_algorithms import direct, ring
 from shard_svc.mesh_config import MeshConfig
 from shard_svc.mesh_handshake import Formation, Handshake, Hello, local_hello
 from shard_svc.mesh_inbox import Inbox
 from shard_svc.mesh_shm import SharedSlots
 from shard_svc.mesh_stream import Streams, listen
 from shard_svc.mesh_transport import Links
-from shard_svc.mesh_wire import DTYPE_CODES, HEADER, Algo, Kind, chunk_bounds, control
+from shard_svc.mesh_wire import DTYPE_CODES, HEADER, Algo, Kind, control
 
 __all__ = ["MeshConfig", "MeshError", "ZmqMesh", "create_curve_keys"]
 
@@ -171,13 +173,14 @@ class ZmqMesh:
             assert self._inbox is not None
             self._inbox.start(self._seq)
             if self._shm is not None:
-                ring = self._use_ring(nbytes, self.config.shm_ring_min_bytes)
-                self._seq += self._shm.all_reduce(flat, self._seq, ring, self._inbox.service)
-            elif self._use_ring(nbytes, self.config.ring_min_bytes):
-                self._ring(flat)
-                self._seq += 1
+                use_ring = self._use_ring(nbytes, self.config.shm_ring_min_bytes)
+                self._seq += self._shm.all_reduce(flat, self._seq, use_ring, self._inbox.service)
             else:
-                self._direct(flat)
+                algorithm = ring if self._use_ring(nbytes, self.config.ring_min_bytes) else direct
+                scratch = self._scratch_f32(flat.numel()) if flat.dtype != torch.float32 \
+                    else self._scratch
+                algorithm(flat, self.tp_rank, self.tp_size, partial(self._swap, flat),
+                          self._wait_sent, self._inbox.release, scratch)
                 self._seq += 1
         except MeshError as e:
             self._fail(e)
@@ -224,58 +227,6 @@ class ZmqMesh:
             sender, buf = inbox.take(self._seq, missing, step, nbytes, expect, dest)
             got[sender] = buf
         return got
-
-    def _direct(self, flat: torch.Tensor) -> None:
-        inbox, me, n = self._inbox, self.tp_rank, self.tp_size
-        assert inbox is not None
-        raw = flat.view(torch.uint8)
-        others = [r for r in range(n) if r != me]
-        parts = self._swap(flat, Algo.DIRECT, 0, others, raw, others, raw.numel())
-        self._wait_sent()  # our partial has left before we overwrite it
-        views = [flat if r == me else parts[r].view(flat.dtype) for r in range(n)]
-        if flat.dtype == torch.float32:  # ((p0 + p1) + p2) + … accumulated in place
-            acc = views[0]
-            for r in range(1, n):
-                if r == me:
-                    torch.add(flat, acc, out=flat)  # a + b == b + a exactly
-                    acc = flat
-                else:
-                    acc += views[r]
-        else:
-            acc = self._scratch_f32(flat.numel())
-            acc.copy_(views[0])
-            for view in views[1:]:
-                acc += view
-            flat.copy_(acc)
-        for buf in parts.values():
-            inbox.release(buf)
-
-    def _ring(self, flat: torch.Tensor) -> None:
-        inbox, r, n = self._inbox, self.tp_rank, self.tp_size
-        assert inbox is not None
-        nxt, prv = (r + 1) % n, (r - 1) % n
-        b = chunk_bounds(flat.numel(), n)
-        work = flat if flat.dtype == torch.float32 else self._scratch_f32(flat.numel())
-        if work is not flat:
-            work.copy_(flat)
-        work_bytes, flat_bytes = work.view(torch.uint8), flat.view(torch.uint8)
-        for s in range(n - 1):  # reduce-scatter in float32: after it we own chunk r's sum
-            send, recv = (r - s - 1) % n, (r - s - 2) % n
-            size = (b[send + 1] - b[send]) * 4
-            buf = self._swap(flat, Algo.RING, s, [nxt], work_bytes[b[send] * 4:][:size], [prv],
-                             (b[recv + 1] - b[recv]) * 4)[prv]
-            work[b[recv]:b[recv + 1]] += buf.view(torch.float32)
-            inbox.release(buf)
-        if work is not flat:
-            flat[b[r]:b[r + 1]].copy_(work[b[r]:b[r + 1]])
-        item = flat.element_size()
-        for s in range(n - 1):  # all-gather: each final chunk straight into its place
-            send, recv = (r - s) % n, (r - s - 1) % n
-            size = (b[send + 1] - b[send]) * item
-            dest = flat_bytes[b[recv] * item:b[recv + 1] * item]
-            self._swap(flat, Algo.RING, n - 1 + s, [nxt], flat_bytes[b[send] * item:][:size],
-                       [prv], dest.numel(), dest)
-        self._wait_sent()  # the caller may overwrite the tensor once we return
 
     def _wait_sent(self) -> None:
         """Until libzmq has let go of every zero-copy send (a send to a peer that has gone since,
