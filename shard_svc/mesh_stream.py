@@ -32,6 +32,7 @@ from shard_svc.mesh_wire import HEADER, Header, Kind
 INTRO = struct.Struct("<4sQH")  # magic, formation id, the connecting rank
 MAGIC = b"CMDS"
 LOOK_S = 0.05  # longest wait on the sockets between two looks at ZeroMQ (events, ABORT)
+OPEN_S = 10.0  # every peer is listening once the handshake is done: connecting is quick
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -68,6 +69,7 @@ class Streams:
     def open(cls, listener: socket.socket, addresses: Sequence[str], me: int, formation: int,
              deadline: float, timeout_s: float) -> Streams:
         """Connect to every lower rank, accept every higher one (checking its introduction)."""
+        deadline = min(deadline, time.monotonic() + OPEN_S)
         socks: dict[int, socket.socket] = {}
         try:
             for peer in range(me):
@@ -207,8 +209,9 @@ def _connect(address: str, peer: int, me: int, formation: int, deadline: float) 
             continue
         s.sendall(INTRO.pack(MAGIC, formation, me))
         return s
-    raise MeshError(f"rank {me}: cannot open the data connection to rank {peer} at {address}: "
-                    f"{last}", peer)
+    raise MeshError(f"rank {me}: cannot open the data connection to rank {peer} at {address} "
+                    f"(the port it announced; transport tcp needs every rank to reach every "
+                    f"other there, transport zmq keeps the data on the mesh port): {last}", peer)
 
 
 def _introduction(conn: socket.socket, formation: int, wanted: set[int],
