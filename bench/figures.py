@@ -51,7 +51,7 @@ def plot_tp(tp: dict[str, Any], path: Path) -> None:
     plt = _pyplot()
     rows = tp["rows"]
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    labels = [f"{r['label']}\ntp {r['tp']}, batch {r['batch']}" for r in rows]
+    labels = [f"{r['model']}\ntp {r['tp']}, batch {r['batch']}" for r in rows]
     xs = range(len(rows))
     comp = [r["compute_ms"] for r in rows]
     ar = [r["allreduce_ms"] for r in rows]
