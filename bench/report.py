@@ -65,6 +65,7 @@ def model_section(ml: dict[str, Any], m: dict[str, Any], plots: Path) -> list[st
     settings = "; ".join(f"{label + ': ' if len(runs) > 1 else ''}prompt {p} token ids per "
                          f"sequence, decode {t} tokens, median of {n} repeats"
                          for (p, t, n), label in runs.items())
+    settings = settings[0].upper() + settings[1:]
     out = ["## Model level: prefill and decode (item 1 and 2)", "",
            f"Threads: {ml['threads']} for every system. {settings} "
            "(min–max), each after a warm-up. A decode step advances every sequence of the batch "
@@ -173,7 +174,7 @@ def serving_section(sv: dict[str, Any], plots: Path) -> list[str]:
            f"{sv['output_tokens']} tokens (uniform), greedy, EOS ignored where the server "
            f"allows; each level bounded to {sv['requests']} requests (at least one per user) "
            f"and {sv['duration_s']:.0f} s of issuing. Goodput: requests/s with TTFT <= "
-           f"{sv['slo_ttft_s']} s and mean ITL <= {sv['slo_itl_s']} s. The model: SmolLM2.",
+           f"{sv['slo_ttft_s']} s and mean ITL <= {sv['slo_itl_s']} s. The model: SmolLM2."
            " *Out tok/req*: mean output tokens per request, and the mean asked for.",
            "", "| system | users | ok | errors | out tok/req (asked) | tokens/s | req/s | goodput "
            "req/s | TTFT p50/p90/p99 ms | ITL p50/p90/p99 ms | e2e p50/p90/p99 ms |",
