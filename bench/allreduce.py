@@ -15,9 +15,9 @@ for every size in turn (float32; size in bytes), one after the other:
   zmq         ZmqMesh, transport zmq (data through the ZeroMQ sockets: what CURVE uses)
   shm         ZmqMesh, transport auto (shared memory: all ranks share this host)
   gloo        torch.distributed.all_reduce, gloo backend
-With --algorithms, ZmqMesh tcp and shm are also timed with algorithm direct and ring forced (to
-place the switch). p50 and p99 over every rank's samples (raw rtt: rank 0's), a number of
-repeats fixed per size (~budget-s each at a rough cost model, at least 30).
+With --algorithms, ZmqMesh tcp (direct, scatter, ring) and shm (direct, ring) are also timed
+with the algorithm forced (to place the switch). p50 and p99 over every rank's samples (raw rtt:
+rank 0's), a number of repeats fixed per size (~budget-s each at a rough cost model, >= 30).
 Prints a table with the ratios and the issue's targets, writes bench/results/allreduce.json
 and bench/plots/allreduce.png.
 """
@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 SIZES = ("2K", "8K", "16K", "64K", "256K", "1M", "4M", "16M")
+FORCED = ("tcp direct", "tcp scatter", "tcp ring", "shm direct", "shm ring")  # --algorithms
 
 
 def parse_size(text: str) -> int:
@@ -135,9 +136,9 @@ def rank_main(rank: int, tp: int, ports: dict[str, list[int]], sizes: list[int],
     meshes = {"tcp": {"transport": "tcp"}, "zmq": {"transport": "zmq"},
               "shm": {"transport": "auto"}}
     if algorithms:
-        for transport in ("tcp", "shm"):
-            for algo in ("direct", "ring"):
-                meshes[f"{transport} {algo}"] = {"transport": transport, "algorithm": algo}
+        for name in FORCED:
+            transport, algo = name.split()
+            meshes[name] = {"transport": transport, "algorithm": algo}
     mesh = {}
     for name, overrides in meshes.items():
         peers = tuple(f"127.0.0.1:{p}" for p in ports[name])
@@ -169,7 +170,7 @@ def run_tp(tp: int, sizes: list[int], budget_s: float, algorithms: bool) -> dict
 
     names = ["raw", "rtt", "gloo", "tcp", "zmq", "shm"]
     if algorithms:
-        names += [f"{t} {a}" for t in ("tcp", "shm") for a in ("direct", "ring")]
+        names += list(FORCED)
     all_ports = free_ports(len(names) * tp)
     ports = {n: all_ports[i * tp:(i + 1) * tp] for i, n in enumerate(names)}
     ctx = mp.get_context("spawn")

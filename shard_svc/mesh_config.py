@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TRANSPORTS = ("auto", "tcp", "zmq", "ipc", "shm")
-ALGORITHMS = ("auto", "direct", "ring")
+ALGORITHMS = ("auto", "direct", "scatter", "ring")
 MAX_TP_SIZE = 16
 
 
@@ -27,7 +27,9 @@ class MeshConfig:
     # host, else tcp, or zmq with CURVE.
     transport: str = "auto"
     stream_port: int = 0  # tcp: where our data listener binds (0: a port the kernel picks)
-    algorithm: str = "auto"  # auto: direct below ring_min_bytes (shm_ring_min_bytes), else ring
+    # auto: direct below ring_min_bytes, else scatter; on shm: direct below shm_ring_min_bytes,
+    # else its ring (see mesh_algorithms, mesh_shm)
+    algorithm: str = "auto"
     ring_min_bytes: int = 1024 * 1024  # tcp/ipc; placed with bench/allreduce.py --algorithms
     shm_ring_min_bytes: int = 256 * 1024  # likewise
     form_timeout_s: float = 120.0  # forming the mesh (all peers answered and agreed)

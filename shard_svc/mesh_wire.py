@@ -38,6 +38,7 @@ class Algo(IntEnum):
     NONE = 0
     DIRECT = 1  # every rank sends its partial to every other
     RING = 2  # reduce-scatter then all-gather around the ring
+    SCATTER = 3  # reduce-scatter then all-gather, each one direct exchange
 
 
 class Header(NamedTuple):

@@ -35,6 +35,7 @@ import contextlib
 import platform
 import secrets
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from types import TracebackType
@@ -44,7 +45,7 @@ import zmq
 import zmq.auth
 
 from shard_svc.mesh import MeshError
-from shard_svc.mesh_algorithms import direct, ring
+from shard_svc.mesh_algorithms import Recvs, Sends, direct, ring, scatter
 from shard_svc.mesh_config import MeshConfig
 from shard_svc.mesh_handshake import Formation, Handshake, Hello, local_hello
 from shard_svc.mesh_inbox import Inbox
@@ -176,7 +177,7 @@ class ZmqMesh:
                 use_ring = self._use_ring(nbytes, self.config.shm_ring_min_bytes)
                 self._seq += self._shm.all_reduce(flat, self._seq, use_ring, self._inbox.service)
             else:
-                algorithm = ring if self._use_ring(nbytes, self.config.ring_min_bytes) else direct
+                algorithm = self._algorithm(nbytes)
                 scratch = self._scratch_f32(flat.numel()) if flat.dtype != torch.float32 \
                     else self._scratch
                 algorithm(flat, self.tp_rank, self.tp_size, partial(self._swap, flat),
@@ -192,41 +193,44 @@ class ZmqMesh:
         return tensor
 
     def _use_ring(self, nbytes: int, threshold: int) -> bool:
+        """Shared memory: its ring (forced as ring or scatter) or its direct sum."""
         algorithm = self.config.algorithm
-        return algorithm == "ring" or (algorithm == "auto" and nbytes >= threshold)
+        return algorithm in ("ring", "scatter") or (algorithm == "auto" and nbytes >= threshold)
+
+    def _algorithm(self, nbytes: int) -> Callable[..., None]:
+        """Message passing: as configured; auto: direct below ring_min_bytes, else scatter."""
+        chosen = self.config.algorithm
+        if chosen == "auto":
+            chosen = "scatter" if nbytes >= self.config.ring_min_bytes else "direct"
+        return {"direct": direct, "ring": ring, "scatter": scatter}[chosen]
 
     def _header(self, flat: torch.Tensor, step: int, algo: Algo, nbytes: int) -> bytes:
         assert self._formation is not None
         return HEADER.pack(Kind.DATA, DTYPE_CODES[flat.dtype], self.tp_rank, step, algo,
                            self._formation.formation, self._seq, flat.numel(), nbytes)
 
-    def _swap(self, flat: torch.Tensor, algo: Algo, step: int, send_to: list[int],
-              payload: torch.Tensor, recv_from: list[int], nbytes: int,
-              dest: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
-        """Send `payload` (uint8) to `send_to` and receive message `step` of this collective
-        from each of `recv_from` (`nbytes` each, into `dest` if given, else pooled buffers to
-        `release`). Over ZeroMQ, a large send may still be in flight: see `_wait_sent`."""
+    def _swap(self, flat: torch.Tensor, algo: Algo, step: int, sends: Sends, recvs: Recvs
+              ) -> dict[int, torch.Tensor]:
+        """Send each (peer, uint8 payload) and receive message `step` of this collective from
+        each (peer, nbytes, destination or None: a pooled buffer to `release`). Over ZeroMQ, a
+        large send may still be in flight: see `_wait_sent`."""
         inbox = self._inbox
         assert inbox is not None
-        header = self._header(flat, step, algo, payload.numel())
-        data = memoryview(payload.numpy())
+        out = [(p, self._header(flat, step, algo, x.numel()), memoryview(x.numpy()))
+               for p, x in sends]
         if self._streams is not None:
-            bufs = {p: dest if dest is not None else inbox.buffer(nbytes) for p in recv_from}
-            fields = (DTYPE_CODES[flat.dtype], step, algo, self._seq, flat.numel(), nbytes)
-            self._streams.exchange([(p, header, data) for p in send_to],
-                                   [(p, memoryview(bufs[p].numpy()), fields) for p in recv_from],
-                                   inbox.service)
+            bufs = {p: dest if dest is not None else inbox.buffer(nb) for p, nb, dest in recvs}
+            code, seq = DTYPE_CODES[flat.dtype], self._seq
+            self._streams.exchange(out, [
+                (p, memoryview(bufs[p].numpy()), (code, step, algo, seq, flat.numel(), nb))
+                for p, nb, _ in recvs], inbox.service)
             return bufs
         links = self._links
         assert links is not None
-        self._trackers += [(p, links.send_data(p, header, data)) for p in send_to]
+        self._trackers += [(p, links.send_data(p, header, data)) for p, header, data in out]
         expect = (flat.numel(), DTYPE_CODES[flat.dtype], algo)
-        got: dict[int, torch.Tensor] = {}
-        while len(got) < len(recv_from):
-            missing = [r for r in recv_from if r not in got]
-            sender, buf = inbox.take(self._seq, missing, step, nbytes, expect, dest)
-            got[sender] = buf
-        return got
+        return {p: inbox.take(self._seq, [p], step, nb, expect, dest)[1]
+                for p, nb, dest in recvs}
 
     def _wait_sent(self) -> None:
         """Until libzmq has let go of every zero-copy send (a send to a peer that has gone since,

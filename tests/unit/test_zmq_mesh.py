@@ -1,5 +1,5 @@
 """ZmqMesh sums correctly: 2-4 real processes on loopback, every size, both dtypes, every data
-path (tcp streams, ZeroMQ, shared memory), direct and ring; every rank ends with the same bits."""
+path (tcp streams, ZeroMQ, shared memory), every algorithm; every rank ends with the same bits."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ from shard_svc.zmq_mesh import ZmqMesh
 from tests.mesh_procs import SIZES, ports, rank_matrix, ranks
 
 MESHES = [("tcp-direct", {"transport": "tcp", "algorithm": "direct"}),
+          ("tcp-scatter", {"transport": "tcp", "algorithm": "scatter"}),
           ("tcp-ring", {"transport": "tcp", "algorithm": "ring"}),
           ("zmq-direct", {"transport": "zmq", "algorithm": "direct"}),
+          ("zmq-scatter", {"transport": "zmq", "algorithm": "scatter"}),
           ("zmq-ring", {"transport": "zmq", "algorithm": "ring"}),
           ("shm-direct", {"transport": "shm", "algorithm": "direct"}),
           ("shm-ring", {"transport": "shm", "algorithm": "ring"})]
