@@ -252,8 +252,10 @@ def plot(runs: list[dict[str, Any]], sizes: list[int], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4.5), squeeze=False)
     for ax, run in zip(axes[0], runs, strict=True):
-        for name, rows in sorted(run["latency"].items()):
-            ax.plot(sizes, [rows[str(s)]["p50_us"] for s in sizes], marker="o", label=name)
+        colors = plt.get_cmap("tab20").colors
+        for i, (name, rows) in enumerate(sorted(run["latency"].items())):
+            ax.plot(sizes, [rows[str(s)]["p50_us"] for s in sizes], marker="o", label=name,
+                    color=colors[i % len(colors)], linestyle="--" if name in FORCED else "-")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(sizes, [label(s) for s in sizes], fontsize=7)
