@@ -40,7 +40,9 @@ class Plan:
     serving_duration_s: float = 60.0
     serving_output: str = "16:48"
     multihost_rates: tuple[str, ...] = ("10gbit", "25gbit")
-    multihost_steps: int = 16
+    multihost_steps: int = 32
+    multihost_delays_us: tuple[float, ...] = multihost.DELAYS_US
+    multihost_baseline: bool = True  # the loopback group (tcp) beside the emulated links
     cache: Path = Path.home() / ".cache" / "cpumesh" / "bench"
     command: str = "make bench"
     peers: bool = True  # llama.cpp rows, where llama-cpp-python is installed
@@ -54,8 +56,8 @@ def full_plan(cache: Path, with_1b: bool = True) -> Plan:
 def quick_plan(cache: Path) -> Plan:
     return Plan(Path("build/bench-quick"), (smollm2(),), smollm2(), tokens=16, repeats=2,
                 tp_steps=16, users=(1, 4), serving_requests=16, serving_duration_s=15.0,
-                multihost_rates=("10gbit",), multihost_steps=8, cache=cache,
-                command="make bench-quick")
+                multihost_rates=("10gbit",), multihost_steps=8, multihost_delays_us=(200.0,),
+                cache=cache, command="make bench-quick")
 
 
 def llama_cpp_ready(plan: Plan) -> bool:
@@ -140,8 +142,9 @@ def run_plan(plan: Plan, only: set[str] | None = None) -> Path:
         "machine": lambda: machine.describe(),
         "model_level": lambda: stage_model_level(plan, cores),
         "tp_scaling": lambda: stage_tp(plan, cores),
-        "multihost": lambda: multihost.run(plan.serving_model.model_dir, plan.multihost_rates,
-                                           plan.multihost_steps),
+        "multihost": lambda: multihost.run(
+            plan.serving_model.model_dir, plan.multihost_rates, plan.multihost_steps,
+            plan.multihost_delays_us, plan.multihost_baseline),
         "serving": lambda: serving.run(
             plan.serving_model.model_dir, _serving_gguf(plan), cores, list(plan.users),
             plan.serving_requests, plan.serving_duration_s, output=plan.serving_output),

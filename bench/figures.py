@@ -107,3 +107,26 @@ def plot_projection(p: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_multihost(mh: dict[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4.2))
+    for rate in dict.fromkeys(r["rate"] for r in mh["sweep"]):
+        rows = [r for r in mh["sweep"] if r["rate"] == rate]
+        xs = [r["delay_us"] for r in rows]
+        a1.plot(xs, [r["wall_ms"] for r in rows], "o-", label=f"{rate} (tbf)")
+        a2.plot(xs, [r["allreduce_ms"] for r in rows], "o-", label=f"{rate} (tbf)")
+    if mh.get("baseline"):
+        for ax, key in ((a1, "wall_ms"), (a2, "allreduce_ms")):
+            ax.axhline(mh["baseline"][key], color="grey", ls="--", label="loopback, no relay")
+    a1.set_ylabel("ms per token (tp 2, batch 1)")
+    a2.set_ylabel("allreduce wait per step, ms")
+    for ax in (a1, a2):
+        ax.set_xlabel("one-way link delay, µs (user-space relay)")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=7)
+    a1.set_title("Decode vs emulated link delay", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -29,23 +29,31 @@ def run(model_dir: Path, tp: int, batch: int, steps: int, cores: int) -> dict[st
                                                           "--kv-capacity-tokens", "8192")) \
             as (_, addrs):
         group = ShardGroup(addrs)
-        prompt = list(range(100, 132))  # valid in any vocabulary of 132+ tokens
-        chosen = group.step(shard_pb2.StepRequest(step_id=1, prefill=[
-            shard_pb2.PrefillSeq(seq_id=i, token_ids=prompt, top_k=1) for i in range(batch)]))
-        walls, compute, allreduce = [], [], []
-        for s in range(steps):
-            request = shard_pb2.StepRequest(step_id=s + 2, extend=[
-                shard_pb2.ExtendSeq(seq_id=i, token_id=chosen[i], top_k=1) for i in range(batch)])
-            t0 = time.perf_counter()
-            responses = group.call("Step", request)
-            walls.append(time.perf_counter() - t0)
-            compute.append(statistics.mean(r.compute_s for r in responses))
-            allreduce.append(statistics.mean(r.allreduce_s for r in responses))
-            chosen = {r.seq_id: r.token_ids[0] for r in responses[0].results}  # rank 0's pick
+        r = measure(group, batch, steps)
         group.close()
+    return {"tp": tp, "batch": batch, "threads_per_shard": threads, **r}
+
+
+def measure(group: ShardGroup, batch: int, steps: int) -> dict[str, float]:
+    """Prefill `batch` sequences, time `steps` decode steps, release them; medians in ms."""
+    step_id = group.call("Info", shard_pb2.ShardInfoRequest())[0].next_step_id
+    prompt = list(range(100, 132))  # valid in any vocabulary of 132+ tokens
+    chosen = group.step(shard_pb2.StepRequest(step_id=step_id, prefill=[
+        shard_pb2.PrefillSeq(seq_id=i, token_ids=prompt, top_k=1) for i in range(batch)]))
+    walls, compute, allreduce = [], [], []
+    for s in range(steps):
+        request = shard_pb2.StepRequest(step_id=step_id + 1 + s, extend=[
+            shard_pb2.ExtendSeq(seq_id=i, token_id=chosen[i], top_k=1) for i in range(batch)])
+        t0 = time.perf_counter()
+        responses = group.call("Step", request)
+        walls.append(time.perf_counter() - t0)
+        compute.append(statistics.mean(r.compute_s for r in responses))
+        allreduce.append(statistics.mean(r.allreduce_s for r in responses))
+        chosen = {r.seq_id: r.token_ids[0] for r in responses[0].results}  # rank 0's pick
+    group.call("Release", shard_pb2.ReleaseRequest(seq_ids=list(range(batch))))
     wall, comp, ar = (statistics.median(x) * 1e3 for x in (walls, compute, allreduce))
-    return {"tp": tp, "batch": batch, "threads_per_shard": threads, "wall_ms": wall,
-            "compute_ms": comp, "allreduce_ms": ar, "other_ms": wall - comp - ar}
+    return {"wall_ms": wall, "compute_ms": comp, "allreduce_ms": ar,
+            "other_ms": wall - comp - ar}
 
 
 def main(argv: list[str] | None = None) -> None:

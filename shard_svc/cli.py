@@ -8,7 +8,7 @@ import os
 import socket
 from pathlib import Path
 
-from shard_svc.config import ShardConfig, rank_from_hostname
+from shard_svc.config import MESH_TRANSPORTS, ShardConfig, rank_from_hostname
 
 
 def cli_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,6 +28,12 @@ def cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-page-size", type=int, default=16)
     p.add_argument("--max-context", type=int, help="default: the model's context length")
     p.add_argument("--mesh-name", default="cpumesh")
+    p.add_argument("--mesh-listen",
+                   help="bind the mesh here (host:port; default: our --peers entry)")
+    p.add_argument("--mesh-transport", default="auto", choices=MESH_TRANSPORTS,
+                   help="auto: shm when every rank is on one host, else tcp (zmq with CURVE)")
+    p.add_argument("--mesh-stream-port", type=int, default=0,
+                   help="tcp transport: our data listener's port (default: any free one)")
     p.add_argument("--mesh-timeout", type=float, default=120.0,
                    help="seconds to wait for every peer when forming the mesh")
     p.add_argument("--drain-grace", type=float, default=10.0)
@@ -59,7 +65,9 @@ def build_config(args: argparse.Namespace) -> ShardConfig:
         listen=args.listen, health_listen=args.health_listen, threads=threads,
         dtype=args.dtype, kv_capacity_tokens=args.kv_capacity_tokens,
         kv_page_size=args.kv_page_size, max_context=args.max_context,
-        mesh_name=args.mesh_name, mesh_timeout_s=args.mesh_timeout,
+        mesh_name=args.mesh_name, mesh_listen=args.mesh_listen,
+        mesh_transport=args.mesh_transport, mesh_stream_port=args.mesh_stream_port,
+        mesh_timeout_s=args.mesh_timeout,
         drain_grace_s=args.drain_grace, tls_cert=args.tls_cert, tls_key=args.tls_key,
         tls_ca=args.tls_ca, curve_secret_key=args.curve_secret_key,
         curve_public_keys=args.curve_public_keys)

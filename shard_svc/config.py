@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from shard_svc.mesh_config import TRANSPORTS as MESH_TRANSPORTS
+
 DTYPES = ("float32", "bfloat16")
 
 
@@ -22,6 +24,9 @@ class ShardConfig:
     kv_page_size: int = 16
     max_context: int | None = None  # default: the model's max_position_embeddings
     mesh_name: str = "cpumesh"
+    mesh_listen: str | None = None  # bind the mesh here; default: our peers entry
+    mesh_transport: str = "auto"  # see MeshConfig.transport
+    mesh_stream_port: int = 0  # tcp transport: our data listener's port (0: any free one)
     mesh_timeout_s: float = 120.0  # forming the mesh
     drain_grace_s: float = 10.0
     tls_cert: Path | None = None
@@ -38,10 +43,15 @@ class ShardConfig:
         if len(self.peers) != self.tp_size:
             raise ValueError(
                 f"peers lists {len(self.peers)} addresses but tp_size is {self.tp_size}")
-        for peer in self.peers:
+        for peer in (*self.peers, *([self.mesh_listen] if self.mesh_listen else [])):
             host, _, port = peer.rpartition(":")
             if not host or not port.isdigit():
                 raise ValueError(f"peer {peer!r} is not host:port")
+        if self.mesh_transport not in MESH_TRANSPORTS:
+            raise ValueError(f"mesh_transport must be one of {MESH_TRANSPORTS}, "
+                             f"got {self.mesh_transport!r}")
+        if not 0 <= self.mesh_stream_port < 65536:
+            raise ValueError(f"mesh_stream_port must be in 0..65535, got {self.mesh_stream_port}")
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.dtype not in DTYPES:

@@ -40,7 +40,9 @@ def open_mesh(config: ShardConfig, fingerprint: str) -> Any:
 
     return ZmqMesh(MeshConfig(
         mesh_name=config.mesh_name, tp_rank=config.tp_rank, tp_size=config.tp_size,
-        peers=config.peers, fingerprint=fingerprint, form_timeout_s=config.mesh_timeout_s,
+        peers=config.peers, fingerprint=fingerprint, listen=config.mesh_listen,
+        transport=config.mesh_transport, stream_port=config.mesh_stream_port,
+        form_timeout_s=config.mesh_timeout_s,
         curve_secret_key=config.curve_secret_key, curve_public_keys=config.curve_public_keys))
 
 

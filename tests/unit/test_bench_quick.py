@@ -22,6 +22,7 @@ def test_bench_quick_paths(tmp_path: Path) -> None:
     plan = Plan(tmp_path / "out", (tiny,), smollm2(), batches=(2,), tokens=3, repeats=1,
                 tp_steps=2, users=(2,), serving_requests=2, serving_duration_s=10.0,
                 serving_output="3", multihost_rates=quick.multihost_rates, multihost_steps=2,
+                multihost_delays_us=quick.multihost_delays_us,
                 cache=tmp_path / "cache", command="test", peers=False)
     md = run_plan(plan).read_text()
     results = tmp_path / "out" / "results"
@@ -34,8 +35,12 @@ def test_bench_quick_paths(tmp_path: Path) -> None:
     for rows in serving["systems"].values():
         assert rows[0]["ok"] == 2 and rows[0]["output_tokens"] == 6
         assert rows[0]["length_mismatches"] == 0
-    for heading in ("## Machine", "### Headline", "## Tensor-parallel", "Qwen2-72B",
-                    "## Service-level"):
+    mh = json.loads((results / "multihost.json").read_text())
+    assert mh["baseline"]["wall_ms"] > 0
+    assert mh["skipped"] or [(r["rate"], r["delay_us"]) for r in mh["sweep"]] == [
+        ("10gbit", 200.0)]  # where namespaces are not allowed, the reason is recorded
+    for heading in ("## Machine", "### Headline", "## Tensor-parallel", "## Multi-host",
+                    "Qwen2-72B", "## Service-level"):
         assert heading in md
     for png in ("decode", "tp_scaling", "projection", "serving"):
         assert (tmp_path / "out" / "plots" / f"{png}.png").stat().st_size > 1000
