@@ -131,7 +131,7 @@ class Handshake:
             return
         if header.kind == Kind.HELLO:
             frame = self.links.recv_frame()
-            user = frame.get("User-Id") if self.cfg.curve else None
+            user = str(frame.get("User-Id")) if self.cfg.curve else None
             self.links.skip_rest()
             body = parse_body(frame.bytes)
             if body is not None:
@@ -151,7 +151,7 @@ class Handshake:
                 and header.formation == self.formation.formation:
             # The sender already had every READY and started the first collective: keep it.
             buf = torch.empty(header.nbytes, dtype=torch.uint8)
-            got = self.links.recv_into(memoryview(buf.numpy()))
+            got = self.links.recv_into(buf.numpy().data)
             self.links.skip_rest()
             if got == header.nbytes:
                 self.early.append((header, buf))

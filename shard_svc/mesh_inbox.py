@@ -107,7 +107,7 @@ class Inbox:
             self.links.skip_rest()
             return None
         buf = into if into is not None else self.buffer(header.nbytes)
-        got = self.links.recv_into(memoryview(buf.numpy()))
+        got = self.links.recv_into(buf.numpy().data)
         self.links.skip_rest()
         if got != header.nbytes:
             raise MeshError(f"rank {header.sender} sent {got} bytes, its header says "

@@ -85,12 +85,12 @@ class Streams:
                     conn, _ = listener.accept()
                 except TimeoutError:
                     continue
-                peer = _introduction(conn, formation, wanted, deadline)
-                if peer is None:
+                claimed = _introduction(conn, formation, wanted, deadline)
+                if claimed is None:
                     conn.close()  # a stranger, or a connection meant for another formation
                 else:
-                    socks[peer] = conn
-                    wanted.discard(peer)
+                    socks[claimed] = conn
+                    wanted.discard(claimed)
         except BaseException:
             for s in socks.values():
                 s.close()

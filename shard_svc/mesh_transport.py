@@ -21,10 +21,11 @@ from zmq.utils.monitor import recv_monitor_message
 from shard_svc.mesh import MeshError
 from shard_svc.mesh_config import MeshConfig
 
-LOST = {zmq.EVENT_DISCONNECTED: "disconnected (dead, or silent past the heartbeat timeout)",
-        zmq.EVENT_HANDSHAKE_FAILED_AUTH: "refused our CURVE key",
-        zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "failed the ZeroMQ handshake",
-        zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "failed the ZeroMQ handshake"}
+LOST: dict[int, str] = {
+    zmq.EVENT_DISCONNECTED: "disconnected (dead, or silent past the heartbeat timeout)",
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "refused our CURVE key",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "failed the ZeroMQ handshake",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "failed the ZeroMQ handshake"}
 PUSH_EVENTS = (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
                | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 ZERO_COPY_MIN_BYTES = 512 * 1024  # smaller payloads are copied (see send_data)
@@ -44,7 +45,7 @@ class PeerEvent:
         who = f"rank {self.peer}" if self.peer is not None else "an unknown peer"
         if self.peer is None and self.event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
             return "a peer with an unknown CURVE key was refused"
-        return f"{who} {LOST.get(self.event, zmq.Event(self.event).name)}"
+        return f"{who} {LOST.get(self.event) or zmq.Event(self.event).name}"
 
 
 def curve_keys(directory: Path, tp_size: int) -> dict[int, bytes]:

@@ -56,7 +56,11 @@ def make_batch(steps: Sequence[tuple[int, Sequence[int]]], cache: KVCache) -> Ba
     back to their earlier lengths.
     """
     dtype = cache.k.dtype
-    tokens, positions, writes, spans, last = [], [], [], [], []
+    tokens: list[int] = []
+    positions: list[torch.Tensor] = []
+    writes: list[torch.Tensor] = []
+    spans: list[SeqSpan] = []
+    last: list[int] = []
     n = 0
     for seq_id, ids in steps:
         cached = cache.length(seq_id)

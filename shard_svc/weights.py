@@ -61,7 +61,7 @@ class SafetensorsReader:
             raise CheckpointError(f"checkpoint has no tensor {name!r}") from None
         np_dtype, torch_dtype = _DTYPES[e.dtype]
         mapped = np.memmap(e.file, dtype=np_dtype, mode="r", offset=e.offset, shape=e.shape)
-        part = mapped
+        part: np.ndarray = mapped
         if rows is not None:
             part = part[rows[0]:rows[1]]
         if cols is not None:

@@ -216,13 +216,13 @@ class ZmqMesh:
         large send may still be in flight: see `_wait_sent`."""
         inbox = self._inbox
         assert inbox is not None
-        out = [(p, self._header(flat, step, algo, x.numel()), memoryview(x.numpy()))
+        out = [(p, self._header(flat, step, algo, x.numel()), x.numpy().data)
                for p, x in sends]
         if self._streams is not None:
             bufs = {p: dest if dest is not None else inbox.buffer(nb) for p, nb, dest in recvs}
             code, seq = DTYPE_CODES[flat.dtype], self._seq
             self._streams.exchange(out, [
-                (p, memoryview(bufs[p].numpy()), (code, step, algo, seq, flat.numel(), nb))
+                (p, bufs[p].numpy().data, (code, step, algo, seq, flat.numel(), nb))
                 for p, nb, _ in recvs], inbox.service)
             return bufs
         links = self._links
