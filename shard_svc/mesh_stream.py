@@ -104,8 +104,9 @@ class Streams:
                  recvs: Sequence[tuple[int, memoryview, tuple[int, ...]]],
                  look: Callable[[list[int]], None]) -> None:
         """Send each (peer, header, payload) and receive each (peer, destination, expected
-        header fields from `kind` to `nbytes`) concurrently, within `timeout_s`; `look(peers)`
-        runs between waits and raises if ZeroMQ reports one of them lost, or an ABORT."""
+        header fields dtype, step, algo, seq, numel, nbytes) concurrently, within `timeout_s`;
+        `look(peers)` runs between waits and raises if ZeroMQ reports one of them lost, or an
+        ABORT. (Trying each receive before the first wait was measured slower at tp 4.)"""
         pending = [_Transfer(p, [memoryview(h), payload]) for p, h, payload in sends]
         pending = [t for t in pending if not self._send(t)]  # most leave at once
         for peer, dest, expect in recvs:
