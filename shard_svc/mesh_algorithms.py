@@ -9,7 +9,7 @@ sends each payload to its peer and receives message `step` of the collective fro
 `wait_sent()` returns once no send still reads the caller's memory.
 
 direct:  every rank sends its partial to every other, then sums all partials in rank order,
-         ((p0 + p1) + p2) + …: the same bits on every rank (and as shm's `sum_in_rank_order`).
+         ((p0 + p1) + p2) + …: the same bits on every rank (and as mesh.sum_in_rank_order).
 scatter: reduce-scatter then all-gather, each in one direct exchange: rank c receives chunk c of
          every partial, sums it in rank order as above, and sends the sum to every rank. Each
          rank sends 2(n-1)/n of the tensor (the ring's volume) in two rounds instead of 2(n-1).
@@ -36,7 +36,7 @@ class Swap(Protocol):
                  ) -> dict[int, torch.Tensor]: ...
 
 
-def sum_in_rank_order(out: torch.Tensor, views: list[torch.Tensor], me: int,
+def add_in_rank_order(out: torch.Tensor, views: list[torch.Tensor], me: int,
                       scratch: torch.Tensor) -> None:
     """out = ((v0 + v1) + v2) + …, where views[me] is `out` itself; bfloat16 through the
     float32 `scratch` (as many elements as `out`)."""
@@ -62,7 +62,7 @@ def direct(flat: torch.Tensor, me: int, n: int, swap: Swap, wait_sent: Callable[
     parts = swap(Algo.DIRECT, 0, [(q, raw) for q in others],
                  [(q, raw.numel(), None) for q in others])
     wait_sent()  # our partial has left before we overwrite it
-    sum_in_rank_order(flat, [flat if r == me else parts[r].view(flat.dtype) for r in range(n)],
+    add_in_rank_order(flat, [flat if r == me else parts[r].view(flat.dtype) for r in range(n)],
                       me, scratch)
     for buf in parts.values():
         release(buf)
@@ -80,7 +80,7 @@ def scatter(flat: torch.Tensor, me: int, n: int, swap: Swap, wait_sent: Callable
     mine = flat[b[me]:b[me + 1]]  # never sent in the first round: summed in place
     parts = swap(Algo.SCATTER, 0, [(q, chunk(q)) for q in others],
                  [(q, chunk(me).numel(), None) for q in others])
-    sum_in_rank_order(mine, [mine if r == me else parts[r].view(flat.dtype) for r in range(n)],
+    add_in_rank_order(mine, [mine if r == me else parts[r].view(flat.dtype) for r in range(n)],
                       me, scratch[:mine.numel()])
     for buf in parts.values():
         release(buf)

@@ -95,6 +95,11 @@ class MeshConfig:
         return self.curve_secret_key is not None
 
     @property
+    def ipv6(self) -> bool:
+        """Whether any mesh address is an IPv6 literal ("[::1]:5555")."""
+        return any(a.startswith("[") for a in (*self.peers, self.listen or ""))
+
+    @property
     def offers_streams(self) -> bool:
         """Whether this rank opens a tcp data listener (used when no shared memory is)."""
         return self.transport == "tcp" or (self.transport == "auto" and not self.curve)

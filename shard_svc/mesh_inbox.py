@@ -26,6 +26,7 @@ EVENT_SLICE_S = 0.05  # longest blocking receive between two looks at the peers'
 class Inbox:
     def __init__(self, links: Links, formation: Formation, recv_timeout_s: float,
                  early: Sequence[tuple[Header, torch.Tensor]] = ()) -> None:
+        self.data_on_zmq = not (formation.shm or formation.streams)  # else DATA here is noise
         self.links = links
         self.me = links.me
         self.formation = formation
@@ -134,8 +135,10 @@ class Inbox:
             header = Header.unpack(raw)
             if header is None or header.kind != Kind.DATA:
                 self._control(header)
-            else:  # a fast peer's next message (tcp), kept for its collective
+            elif self.data_on_zmq:  # a fast peer's next message, kept for its collective
                 self._receive(header)
+            else:
+                self.links.skip_rest()
         self.check(needed)
 
     def farewell(self, timeout_s: float) -> None:
@@ -169,8 +172,9 @@ class Inbox:
             return
         if header.kind == Kind.ABORT:
             failed = body.get("failed")
+            culprit = failed if isinstance(failed, int) and failed != self.me else sender
             raise MeshError(f"rank {self.me}: rank {sender} aborted collective {header.seq}: "
-                            f"{body.get('reason')}", failed if isinstance(failed, int) else sender)
+                            f"{body.get('reason')}", culprit)
         if header.kind == Kind.BYE:
             self.gone[sender] = "closed the mesh"
 

@@ -117,6 +117,7 @@ class Links:
         sock.heartbeat_ttl = max(100, int(cfg.heartbeat_timeout_s * 1000) // 100 * 100)
         sock.reconnect_ivl = 100
         sock.copy_threshold = ZERO_COPY_MIN_BYTES  # pyzmq's own switch to zero copy
+        sock.ipv6 = cfg.ipv6
         return sock
 
     def _bind(self, deadline: float) -> None:

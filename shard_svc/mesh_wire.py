@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import torch
 
 HEADER = struct.Struct("<BBHHBxQQQQ")  # see Header
-WIRE_VERSION = 1
+WIRE_VERSION = 2  # 2: HELLO offers a tcp data listener; Algo.SCATTER
 
 
 class Kind(IntEnum):

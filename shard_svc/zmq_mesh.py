@@ -14,7 +14,9 @@ Glossary (the words used here and in every mesh_* module):
 | seq         | a collective's number within a formation; in every message                   |
 | step        | a message's index within one collective                                      |
 | direct      | every rank sends its partial to every other, then sums all in rank order     |
-| ring        | reduce-scatter then all-gather; chunk c is reduced by its owner, rank c      |
+| scatter     | reduce-scatter then all-gather, each one direct exchange; chunk c is summed  |
+|             | in rank order by its owner, rank c                                           |
+| ring        | reduce-scatter then all-gather around the ring, chunk c owned by rank c      |
 | transport   | how DATA travels: shm (one host), tcp (plain sockets), zmq or ipc (ZeroMQ);  |
 |             | control always uses ZeroMQ                                                   |
 
@@ -22,9 +24,10 @@ Lifecycle: `ZmqMesh(config)` forms the mesh (binds, connects, handshakes; `MeshE
 `form_timeout_s` listing who never answered or was refused). `all_reduce` sums in place. Any
 failure (a peer died, hung past the heartbeat timeout, restarted, aborted, or sent nonsense)
 raises `MeshError` naming the peer, tells the other ranks (ABORT), and leaves the mesh broken:
-every later `all_reduce` raises at once until `reform()` succeeds. `close()` says BYE.
+every later `all_reduce` raises at once until `reform()` succeeds; the tensor that was being
+reduced then holds undefined values. `close()` says BYE.
 
-Summation order (mesh_algorithms): direct and shm give `sum_in_rank_order` bit for bit. The
+Summation order (mesh_algorithms): direct, scatter and shm give `sum_in_rank_order` bit for bit. The
 message-passing ring sums chunk c as ((p[c+1] + p[c+2]) + …) + p[c], the same on every rank
 because only its owner computes it. bfloat16 is accumulated in float32 and rounded once.
 """
@@ -50,7 +53,8 @@ from shard_svc.mesh_config import MeshConfig
 from shard_svc.mesh_handshake import Formation, Handshake, Hello, local_hello
 from shard_svc.mesh_inbox import Inbox
 from shard_svc.mesh_shm import SharedSlots
-from shard_svc.mesh_stream import Streams, listen
+from shard_svc.mesh_stream import Streams
+from shard_svc.mesh_stream_open import listen
 from shard_svc.mesh_transport import Links
 from shard_svc.mesh_wire import DTYPE_CODES, HEADER, Algo, Kind, control
 
@@ -193,7 +197,8 @@ class ZmqMesh:
         return tensor
 
     def _use_ring(self, nbytes: int, threshold: int) -> bool:
-        """Shared memory: its ring (forced as ring or scatter) or its direct sum."""
+        """Shared memory: its ring (also when scatter is forced: shm has no scatter) or its
+        direct sum."""
         algorithm = self.config.algorithm
         return algorithm in ("ring", "scatter") or (algorithm == "auto" and nbytes >= threshold)
 
@@ -255,14 +260,14 @@ class ZmqMesh:
         return self._scratch[:numel]
 
     def _fail(self, error: MeshError) -> None:
-        """Mark the mesh broken and tell every other rank to abandon this collective."""
+        """Mark the mesh broken and tell every other rank to abandon this collective (the
+        failed one too: it may be alive, e.g. late, and would otherwise wait for our data)."""
         self._broken = error
         if self._links is not None and self._formation is not None:
             for peer in self._links.others:
-                if peer != error.peer:
-                    self._links.send(peer, control(
-                        Kind.ABORT, self.tp_rank, self._formation.formation, self._seq,
-                        failed=error.peer, reason=str(error)))
+                self._links.send(peer, control(
+                    Kind.ABORT, self.tp_rank, self._formation.formation, self._seq,
+                    failed=error.peer, reason=str(error)))
 
     def _teardown(self, linger_s: float = 0.0) -> None:
         if self._links is not None:
@@ -272,6 +277,7 @@ class ZmqMesh:
         if self._streams is not None:
             self._streams.close()
         self._links = self._shm = self._inbox = self._formation = self._streams = None
+        self._trackers = []  # sends of closed sockets: nothing left to wait for
         self._broken = MeshError("the mesh has not been formed")
 
     def close(self) -> None:

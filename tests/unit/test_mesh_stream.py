@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from shard_svc.mesh import MeshError
-from shard_svc.mesh_stream import INTRO, MAGIC, Streams, _advance, listen
+from shard_svc.mesh_stream import Streams, _advance
+from shard_svc.mesh_stream_open import INTRO, MAGIC, listen
 from shard_svc.mesh_wire import HEADER, Kind
 
 FORMATION = 0x1234_5678_9ABC
@@ -27,14 +28,15 @@ def fields(seq: int, nbytes: int) -> tuple[int, ...]:
 
 
 @contextmanager
-def pair(stranger: bytes | None = None) -> Iterator[tuple[Streams, Streams]]:
-    """Rank 0 and rank 1 joined by Streams.open; `stranger` (an introduction) connects to rank
-    0's listener first and must be turned away."""
+def pair(strangers: tuple[bytes, ...] = ()) -> Iterator[tuple[Streams, Streams]]:
+    """Rank 0 and rank 1 joined by Streams.open; each of `strangers` (an introduction; empty:
+    say nothing) connects to rank 0's listener first and must be turned away."""
     lst0, lst1 = listen("127.0.0.1", 0), listen("127.0.0.1", 0)
     addrs = [f"127.0.0.1:{s.getsockname()[1]}" for s in (lst0, lst1)]
-    if stranger is not None:
-        intruder = socket.create_connection(("127.0.0.1", lst0.getsockname()[1]))
-        intruder.sendall(stranger)
+    intruders = []
+    for intro in strangers:
+        intruders.append(socket.create_connection(("127.0.0.1", lst0.getsockname()[1])))
+        intruders[-1].sendall(intro)
     deadline = time.monotonic() + 5
     out: dict[int, Streams] = {}
     t = threading.Thread(target=lambda: out.__setitem__(
@@ -49,7 +51,7 @@ def pair(stranger: bytes | None = None) -> Iterator[tuple[Streams, Streams]]:
     finally:
         out[0].close()
         out[1].close()
-        if stranger is not None:
+        for intruder in intruders:
             intruder.close()
 
 
@@ -78,23 +80,32 @@ def swap(a: Streams, b: Streams, x: torch.Tensor, y: torch.Tensor
 @pytest.mark.parametrize("numel", [1, 513, 4 * 1024 * 1024])
 def test_both_directions_arrive_intact_and_a_stranger_is_turned_away(numel: int) -> None:
     wrong_formation = INTRO.pack(MAGIC, FORMATION + 1, 1)
-    with pair(stranger=wrong_formation) as (a, b):
+    with pair(strangers=(wrong_formation,)) as (a, b):
         x, y = torch.randn(numel), torch.randn(numel)
         got_a, got_b = swap(a, b, x, y)
         assert torch.equal(got_a, y) and torch.equal(got_b, x)
 
 
-def test_a_header_that_does_not_match_names_the_peer() -> None:
+def test_silent_strangers_do_not_delay_the_peers() -> None:
+    t0 = time.monotonic()
+    with pair(strangers=(b"",) * 5 + (b"CMDS",)) as (a, b):
+        assert time.monotonic() - t0 < 0.4
+        got_a, got_b = swap(a, b, torch.arange(3.0), torch.arange(5.0, 8.0))
+        assert got_a.tolist() == [5, 6, 7] and got_b.tolist() == [0, 1, 2]
+
+
+def test_a_header_that_does_not_match_names_the_peer_and_writes_nothing() -> None:
     with pair() as (a, b):
         x = torch.randn(64)
         y = torch.randn(64)
         threading.Thread(target=lambda: b.socks[0].sendall(  # rank 1 claims seq 7
             header(1, 7, 256) + y.view(torch.uint8).numpy().tobytes())).start()
-        dest = torch.empty(256, dtype=torch.uint8)
+        dest = torch.zeros(256, dtype=torch.uint8)
         with pytest.raises(MeshError, match="rank 1 sent") as e:
             a.exchange([(1, header(0, 0, 256), memoryview(x.view(torch.uint8).numpy()))],
                        [(1, memoryview(dest.numpy()), fields(0, 256))], no_events)
         assert e.value.peer == 1
+        assert not dest.any()  # the payload of a bad header never lands
 
 
 def test_a_closed_connection_fails_at_once_and_a_silent_one_at_the_deadline() -> None:
@@ -120,6 +131,30 @@ def test_look_runs_between_waits_and_its_error_ends_the_exchange() -> None:
         t0 = time.monotonic()
         with pytest.raises(MeshError, match="rank 1 aborted"):
             a.exchange([], [(1, memoryview(dest.numpy()), fields(0, 16))], look)
+        assert time.monotonic() - t0 < 0.5
+
+
+def test_look_runs_while_another_transfer_trickles() -> None:
+    """A peer that keeps sending a little never keeps ZeroMQ's news (an ABORT) waiting."""
+    def look(peers: list[int]) -> None:
+        raise MeshError("rank 0: rank 2 aborted", 2)
+
+    with pair() as (a, b):
+        stop = threading.Event()
+
+        def trickle() -> None:
+            b.socks[0].sendall(header(1, 0, 1 << 20))
+            while not stop.wait(0.01):
+                b.socks[0].send(b"\0" * 64)
+
+        threading.Thread(target=trickle, daemon=True).start()
+        dest = torch.empty(1 << 20, dtype=torch.uint8)
+        t0 = time.monotonic()
+        try:
+            with pytest.raises(MeshError, match="rank 2 aborted"):
+                a.exchange([], [(1, memoryview(dest.numpy()), fields(0, 1 << 20))], look)
+        finally:
+            stop.set()
         assert time.monotonic() - t0 < 0.5
 
 

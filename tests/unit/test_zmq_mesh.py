@@ -79,3 +79,27 @@ def test_bind_and_peer_endpoints() -> None:
     assert local.bind_endpoint() == "tcp://127.0.0.1:7000"
     ipc = MeshConfig(0, 2, ("127.0.0.1:7000", "127.0.0.1:7001"), transport="ipc")
     assert ipc.bind_endpoint() == "ipc:///tmp/cpumesh-127.0.0.1-7000.sock"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("transport", ["tcp", "zmq"])
+def test_ipv6_addresses(transport: str) -> None:
+    """Two ranks (threads) on [::1]: the ZeroMQ control and the tcp data path both take IPv6."""
+    import threading
+
+    from tests.procs import free_ports
+
+    peers = tuple(f"[::1]:{p}" for p in free_ports(2))
+    results: dict[int, torch.Tensor] = {}
+
+    def rank(r: int) -> None:
+        with ZmqMesh(MeshConfig(r, 2, peers, transport=transport, form_timeout_s=20)) as mesh:
+            assert mesh.transport == transport
+            results[r] = mesh.all_reduce(torch.full((1000,), float(r + 1)))
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert all(torch.equal(results[r], torch.full((1000,), 3.0)) for r in range(2))
