@@ -136,23 +136,25 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
             s.close()
 
 
-def check_port_free(host: str, port: int) -> None:
+def check_port_free(host: str, port: int, flag: str = "--port") -> None:
+    """Raise, naming the flag that chooses this port, if it cannot be bound."""
     with socket.socket(_family(host)) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is ok
         try:
             s.bind((host, port))
         except OSError as e:
             raise OSError(f"cannot listen on {host}:{port} ({e.strerror}): is cpumesh already "
-                          "running? Pass --port with another number, or --port 0") from None
+                          f"running? Pass {flag} with another number, or {flag} 0") from None
 
 
 def router_address(config: LocalConfig, wanted: int | None = None) -> tuple[str, str]:
     """(where the router listens, where clients on this machine reach it), on `config.port`
     or on `wanted` (the HTTP port)."""
+    flag = "--port" if wanted is None else "--http-port"
     wanted = config.port if wanted is None else wanted
     port = wanted or free_ports(1, config.host)[0]
     if wanted:
-        check_port_free(config.host, port)
+        check_port_free(config.host, port, flag)
     listen = f"[{config.host}]:{port}" if ":" in config.host else f"{config.host}:{port}"
     local = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(config.host)
     return listen, f"{local}:{port}" if local else listen
