@@ -19,13 +19,8 @@ from router_svc.servicer import RouterServicer
 from router_svc.shards import ShardGroup
 from router_svc.tokenizer_client import TokenizerClient
 from services.pb.cpumesh.v1 import router_pb2
-from services.server import (
-    bind,
-    channel_credentials,
-    channel_options,
-    create_server,
-    server_credentials,
-)
+from services.server import bind, create_server
+from services.transport import channel_credentials, channel_options, server_credentials
 
 log = logging.getLogger("cpumesh.router")
 LIVENESS = "liveness"

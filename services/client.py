@@ -24,7 +24,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.pb.cpumesh.v1 import common_pb2, router_pb2, router_pb2_grpc
-from services.server import channel_options
+from services.transport import channel_options
 
 
 @dataclass

@@ -15,6 +15,8 @@
 * The standard `grpc.health.v1` service reports "" and every bound service, optionally also on a
   separate plaintext port: Kubernetes' gRPC probes speak no TLS.
 * Reflection is off by default and needs the optional `grpcio-reflection` package.
+* Message limits, keepalive and TLS credentials (`server_options`, `server_credentials` and
+  their client halves) are in `services.transport`.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import logging
 import signal
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -36,67 +37,18 @@ from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from services.errors import CpumeshError, InvalidArgument
+from services.transport import server_options
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 M = TypeVar("M", bound=Message)
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Any]
-Pem = Path | str | bytes  # a PEM file's path, or its contents
 
 
 def setup_logging(level: str | int = "INFO", *, name: str = "cpumesh") -> None:
     """One line per record, with time, level, process name and logger; for entry points only."""
     logging.basicConfig(level=level, force=True,
                         format=f"%(asctime)s %(levelname)s {name} %(name)s: %(message)s")
-
-
-def _common_options(max_message_bytes: int, keepalive_time_s: float,
-                    keepalive_timeout_s: float) -> list[tuple[str, int]]:
-    return [("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.keepalive_time_ms", int(keepalive_time_s * 1000)),
-            ("grpc.keepalive_timeout_ms", int(keepalive_timeout_s * 1000)),
-            ("grpc.keepalive_permit_without_calls", 1)]
-
-
-def server_options(*, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                   keepalive_time_s: float = 30.0, keepalive_timeout_s: float = 10.0,
-                   min_client_ping_interval_s: float = 5.0) -> list[tuple[str, int]]:
-    """Message limits (larger messages get RESOURCE_EXHAUSTED), keepalive pings to idle clients,
-    and permission for clients' own keepalive pings down to `min_client_ping_interval_s`."""
-    return [*_common_options(max_message_bytes, keepalive_time_s, keepalive_timeout_s),
-            ("grpc.http2.min_recv_ping_interval_without_data_ms",
-             int(min_client_ping_interval_s * 1000)),
-            ("grpc.http2.max_ping_strikes", 0)]
-
-
-def channel_options(*, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                    keepalive_time_s: float = 10.0,
-                    keepalive_timeout_s: float = 5.0) -> list[tuple[str, int]]:
-    """Client options matching `server_options`: a dead link is noticed within ~15 s, not 2 h."""
-    return [*_common_options(max_message_bytes, keepalive_time_s, keepalive_timeout_s),
-            ("grpc.http2.max_pings_without_data", 0)]
-
-
-def _read(source: Pem) -> bytes:
-    return source if isinstance(source, bytes) else Path(source).read_bytes()
-
-
-def server_credentials(cert: Pem, key: Pem, ca: Pem | None = None) -> grpc.ServerCredentials:
-    """TLS with this server's PEM certificate chain and key (paths or bytes). With `ca`, mutual
-    TLS: clients without a certificate signed by that CA are refused."""
-    return grpc.ssl_server_credentials([(_read(key), _read(cert))],
-                                       root_certificates=_read(ca) if ca is not None else None,
-                                       require_client_auth=ca is not None)
-
-
-def channel_credentials(ca: Pem, cert: Pem | None = None,
-                        key: Pem | None = None) -> grpc.ChannelCredentials:
-    """Client side of `server_credentials`: trust `ca`; present `cert`/`key` for mutual TLS."""
-    return grpc.ssl_channel_credentials(root_certificates=_read(ca),
-                                        private_key=_read(key) if key is not None else None,
-                                        certificate_chain=_read(cert) if cert is not None else None)
 
 
 def parse(message_class: type[M], data: bytes) -> M:

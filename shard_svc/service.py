@@ -16,7 +16,8 @@ import torch
 
 from services.checkpoint import load_model_config, model_fingerprint
 from services.pb.cpumesh.v1 import shard_pb2
-from services.server import bind, create_server, server_credentials
+from services.server import bind, create_server
+from services.transport import server_credentials
 from shard_svc.config import ShardConfig
 from shard_svc.engine import ShardEngine
 from shard_svc.kv_cache import KVCache

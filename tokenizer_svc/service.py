@@ -13,7 +13,8 @@ import time
 import grpc
 
 from services.pb.cpumesh.v1 import tokenizer_pb2
-from services.server import Server, bind, create_server, server_credentials
+from services.server import Server, bind, create_server
+from services.transport import server_credentials
 from tokenizer_svc.config import TokenizerConfig
 from tokenizer_svc.servicer import TokenizerServicer
 from tokenizer_svc.tokenizer import Tokenizer

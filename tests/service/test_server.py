@@ -29,15 +29,8 @@ from services.pb.cpumesh.v1 import (
     tokenizer_pb2,
     tokenizer_pb2_grpc,
 )
-from services.server import (
-    BoundService,
-    Server,
-    bind,
-    channel_credentials,
-    create_server,
-    server_credentials,
-    server_options,
-)
+from services.server import BoundService, Server, bind, create_server
+from services.transport import channel_credentials, server_credentials, server_options
 
 T = TypeVar("T")
 TOKENIZER = tokenizer_pb2.DESCRIPTOR.services_by_name["TokenizerService"]
