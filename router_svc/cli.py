@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 from pathlib import Path
 
 from router_svc.config import RouterConfig
@@ -52,11 +51,6 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
 
 def cli_run(args: argparse.Namespace) -> int:
     from router_svc.service import RouterProcess
-    from services.server import setup_logging
+    from services.server import run_service
 
-    setup_logging(args.log_level, name="cpumesh")
-    try:
-        config = build_config(args)
-    except ValueError as e:
-        raise SystemExit(f"cpumesh router: error: {e}") from None
-    return asyncio.run(RouterProcess(config).serve())
+    return run_service("router", args, build_config, lambda config: RouterProcess(config).serve())

@@ -21,12 +21,13 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import functools
 import inspect
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -42,6 +43,7 @@ from services.transport import server_options
 log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=Message)
+C = TypeVar("C")
 Behavior = Callable[[Any, grpc.aio.ServicerContext], Any]
 
 
@@ -49,6 +51,19 @@ def setup_logging(level: str | int = "INFO", *, name: str = "cpumesh") -> None:
     """One line per record, with time, level, process name and logger; for entry points only."""
     logging.basicConfig(level=level, force=True,
                         format=f"%(asctime)s %(levelname)s {name} %(name)s: %(message)s")
+
+
+def run_service(command: str, args: argparse.Namespace,
+                build_config: Callable[[argparse.Namespace], C],
+                serve: Callable[[C], Coroutine[Any, Any, int]]) -> int:
+    """Every service's `cli_run`: set up logging, build the config (a ValueError exits with one
+    line naming `cpumesh COMMAND`), then serve until done; returns the exit status."""
+    setup_logging(args.log_level, name="cpumesh")
+    try:
+        config = build_config(args)
+    except ValueError as e:
+        raise SystemExit(f"cpumesh {command}: error: {e}") from None
+    return asyncio.run(serve(config))
 
 
 def parse(message_class: type[M], data: bytes) -> M:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import socket
 from pathlib import Path
@@ -74,12 +73,7 @@ def build_config(args: argparse.Namespace) -> ShardConfig:
 
 
 def cli_run(args: argparse.Namespace) -> int:
-    from services.server import setup_logging
+    from services.server import run_service
     from shard_svc.service import ShardProcess
 
-    setup_logging(args.log_level, name="cpumesh")
-    try:
-        config = build_config(args)
-    except ValueError as e:
-        raise SystemExit(f"cpumesh shard: error: {e}") from None
-    return asyncio.run(ShardProcess(config).serve())
+    return run_service("shard", args, build_config, lambda config: ShardProcess(config).serve())

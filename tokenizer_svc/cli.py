@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 from pathlib import Path
 
 from tokenizer_svc.config import TokenizerConfig
@@ -48,15 +47,10 @@ def build_config(args: argparse.Namespace) -> TokenizerConfig:
 
 
 def cli_run(args: argparse.Namespace) -> int:
-    from services.server import setup_logging
+    from services.server import run_service
     from tokenizer_svc.service import serve
 
-    setup_logging(args.log_level, name="cpumesh")
-    try:
-        config = build_config(args)
-    except ValueError as e:
-        raise SystemExit(f"cpumesh tokenizer: error: {e}") from None
-    return asyncio.run(serve(config))
+    return run_service("tokenizer", args, build_config, serve)
 
 
 # the names the issue gives the subcommand's two functions
