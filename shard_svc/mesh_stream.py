@@ -23,22 +23,22 @@ import select
 import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from shard_svc.mesh import MeshError
 from shard_svc.mesh_stream_open import open_streams
-from shard_svc.mesh_wire import HEADER, Header, Kind
+from shard_svc.mesh_wire import HEADER, Header
 
 LOOK_S = 0.05  # the longest time between two looks at ZeroMQ (peer events, ABORT)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Transfer:
     peer: int
     views: list[memoryview]  # what is left to send, or to receive into
     header: bytearray | None = None  # receives: the header's buffer, filled and checked first
     dest: memoryview | None = None  # receives: where the payload goes once the header is good
-    expect: tuple[int, ...] = field(default_factory=tuple)  # receives: the header's fields
+    expect: bytes = b""  # receives: the header it must be, byte for byte
 
 
 class Streams:
@@ -58,10 +58,10 @@ class Streams:
         return cls(socks, me, formation, timeout_s)
 
     def exchange(self, sends: Sequence[tuple[int, bytes, memoryview]],
-                 recvs: Sequence[tuple[int, memoryview, tuple[int, ...]]],
+                 recvs: Sequence[tuple[int, memoryview, bytes]],
                  look: Callable[[list[int]], None]) -> None:
-        """Send each (peer, header, payload) and receive each (peer, destination, expected
-        header fields dtype, step, algo, seq, numel, nbytes) concurrently. Fails when no byte
+        """Send each (peer, header, payload) and receive each (peer, destination, the header
+        it must come with) concurrently. Fails when no byte
         moves for `timeout_s`; `look(peers)` runs at least every LOOK_S and raises if ZeroMQ
         reports one of them lost, or an ABORT. A received header is checked before any payload
         byte is written to its destination. (Trying each receive before the first wait was
@@ -139,12 +139,9 @@ class Streams:
 
     def _check(self, t: _Transfer) -> None:
         assert t.header is not None
-        got = Header._make(HEADER.unpack(t.header))
-        want = (Kind.DATA, t.peer, self.formation, *t.expect)
-        if (got.kind, got.sender, got.formation, got.dtype, got.step, got.algo, got.seq,
-                got.numel, got.nbytes) != want:
-            raise MeshError(f"rank {self.me}: rank {t.peer} sent {got}, expected kind, sender, "
-                            f"formation, dtype, step, algo, seq, numel, nbytes = {want}", t.peer)
+        if t.header != t.expect:
+            got, want = (Header._make(HEADER.unpack(h)) for h in (t.header, t.expect))
+            raise MeshError(f"rank {self.me}: rank {t.peer} sent {got}, expected {want}", t.peer)
 
     def _lost(self, peer: int, error: OSError | None) -> MeshError:
         why = "closed its data connection" if error is None or error.errno in (

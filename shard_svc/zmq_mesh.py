@@ -59,6 +59,7 @@ from shard_svc.mesh_transport import Links
 from shard_svc.mesh_wire import DTYPE_CODES, HEADER, Algo, Kind, control
 
 __all__ = ["MeshConfig", "MeshError", "ZmqMesh", "create_curve_keys"]
+ALGORITHMS = {"direct": direct, "ring": ring, "scatter": scatter}  # message passing, by name
 
 
 def create_curve_keys(directory: Path, tp_size: int) -> list[tuple[Path, Path]]:
@@ -207,11 +208,14 @@ class ZmqMesh:
         chosen = self.config.algorithm
         if chosen == "auto":
             chosen = "scatter" if nbytes >= self.config.ring_min_bytes else "direct"
-        return {"direct": direct, "ring": ring, "scatter": scatter}[chosen]
+        return ALGORITHMS[chosen]
 
-    def _header(self, flat: torch.Tensor, step: int, algo: Algo, nbytes: int) -> bytes:
+    def _header(self, flat: torch.Tensor, step: int, algo: Algo, nbytes: int,
+                sender: int | None = None) -> bytes:
+        """The DATA header of message `step` of this collective from `sender` (default: us)."""
         assert self._formation is not None
-        return HEADER.pack(Kind.DATA, DTYPE_CODES[flat.dtype], self.tp_rank, step, algo,
+        return HEADER.pack(Kind.DATA, DTYPE_CODES[flat.dtype],
+                           self.tp_rank if sender is None else sender, step, algo,
                            self._formation.formation, self._seq, flat.numel(), nbytes)
 
     def _swap(self, flat: torch.Tensor, algo: Algo, step: int, sends: Sends, recvs: Recvs
@@ -225,9 +229,8 @@ class ZmqMesh:
                for p, x in sends]
         if self._streams is not None:
             bufs = {p: dest if dest is not None else inbox.buffer(nb) for p, nb, dest in recvs}
-            code, seq = DTYPE_CODES[flat.dtype], self._seq
             self._streams.exchange(out, [
-                (p, bufs[p].numpy().data, (code, step, algo, seq, flat.numel(), nb))
+                (p, bufs[p].numpy().data, self._header(flat, step, algo, nb, sender=p))
                 for p, nb, _ in recvs], inbox.service)
             return bufs
         links = self._links

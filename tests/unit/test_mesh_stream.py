@@ -23,10 +23,6 @@ def header(sender: int, seq: int, nbytes: int, kind: int = Kind.DATA) -> bytes:
     return HEADER.pack(kind, 1, sender, 0, 1, FORMATION, seq, nbytes // 4, nbytes)
 
 
-def fields(seq: int, nbytes: int) -> tuple[int, ...]:
-    return (1, 0, 1, seq, nbytes // 4, nbytes)  # dtype, step, algo, seq, numel, nbytes
-
-
 @contextmanager
 def pair(strangers: tuple[bytes, ...] = ()) -> Iterator[tuple[Streams, Streams]]:
     """Rank 0 and rank 1 joined by Streams.open; each of `strangers` (an introduction; empty:
@@ -66,11 +62,11 @@ def swap(a: Streams, b: Streams, x: torch.Tensor, y: torch.Tensor
     xb, yb = x.view(torch.uint8), y.view(torch.uint8)
     t = threading.Thread(target=b.exchange, args=(
         [(0, header(1, 0, yb.numel()), memoryview(yb.numpy()))],
-        [(0, memoryview(got_b.view(torch.uint8).numpy()), fields(0, xb.numel()))], no_events))
+        [(0, memoryview(got_b.view(torch.uint8).numpy()), header(0, 0, xb.numel()))], no_events))
     t.start()
     try:
         a.exchange([(1, header(0, 0, xb.numel()), memoryview(xb.numpy()))],
-                   [(1, memoryview(got_a.view(torch.uint8).numpy()), fields(0, yb.numel()))],
+                   [(1, memoryview(got_a.view(torch.uint8).numpy()), header(1, 0, yb.numel()))],
                    no_events)
     finally:
         t.join(5)
@@ -103,7 +99,7 @@ def test_a_header_that_does_not_match_names_the_peer_and_writes_nothing() -> Non
         dest = torch.zeros(256, dtype=torch.uint8)
         with pytest.raises(MeshError, match="rank 1 sent") as e:
             a.exchange([(1, header(0, 0, 256), memoryview(x.view(torch.uint8).numpy()))],
-                       [(1, memoryview(dest.numpy()), fields(0, 256))], no_events)
+                       [(1, memoryview(dest.numpy()), header(1, 0, 256))], no_events)
         assert e.value.peer == 1
         assert not dest.any()  # the payload of a bad header never lands
 
@@ -113,12 +109,12 @@ def test_a_closed_connection_fails_at_once_and_a_silent_one_at_the_deadline() ->
         dest = torch.empty(16, dtype=torch.uint8)
         t0 = time.monotonic()
         with pytest.raises(MeshError, match="no data moved to or from rank 1 within 2s"):
-            a.exchange([], [(1, memoryview(dest.numpy()), fields(0, 16))], no_events)
+            a.exchange([], [(1, memoryview(dest.numpy()), header(1, 0, 16))], no_events)
         assert 1.9 < time.monotonic() - t0 < 4
         b.close()
         t0 = time.monotonic()
         with pytest.raises(MeshError, match="rank 1 closed its data connection") as e:
-            a.exchange([], [(1, memoryview(dest.numpy()), fields(0, 16))], no_events)
+            a.exchange([], [(1, memoryview(dest.numpy()), header(1, 0, 16))], no_events)
         assert e.value.peer == 1 and time.monotonic() - t0 < 0.5
 
 
@@ -130,7 +126,7 @@ def test_look_runs_between_waits_and_its_error_ends_the_exchange() -> None:
         dest = torch.empty(16, dtype=torch.uint8)
         t0 = time.monotonic()
         with pytest.raises(MeshError, match="rank 1 aborted"):
-            a.exchange([], [(1, memoryview(dest.numpy()), fields(0, 16))], look)
+            a.exchange([], [(1, memoryview(dest.numpy()), header(1, 0, 16))], look)
         assert time.monotonic() - t0 < 0.5
 
 
@@ -152,7 +148,7 @@ def test_look_runs_while_another_transfer_trickles() -> None:
         t0 = time.monotonic()
         try:
             with pytest.raises(MeshError, match="rank 2 aborted"):
-                a.exchange([], [(1, memoryview(dest.numpy()), fields(0, 1 << 20))], look)
+                a.exchange([], [(1, memoryview(dest.numpy()), header(1, 0, 1 << 20))], look)
         finally:
             stop.set()
         assert time.monotonic() - t0 < 0.5
