@@ -43,6 +43,20 @@ class Completion:
     chunks: int = 0
     arrivals_s: list[float] = field(default_factory=list)  # since the call, per response
 
+    def add(self, r: router_pb2.GenerateResponse) -> None:
+        """Join one streamed response (the last one carries the finish reason and usage)."""
+        self.chunks += 1
+        self.request_id = r.request_id
+        self.text += r.text
+        self.token_ids.extend(r.token_ids)
+        self.logprobs.extend(r.logprobs)
+        if r.finish_reason:
+            self.finish_reason, self.finish_detail = r.finish_reason, r.finish_detail
+            self.usage.CopyFrom(r.usage)
+            which = r.WhichOneof("matched_stop")
+            self.stop_string = r.stop_string if which == "stop_string" else None
+            self.stop_token_id = r.stop_token_id if which == "stop_token_id" else None
+
     @property
     def finish_name(self) -> str:
         """"stop", "length", "cancelled", "error" (or "unspecified")."""
@@ -113,17 +127,7 @@ class RouterClient:
         done, t0 = Completion(), time.perf_counter()
         async for r in self.generate(prompt, timeout=timeout, **params):
             done.arrivals_s.append(time.perf_counter() - t0)
-            done.chunks += 1
-            done.request_id = r.request_id
-            done.text += r.text
-            done.token_ids.extend(r.token_ids)
-            done.logprobs.extend(r.logprobs)
-            if r.finish_reason:
-                done.finish_reason, done.finish_detail = r.finish_reason, r.finish_detail
-                done.usage.CopyFrom(r.usage)
-                which = r.WhichOneof("matched_stop")
-                done.stop_string = r.stop_string if which == "stop_string" else None
-                done.stop_token_id = r.stop_token_id if which == "stop_token_id" else None
+            done.add(r)
         return done
 
     async def model_info(self, timeout: float = 10.0) -> router_pb2.ModelInfoResponse:

@@ -115,16 +115,9 @@ async def stream(client: Any, out: Printer, prompt: str | None,
     done = Completion()
     async for r in client.generate(prompt, messages=messages, timeout=timeout, **params):
         out.chunk(r.text, list(r.token_ids))
-        done.request_id, done.text = r.request_id, done.text + r.text
-        done.token_ids.extend(r.token_ids)
+        done.add(r)
         if parts is not None:
             parts.append(r.text)
-        if r.finish_reason:
-            done.finish_reason, done.finish_detail = r.finish_reason, r.finish_detail
-            done.usage.CopyFrom(r.usage)
-            which = r.WhichOneof("matched_stop")
-            done.stop_string = r.stop_string if which == "stop_string" else None
-            done.stop_token_id = r.stop_token_id if which == "stop_token_id" else None
     return done
 
 
