@@ -27,6 +27,7 @@ class MeshConfig:
     # host, else tcp, or zmq with CURVE.
     transport: str = "auto"
     stream_port: int = 0  # tcp: where our data listener binds (0: a port the kernel picks)
+    stream_spin_s: float = 50e-6  # tcp: poll without sleeping this long (yielding) per wait
     # auto: direct below ring_min_bytes, else scatter; on shm: direct below shm_ring_min_bytes,
     # else its ring (see mesh_algorithms, mesh_shm)
     algorithm: str = "auto"
@@ -75,7 +76,7 @@ class MeshConfig:
                      "heartbeat_interval_s", "heartbeat_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("shm_spin_s", "shm_yield_s"):
+        for name in ("shm_spin_s", "shm_yield_s", "stream_spin_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.heartbeat_timeout_s < self.heartbeat_interval_s:

@@ -22,6 +22,7 @@ reduced chunks. Both give the same bits as `sum_in_rank_order`.
 from __future__ import annotations
 
 import os
+import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -177,3 +178,8 @@ class SharedSlots:
                 os.sched_yield()
             else:
                 time.sleep(1e-4)
+
+
+def stores_are_ordered() -> bool:
+    """The shared-memory path relies on x86-64's in-order stores (module docstring)."""
+    return platform.machine().lower() in ("x86_64", "amd64")

@@ -238,3 +238,14 @@ class Links:
         if self.auth is not None:
             self.auth.stop()
         self.push, self.monitors, self.pull, self.pull_monitor, self.auth = {}, {}, None, None, None
+
+
+def create_curve_keys(directory: Path, tp_size: int) -> list[tuple[Path, Path]]:
+    """Write a CURVE key pair per rank into `directory` (rank-R.key public, rank-R.key_secret);
+    returns [(public, secret)] by rank. The directory then serves as `curve_public_keys`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    pairs = []
+    for rank in range(tp_size):
+        public, secret = zmq.auth.create_certificates(str(directory), f"rank-{rank}")
+        pairs.append((Path(public), Path(secret)))
+    return pairs

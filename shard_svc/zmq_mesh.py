@@ -35,42 +35,29 @@ because only its owner computes it. bfloat16 is accumulated in float32 and round
 from __future__ import annotations
 
 import contextlib
-import platform
 import secrets
 import time
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path
 from types import TracebackType
 
 import torch
 import zmq
-import zmq.auth
 
 from shard_svc.mesh import MeshError
 from shard_svc.mesh_algorithms import Recvs, Sends, direct, ring, scatter
 from shard_svc.mesh_config import MeshConfig
+from shard_svc.mesh_direct import DirectOnStreams
 from shard_svc.mesh_handshake import Formation, Handshake, Hello, local_hello
 from shard_svc.mesh_inbox import Inbox
-from shard_svc.mesh_shm import SharedSlots
+from shard_svc.mesh_shm import SharedSlots, stores_are_ordered
 from shard_svc.mesh_stream import Streams
 from shard_svc.mesh_stream_open import listen
-from shard_svc.mesh_transport import Links
+from shard_svc.mesh_transport import Links, create_curve_keys
 from shard_svc.mesh_wire import DTYPE_CODES, HEADER, Algo, Kind, control
 
 __all__ = ["MeshConfig", "MeshError", "ZmqMesh", "create_curve_keys"]
 ALGORITHMS = {"direct": direct, "ring": ring, "scatter": scatter}  # message passing, by name
-
-
-def create_curve_keys(directory: Path, tp_size: int) -> list[tuple[Path, Path]]:
-    """Write a CURVE key pair per rank into `directory` (rank-R.key public, rank-R.key_secret);
-    returns [(public, secret)] by rank. The directory then serves as `curve_public_keys`."""
-    directory.mkdir(parents=True, exist_ok=True)
-    pairs = []
-    for rank in range(tp_size):
-        public, secret = zmq.auth.create_certificates(str(directory), f"rank-{rank}")
-        pairs.append((Path(public), Path(secret)))
-    return pairs
 
 
 class ZmqMesh:
@@ -80,6 +67,7 @@ class ZmqMesh:
         self._links: Links | None = None
         self._shm: SharedSlots | None = None
         self._streams: Streams | None = None
+        self._direct: DirectOnStreams | None = None
         self._inbox: Inbox | None = None
         self._formation: Formation | None = None
         self._seq = 0
@@ -125,7 +113,7 @@ class ZmqMesh:
         listener = None
         try:
             if cfg.transport in ("auto", "shm") and cfg.shm_dir.is_dir() \
-                    and _stores_are_ordered():
+                    and stores_are_ordered():
                 self._shm = SharedSlots(cfg, nonce)
             stream = ""
             if cfg.offers_streams:
@@ -141,7 +129,8 @@ class ZmqMesh:
                 assert listener is not None
                 self._streams = Streams.open(
                     listener, [h.stream for h in self._formation.hellos], cfg.tp_rank,
-                    self._formation.formation, deadline, cfg.recv_timeout_s)
+                    self._formation.formation, deadline, cfg.recv_timeout_s,
+                    cfg.stream_spin_s)
         except BaseException:
             self._teardown()
             raise
@@ -154,6 +143,9 @@ class ZmqMesh:
                 self._shm.close()
                 self._shm = None
         self._inbox = Inbox(self._links, self._formation, cfg.recv_timeout_s, handshake.early)
+        if self._streams is not None:
+            self._direct = DirectOnStreams(self._streams, cfg.tp_rank, cfg.tp_size,
+                                           self._formation.formation, self._inbox.service)
         self._seq = 0
         self._broken = None
 
@@ -185,8 +177,11 @@ class ZmqMesh:
                 algorithm = self._algorithm(nbytes)
                 scratch = self._scratch_f32(flat.numel()) if flat.dtype != torch.float32 \
                     else self._scratch
-                algorithm(flat, self.tp_rank, self.tp_size, partial(self._swap, flat),
-                          self._wait_sent, self._inbox.release, scratch)
+                if algorithm is direct and self._direct is not None:  # the decode path
+                    self._direct(flat, self._seq, scratch)
+                else:
+                    algorithm(flat, self.tp_rank, self.tp_size, partial(self._swap, flat),
+                              self._wait_sent, self._inbox.release, scratch)
                 self._seq += 1
         except MeshError as e:
             self._fail(e)
@@ -231,7 +226,8 @@ class ZmqMesh:
             bufs = {p: dest if dest is not None else inbox.buffer(nb) for p, nb, dest in recvs}
             self._streams.exchange(out, [
                 (p, bufs[p].numpy().data, self._header(flat, step, algo, nb, sender=p))
-                for p, nb, _ in recvs], inbox.service)
+                for p, nb, _ in recvs], inbox.service,
+                scratch=all(dest is None for _, _, dest in recvs))
             return bufs
         links = self._links
         assert links is not None
@@ -280,6 +276,7 @@ class ZmqMesh:
         if self._streams is not None:
             self._streams.close()
         self._links = self._shm = self._inbox = self._formation = self._streams = None
+        self._direct = None
         self._trackers = []  # sends of closed sockets: nothing left to wait for
         self._broken = MeshError("the mesh has not been formed")
 
@@ -305,7 +302,3 @@ class ZmqMesh:
                  tb: TracebackType | None) -> None:
         self.close()
 
-
-def _stores_are_ordered() -> bool:
-    """The shared-memory path relies on x86-64's in-order stores (see mesh_shm)."""
-    return platform.machine().lower() in ("x86_64", "amd64")

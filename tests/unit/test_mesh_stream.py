@@ -24,31 +24,40 @@ def header(sender: int, seq: int, nbytes: int, kind: int = Kind.DATA) -> bytes:
 
 
 @contextmanager
-def pair(strangers: tuple[bytes, ...] = ()) -> Iterator[tuple[Streams, Streams]]:
-    """Rank 0 and rank 1 joined by Streams.open; each of `strangers` (an introduction; empty:
-    say nothing) connects to rank 0's listener first and must be turned away."""
-    lst0, lst1 = listen("127.0.0.1", 0), listen("127.0.0.1", 0)
-    addrs = [f"127.0.0.1:{s.getsockname()[1]}" for s in (lst0, lst1)]
+def group(n: int, strangers: tuple[bytes, ...] = ()) -> Iterator[list[Streams]]:
+    """Ranks 0 … n-1 joined by Streams.open; each of `strangers` (an introduction; empty: say
+    nothing) connects to rank 0's listener first and must be turned away."""
+    listeners = [listen("127.0.0.1", 0) for _ in range(n)]
+    addrs = [f"127.0.0.1:{s.getsockname()[1]}" for s in listeners]
     intruders = []
     for intro in strangers:
-        intruders.append(socket.create_connection(("127.0.0.1", lst0.getsockname()[1])))
+        intruders.append(socket.create_connection(("127.0.0.1", listeners[0].getsockname()[1])))
         intruders[-1].sendall(intro)
     deadline = time.monotonic() + 5
     out: dict[int, Streams] = {}
-    t = threading.Thread(target=lambda: out.__setitem__(
-        1, Streams.open(lst1, addrs, 1, FORMATION, deadline, 2.0)))
-    t.start()
-    out[0] = Streams.open(lst0, addrs, 0, FORMATION, deadline, 2.0)
-    t.join(5)
-    lst0.close()
-    lst1.close()
+    threads = [threading.Thread(target=lambda r=r: out.__setitem__(  # type: ignore[misc]
+        r, Streams.open(listeners[r], addrs, r, FORMATION, deadline, 2.0)))
+        for r in range(1, n)]
+    for t in threads:
+        t.start()
+    out[0] = Streams.open(listeners[0], addrs, 0, FORMATION, deadline, 2.0)
+    for t in threads:
+        t.join(5)
+    for lst in listeners:
+        lst.close()
     try:
-        yield out[0], out[1]
+        yield [out[r] for r in range(n)]
     finally:
-        out[0].close()
-        out[1].close()
+        for streams in out.values():
+            streams.close()
         for intruder in intruders:
             intruder.close()
+
+
+@contextmanager
+def pair(strangers: tuple[bytes, ...] = ()) -> Iterator[tuple[Streams, Streams]]:
+    with group(2, strangers) as (a, b):
+        yield a, b
 
 
 def no_events(peers: list[int]) -> None:
@@ -152,6 +161,40 @@ def test_look_runs_while_another_transfer_trickles() -> None:
         finally:
             stop.set()
         assert time.monotonic() - t0 < 0.5
+
+
+def test_an_early_message_or_a_closed_peer_does_not_spin_the_wait_for_another() -> None:
+    """Rank 0 waits for rank 2 while rank 1 (already heard from) sends its next message early
+    and then closes: rank 0 sleeps instead of spinning on rank 1's ready socket, gets rank 2's
+    message, and then the early one intact; rank 1's closed connection is an error only when
+    rank 0 next needs it."""
+    with group(3) as (a, b, c):
+        x1, y1, x2 = torch.randn(8), torch.randn(8), torch.randn(8)
+        got = {p: torch.empty(32, dtype=torch.uint8) for p in (1, 2)}
+
+        def mv(t: torch.Tensor) -> memoryview:
+            return memoryview(t.view(torch.uint8).numpy())
+
+        b.socks[0].sendall(header(1, 0, 32) + x1.view(torch.uint8).numpy().tobytes())
+        a.exchange([], [(1, mv(got[1]), header(1, 0, 32))], no_events, scratch=True)
+        b.socks[0].sendall(header(1, 1, 32) + y1.view(torch.uint8).numpy().tobytes())
+        b.close()
+
+        def late() -> None:
+            time.sleep(0.3)
+            c.socks[0].sendall(header(2, 0, 32) + x2.view(torch.uint8).numpy().tobytes())
+
+        threading.Thread(target=late).start()
+        cpu0, t0 = time.thread_time(), time.monotonic()
+        a.exchange([], [(2, mv(got[2]), header(2, 0, 32))], no_events, scratch=True)
+        waited, busy = time.monotonic() - t0, time.thread_time() - cpu0
+        assert waited >= 0.25 and busy < 0.1, (waited, busy)  # slept through most of the wait
+        assert torch.equal(got[1].view(torch.float32), x1)
+        assert torch.equal(got[2].view(torch.float32), x2)
+        a.exchange([], [(1, mv(got[1]), header(1, 1, 32))], no_events)
+        assert torch.equal(got[1].view(torch.float32), y1)
+        with pytest.raises(MeshError, match="rank 1 closed its data connection"):
+            a.exchange([], [(1, mv(got[1]), header(1, 2, 32))], no_events)
 
 
 def test_advance_drops_sent_bytes_across_views() -> None:
