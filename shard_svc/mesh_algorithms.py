@@ -76,7 +76,7 @@ def scatter(flat: torch.Tensor, me: int, n: int, swap: Swap, wait_sent: Callable
     def chunk(c: int) -> torch.Tensor:
         return raw[b[c] * item:b[c + 1] * item]
 
-    others = [q for q in range(n) if q != me]
+    others = [(me + k) % n for k in range(1, n)]  # staggered: not all to rank 0 first
     mine = flat[b[me]:b[me + 1]]  # never sent in the first round: summed in place
     parts = swap(Algo.SCATTER, 0, [(q, chunk(q)) for q in others],
                  [(q, chunk(me).numel(), None) for q in others])

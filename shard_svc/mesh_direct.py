@@ -26,7 +26,7 @@ class DirectOnStreams:
                  look: Callable[[list[int]], None]) -> None:
         self.streams, self.me, self.n, self.formation, self.look = (
             streams, me, n, formation, look)
-        self.others = [r for r in range(n) if r != me]
+        self.others = [(me + k) % n for k in range(1, n)]  # staggered: not all to rank 0 first
         self.buffers = {p: torch.empty(0, dtype=torch.uint8) for p in self.others}
         self.views: dict[tuple[torch.dtype, int], tuple[list[memoryview], list[torch.Tensor]]] = {}
 
