@@ -1,27 +1,15 @@
 """The server bootstrap, served for real on port 0 in process: health, error mapping, garbage
-bytes, message limits, graceful stop on SIGTERM, mTLS with a plaintext health port, reflection.
+bytes, message limits, reflection.
 
-The servicers are tiny real implementations of one RPC each of the tokenizer and router shapes.
+Graceful stop on SIGTERM is in test_server_shutdown.py, mTLS in test_server_tls.py; the tiny
+servicers and call helpers are in tiny_server.py.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import os
-import shutil
-import signal
-import subprocess
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
-from typing import Any, TypeVar
-
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.errors import InvalidArgument, ResourceExhausted, Unavailable
 from services.pb.cpumesh.v1 import (
     common_pb2,
     router_pb2,
@@ -29,98 +17,23 @@ from services.pb.cpumesh.v1 import (
     tokenizer_pb2,
     tokenizer_pb2_grpc,
 )
-from services.server import BoundService, Server, bind, create_server
-from services.transport import channel_credentials, server_credentials, server_options
-
-T = TypeVar("T")
-TOKENIZER = tokenizer_pb2.DESCRIPTOR.services_by_name["TokenizerService"]
-ROUTER = router_pb2.DESCRIPTOR.services_by_name["RouterService"]
-RPC_TIMEOUT = 5.0
-SERVING = health_pb2.HealthCheckResponse.SERVING
-NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-class TinyTokenizer:
-    """Encode only: a text's UTF-8 bytes are its token ids. Some texts stand for failures."""
-
-    async def Encode(self, request: tokenizer_pb2.EncodeRequest,
-                     context: grpc.aio.ServicerContext) -> tokenizer_pb2.EncodeResponse:
-        results = []
-        for i, item in enumerate(request.items):
-            if item.WhichOneof("input") != "text":
-                raise InvalidArgument(f"item {i}: this tokenizer has no chat template")
-            if item.text == "busy":
-                raise ResourceExhausted("queue is full")
-            if item.text == "bug":
-                raise ZeroDivisionError("a bug in the servicer")
-            ids = list(item.text.encode())
-            results.append(tokenizer_pb2.EncodeResult(token_ids=ids, count=len(ids)))
-        return tokenizer_pb2.EncodeResponse(results=results)
-
-
-class TinyRouter:
-    """Generate only: streams the prompt back one character per chunk, `delay_s` apart.
-
-    "!" stands for a shard going down, "?" for a bug, both after the chunks before them."""
-
-    def __init__(self, delay_s: float = 0.0) -> None:
-        self.delay_s = delay_s
-
-    async def Generate(self, request: router_pb2.GenerateRequest,
-                       context: grpc.aio.ServicerContext
-                       ) -> AsyncIterator[router_pb2.GenerateResponse]:
-        for ch in request.prompt:
-            if ch == "!":
-                raise Unavailable("shard 1 is down")
-            if ch == "?":
-                raise KeyError("a bug in the servicer")
-            await asyncio.sleep(self.delay_s)
-            yield router_pb2.GenerateResponse(text=ch, token_ids=[ord(ch)])
-        yield router_pb2.GenerateResponse(
-            finish_reason=common_pb2.FINISH_REASON_LENGTH,
-            usage=common_pb2.Usage(generated_tokens=len(request.prompt)))
-
-
-def run(coro: Awaitable[T], timeout: float = 30.0) -> T:
-    """Every test body runs under one overall deadline."""
-    async def bounded() -> T:
-        return await asyncio.wait_for(coro, timeout)
-    return asyncio.run(bounded())
-
-
-@contextlib.asynccontextmanager
-async def serving(*services: BoundService, **kwargs: Any) -> AsyncIterator[tuple[Server, int]]:
-    server, port = create_server(*services, **kwargs)
-    await server.start()
-    try:
-        yield server, port
-    finally:
-        await server.stop(0)
-
-
-async def health_of(channel: grpc.aio.Channel, service: str = "") -> int:
-    stub = health_pb2_grpc.HealthStub(channel)
-    response = await stub.Check(health_pb2.HealthCheckRequest(service=service),
-                                timeout=RPC_TIMEOUT)
-    return int(response.status)
-
-
-async def rpc_error(call: Awaitable[Any]) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await call
-    return info.value
-
-
-async def collect(call: Any) -> list[Any]:
-    """The remaining responses of a stream, by read() (which may follow earlier reads)."""
-    responses = []
-    while (response := await call.read()) is not grpc.aio.EOF:
-        responses.append(response)
-    return responses
-
-
-def encode(*texts: str) -> tokenizer_pb2.EncodeRequest:
-    return tokenizer_pb2.EncodeRequest(items=[tokenizer_pb2.EncodeItem(text=t) for t in texts])
+from services.server import bind
+from services.transport import server_options
+from tests.service.tiny_server import (
+    NOT_SERVING,
+    ROUTER,
+    RPC_TIMEOUT,
+    SERVING,
+    TOKENIZER,
+    TinyRouter,
+    TinyTokenizer,
+    collect,
+    encode,
+    health_of,
+    rpc_error,
+    run,
+    serving,
+)
 
 
 def test_serves_on_port_zero_with_health() -> None:
@@ -217,100 +130,6 @@ def test_garbage_bytes_get_invalid_argument_and_oversized_resource_exhausted() -
             stub = tokenizer_pb2_grpc.TokenizerServiceStub(channel)
             err = await rpc_error(stub.Encode(encode("x" * 8192), timeout=RPC_TIMEOUT))
             assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    run(body())
-
-
-async def _until(predicate: Callable[[], bool], deadline_s: float = 5.0) -> None:
-    end = time.monotonic() + deadline_s
-    while not predicate():
-        if time.monotonic() > end:
-            raise TimeoutError("condition not reached in time")
-        await asyncio.sleep(0.01)
-
-
-async def _refused(channel: grpc.aio.Channel) -> bool:
-    try:
-        await health_of(channel)
-    except grpc.aio.AioRpcError as e:
-        return e.code() == grpc.StatusCode.UNAVAILABLE
-    return False
-
-
-def test_sigterm_drains_in_flight_streams_and_reports_not_serving() -> None:
-    async def body() -> None:
-        server, port = create_server(bind(TinyRouter(delay_s=0.1), ROUTER),
-                                     health_address="127.0.0.1:0")
-        await server.start()
-        serve = asyncio.create_task(server.serve_until_signal(grace_s=10.0))
-        await _until(lambda: signal.getsignal(signal.SIGTERM) != signal.SIG_DFL)
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel, \
-                    grpc.aio.insecure_channel(f"127.0.0.1:{server.health_port}") as probe:
-                assert await health_of(probe) == SERVING
-                stream = router_pb2_grpc.RouterServiceStub(channel).Generate(
-                    router_pb2.GenerateRequest(prompt="abcdefghij"), timeout=RPC_TIMEOUT)
-                first = await stream.read()
-                os.kill(os.getpid(), signal.SIGTERM)
-                # Draining (about 0.9 s left): the plaintext health port says NOT_SERVING and
-                # new calls on the main port are refused, while the stream goes on.
-                end = time.monotonic() + RPC_TIMEOUT
-                while await health_of(probe) != NOT_SERVING or not await _refused(channel):
-                    assert time.monotonic() < end, "not draining after SIGTERM"
-                    await asyncio.sleep(0.01)
-                assert not serve.done()
-                rest = await collect(stream)  # the in-flight stream finishes within the grace
-                assert first.text + "".join(c.text for c in rest) == "abcdefghij"
-                assert rest[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
-                assert await asyncio.wait_for(serve, RPC_TIMEOUT) == signal.SIGTERM
-                assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handler removed
-                assert await _refused(probe)  # the health port closes last
-        finally:
-            serve.cancel()
-            await server.stop(0)
-    run(body())
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
-
-
-def _make_certs(d: Path) -> None:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, all EC P-256."""
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
-             "-subj", "/CN=cpumesh-test-ca", cwd=d)
-    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    for name in ("server", "client"):
-        _openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                 "-subj", f"/CN={name}", cwd=d)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-out", f"{name}.pem", "-days", "1",
-                 "-extfile", "san.ext", cwd=d)
-
-
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
-def test_mtls_refuses_clients_without_a_certificate_and_health_stays_plaintext(
-        tmp_path: Path) -> None:
-    _make_certs(tmp_path)
-    ca, cert, key = tmp_path / "ca.pem", tmp_path / "server.pem", tmp_path / "server.key"
-
-    async def body() -> None:
-        credentials = server_credentials(cert, key, ca)
-        async with serving(bind(TinyTokenizer(), TOKENIZER), credentials=credentials,
-                           health_address="127.0.0.1:0") as (server, port):
-            target = f"127.0.0.1:{port}"
-            with_cert = channel_credentials(ca, tmp_path / "client.pem", tmp_path / "client.key")
-            async with grpc.aio.secure_channel(target, with_cert) as channel:
-                reply = await tokenizer_pb2_grpc.TokenizerServiceStub(channel).Encode(
-                    encode("tls"), timeout=RPC_TIMEOUT)
-                assert reply.results[0].count == 3
-            async with grpc.aio.secure_channel(target, channel_credentials(ca)) as channel:
-                err = await rpc_error(tokenizer_pb2_grpc.TokenizerServiceStub(channel).Encode(
-                    encode("tls"), timeout=RPC_TIMEOUT))
-                assert err.code() == grpc.StatusCode.UNAVAILABLE
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.health_port}") as probe:
-                assert await health_of(probe) == SERVING
-                assert await health_of(probe, TOKENIZER.full_name) == SERVING
     run(body())
 
 
