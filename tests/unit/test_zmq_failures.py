@@ -11,7 +11,8 @@ import pytest
 import zmq
 
 from shard_svc.mesh_wire import Header, Kind
-from tests.mesh_procs import ports, rank_idle, rank_loop, ranks
+from tests.mesh_procs import ports, ranks
+from tests.mesh_ranks import rank_idle, rank_loop
 
 DETECT_S = 2.0
 

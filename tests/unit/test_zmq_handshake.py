@@ -15,7 +15,8 @@ import zmq.auth
 
 from shard_svc.mesh_wire import Kind, control
 from shard_svc.zmq_mesh import create_curve_keys
-from tests.mesh_procs import ports, rank_form, ranks
+from tests.mesh_procs import ports, ranks
+from tests.mesh_ranks import rank_form
 
 FAST = {"form_timeout_s": 4.0, "hello_interval_s": 0.1}
 

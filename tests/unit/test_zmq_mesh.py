@@ -8,7 +8,8 @@ import torch
 
 from shard_svc.mesh_config import MeshConfig
 from shard_svc.zmq_mesh import ZmqMesh
-from tests.mesh_procs import SIZES, ports, rank_matrix, ranks
+from tests.mesh_procs import ports, ranks
+from tests.mesh_ranks import SIZES, rank_matrix
 
 MESHES = [("tcp-direct", {"transport": "tcp", "algorithm": "direct"}),
           ("tcp-scatter", {"transport": "tcp", "algorithm": "scatter"}),

@@ -10,7 +10,8 @@ import torch
 
 from shard_svc.mesh import SingleRank
 from tests.checkpoints import tiny_checkpoint
-from tests.mesh_procs import greedy, ports, rank_model, ranks
+from tests.mesh_procs import ports, ranks
+from tests.mesh_ranks import greedy, rank_model
 
 NEW_TOKENS = 12
 
