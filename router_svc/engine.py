@@ -30,37 +30,16 @@ from router_svc.config import RouterConfig
 from router_svc.request import GenerateRequest, check_prompt_length, validate
 from router_svc.sampling import merge
 from router_svc.scheduler import Scheduler, SchedulerConfig, StepPlan
-from router_svc.sequence import Chunk, Sequence
+from router_svc.sequence import Sequence
 from router_svc.served_model import ServedModel, probe
 from router_svc.shards import ShardGroup, StepResult
 from router_svc.stats import EngineStats
+from router_svc.stream import Stream
 from router_svc.tokenizer_client import TokenizerClient
 from services.errors import CpumeshError, ResourceExhausted, Unavailable
 
 log = logging.getLogger("cpumesh.router")
 T = TypeVar("T")
-
-
-class Stream:
-    """A request's chunks, in order; ends after the chunk that carries the finish."""
-
-    def __init__(self, engine: Engine, seq: Sequence) -> None:
-        self.engine, self.seq, self.request_id = engine, seq, seq.request_id
-        self._ended = False
-
-    def __aiter__(self) -> Stream:
-        return self
-
-    async def __anext__(self) -> Chunk:
-        if self._ended:
-            raise StopAsyncIteration
-        chunk = await self.seq.queue.get()
-        self._ended = chunk.finish is not None
-        return chunk
-
-    def close(self) -> None:
-        """Cancel the request unless it has ended; its KV is released within one step."""
-        self.engine.cancel(self.seq)
 
 
 class Engine:
