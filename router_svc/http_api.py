@@ -156,9 +156,13 @@ class HttpApi:
             web.get("/v1/models", self.models), web.get("/health", self.health),
             web.get("/ready", self.ready), web.get("/metrics", self.prometheus)])
 
-    async def start(self, host: str, port: int) -> tuple[web.AppRunner, int]:
-        """Listen on host:port (0: any free port); return the runner (to `cleanup`) and port."""
-        runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+    async def start(self, host: str, port: int, drain_grace_s: float = 10.0
+                    ) -> tuple[web.AppRunner, int]:
+        """Listen on host:port (0: any free port); return the runner and port. The runner's
+        `cleanup` stops listening, lets requests in flight finish for up to `drain_grace_s`,
+        then cancels what is left."""
+        runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None,
+                               shutdown_timeout=drain_grace_s)
         await runner.setup()
         site = web.TCPSite(runner, host, port)
         await site.start()

@@ -63,11 +63,15 @@ class RouterProcess:
             from router_svc.metrics import RouterMetrics
 
             host, _, http_port = cfg.http_listen.rpartition(":")
-            http, bound = await HttpApi(engine, RouterMetrics(engine)).start(host, int(http_port))
+            http, bound = await HttpApi(engine, RouterMetrics(engine)).start(
+                host, int(http_port), cfg.drain_grace_s)
             log.info("router HTTP API (OpenAI-compatible, /metrics) on http://%s:%d", host, bound)
         run = asyncio.ensure_future(engine.run())
         stats = asyncio.ensure_future(_log_stats(engine))
-        serving = asyncio.ensure_future(server.serve_until_signal(cfg.drain_grace_s))
+        # On SIGTERM the HTTP API drains alongside gRPC (no new connections, streams in flight
+        # finish within the grace) while the engine still runs.
+        serving = asyncio.ensure_future(server.serve_until_signal(
+            cfg.drain_grace_s, drain_also=http.cleanup if http is not None else None))
         status = 0
         try:
             await asyncio.wait({serving, run}, return_when=asyncio.FIRST_COMPLETED)
@@ -80,7 +84,7 @@ class RouterProcess:
             for task in (serving, stats, run):
                 task.cancel()
             await asyncio.gather(serving, stats, run, return_exceptions=True)
-            if http is not None:
+            if http is not None and http.server is not None:  # not drained by a signal
                 await http.cleanup()
             await shards.close()
             await tokenizer.close()

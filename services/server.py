@@ -27,7 +27,7 @@ import functools
 import inspect
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -214,8 +214,11 @@ class Server:
 
     async def serve_until_signal(
             self, grace_s: float,
-            signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT)) -> int | None:
+            signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
+            drain_also: Callable[[], Awaitable[None]] | None = None) -> int | None:
         """Serve until one of `signals`, then stop gracefully; return the signal's number.
+        `drain_also` (e.g. an HTTP server's graceful stop, bounded by the same grace) runs
+        alongside the gRPC drain.
 
         Returns None at once when `stop` is called by someone else."""
         loop = asyncio.get_running_loop()
@@ -238,7 +241,7 @@ class Server:
         if not received.done():
             return None
         log.info("signal %d: draining for up to %.1f s", received.result(), grace_s)
-        await self.stop(grace_s)
+        await asyncio.gather(self.stop(grace_s), *([drain_also()] if drain_also else []))
         return received.result()
 
 

@@ -8,6 +8,8 @@ shape; `/metrics` parses with prometheus_client's parser and its counters move.
 from __future__ import annotations
 
 import asyncio
+import json
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -187,3 +189,41 @@ async def test_router_without_shards_is_alive_not_ready_and_answers_503(tmp_path
                 assert (await r.json())["error"]["type"] == "service_unavailable"
     finally:
         proc.stop()
+
+
+async def test_sigterm_lets_an_http_stream_finish_and_refuses_new_connections(
+        smollm2_dir: Path, tmp_path: Path) -> None:
+    """SIGTERM to the router: it stops listening for HTTP at once, the stream in flight still
+    gets every token, its usage and [DONE] (within --drain-grace), and the router exits 0."""
+    c = Cluster(smollm2_dir, tmp_path)
+    for service in c.services:
+        service.start()
+    router = c.services[-1]
+    try:
+        wait_serving(c.router_addr, router, deadline_s=180)
+        async with aiohttp.ClientSession() as s, s.post(c.http + "/v1/completions", json={
+                "prompt": PROMPT, "max_tokens": 24, "stream": True, "ignore_eos": True,
+                "stream_options": {"include_usage": True}}) as r:
+            assert r.status == 200
+            first = await r.content.readuntil(b"\n\n")
+            router.signal(signal.SIGTERM)
+            async with asyncio.timeout(10):  # draining: new connections are refused
+                while True:
+                    try:
+                        async with aiohttp.ClientSession() as probe, probe.get(c.http + "/health"):
+                            pass
+                    except aiohttp.ClientConnectionError:
+                        break
+                    await asyncio.sleep(0.05)
+            async with asyncio.timeout(60):
+                rest = await r.content.read()
+        events = (first + rest).decode().strip().split("\n\n")
+        assert events[-1] == "data: [DONE]"
+        chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+        assert chunks[-1]["usage"]["completion_tokens"] == 24
+        assert [ch["choices"][0]["finish_reason"] for ch in chunks if ch["choices"]][-1] == \
+            "length"
+        assert router.proc is not None and router.proc.wait(30) == 0
+    finally:
+        for service in reversed(c.services):
+            service.stop()
