@@ -64,6 +64,7 @@ def test_rejects_tensors_it_cannot_sum() -> None:
     ("ring_min_bytes", -1, "ring_min_bytes"), ("shm_slot_bytes", 1000, "shm_slot_bytes"),
     ("recv_timeout_s", 0, "recv_timeout_s"), ("heartbeat_timeout_s", 0.1, "heartbeat"),
     ("mesh_name", "a b", "mesh_name"), ("curve_secret_key", "/k", "CURVE"),
+    ("stream_spin_s", -1e-6, "stream_spin_s"),
 ])
 def test_config_refuses_bad_values(field: str, value: object, message: str) -> None:
     fields: dict[str, object] = dict(tp_rank=0, tp_size=2, peers=("a:1", "b:2"))
