@@ -15,7 +15,7 @@ import torch
 
 from shard_svc.mesh_algorithms import add_in_rank_order
 from shard_svc.mesh_stream import Streams
-from shard_svc.mesh_wire import DTYPE_CODES, HEADER, Algo, Kind
+from shard_svc.mesh_wire import Algo, data_header
 
 VIEWS_KEPT = 64  # message sizes whose views are kept (a decode loop uses a handful)
 _NOTHING = torch.empty(0)
@@ -35,13 +35,13 @@ class DirectOnStreams:
         numel, dtype = flat.numel(), flat.dtype
         nbytes = numel * flat.element_size()
         raw, typed = self.views.get((dtype, nbytes)) or self._views(dtype, nbytes)
-        code, me, formation = DTYPE_CODES[dtype], self.me, self.formation
-        header = HEADER.pack(Kind.DATA, code, me, 0, Algo.DIRECT, formation, seq, numel, nbytes)
+        me, formation = self.me, self.formation
+        header = data_header(dtype, me, 0, Algo.DIRECT, formation, seq, numel, nbytes)
         payload = flat.view(torch.uint8).numpy().data
         self.streams.exchange(
             [(p, header, payload) for p in self.others],
-            [(p, raw[p], HEADER.pack(Kind.DATA, code, p, 0, Algo.DIRECT, formation, seq, numel,
-                                     nbytes)) for p in self.others], self.look, scratch=True)
+            [(p, raw[p], data_header(dtype, p, 0, Algo.DIRECT, formation, seq, numel, nbytes))
+             for p in self.others], self.look, scratch=True)
         typed[me] = flat
         add_in_rank_order(flat, typed, me, scratch)
         typed[me] = _NOTHING  # not keeping the caller's tensor alive

@@ -67,6 +67,14 @@ class Header(NamedTuple):
 KINDS = frozenset(int(k) for k in Kind)
 
 
+def data_header(dtype: torch.dtype, sender: int, step: int, algo: Algo, formation: int, seq: int,
+                numel: int, nbytes: int) -> bytes:
+    """The header of DATA message `step` of collective `seq` from `sender`: `nbytes` of a
+    `numel`-element `dtype` tensor."""
+    return HEADER.pack(Kind.DATA, DTYPE_CODES[dtype], sender, step, algo, formation, seq, numel,
+                       nbytes)
+
+
 def control(kind: Kind, sender: int, formation: int = 0, seq: int = 0,
             **body: Any) -> list[bytes]:
     """A control message: header + JSON body."""

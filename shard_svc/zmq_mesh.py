@@ -54,7 +54,7 @@ from shard_svc.mesh_shm import SharedSlots, stores_are_ordered
 from shard_svc.mesh_stream import Streams
 from shard_svc.mesh_stream_open import listen
 from shard_svc.mesh_transport import Links, create_curve_keys
-from shard_svc.mesh_wire import DTYPE_CODES, HEADER, Algo, Kind, control
+from shard_svc.mesh_wire import DTYPE_CODES, Algo, Kind, control, data_header
 
 __all__ = ["MeshConfig", "MeshError", "ZmqMesh", "create_curve_keys"]
 ALGORITHMS = {"direct": direct, "ring": ring, "scatter": scatter}  # message passing, by name
@@ -209,8 +209,7 @@ class ZmqMesh:
                 sender: int | None = None) -> bytes:
         """The DATA header of message `step` of this collective from `sender` (default: us)."""
         assert self._formation is not None
-        return HEADER.pack(Kind.DATA, DTYPE_CODES[flat.dtype],
-                           self.tp_rank if sender is None else sender, step, algo,
+        return data_header(flat.dtype, self.tp_rank if sender is None else sender, step, algo,
                            self._formation.formation, self._seq, flat.numel(), nbytes)
 
     def _swap(self, flat: torch.Tensor, algo: Algo, step: int, sends: Sends, recvs: Recvs
