@@ -228,7 +228,7 @@ class Engine:
     async def _on_failure(self, error: CpumeshError) -> None:
         """A step (or a health check) failed: fail every live request, then wait until whole."""
         log.error("the shard group failed at step %d: %s", self.step_id, error)
-        self.stats.step_failures += 1
+        self.stats.failed()
         await self._set_serving(False, str(error))
         with contextlib.suppress(Exception):  # streams that ended before it get their end
             await self._take_detok()

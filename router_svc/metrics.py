@@ -89,7 +89,6 @@ class RouterMetrics:
         Gauge("cpumesh_serving", "1 while every shard serves, else 0.",
               registry=r).set_function(lambda: float(engine.serving))
         self._last_token: dict[int, float] = {}
-        self._failures_seen = engine.stats.step_failures
         engine.stats.listeners.append(self)
 
     def _scheduler_reader(self, attr: str):  # type: ignore[no-untyped-def]
@@ -99,10 +98,6 @@ class RouterMetrics:
         return read
 
     def exposition(self) -> bytes:
-        failures = self.engine.stats.step_failures
-        if failures > self._failures_seen:
-            self.step_failures.inc(failures - self._failures_seen)
-            self._failures_seen = failures
         return generate_latest(self.registry)
 
     # -- EngineStats listener ---------------------------------------------------------------
@@ -133,3 +128,6 @@ class RouterMetrics:
         self.e2e.observe(usage.total_s)
         if seq.finish is not None:
             self.finished.labels(seq.finish.reason.value).inc()
+
+    def on_failure(self) -> None:
+        self.step_failures.inc()

@@ -22,6 +22,7 @@ class StatsListener(Protocol):
     def on_scheduled(self, seq: Sequence, now: float) -> None: ...  # its prefill step is sent
     def on_sampled(self, seq: Sequence, now: float) -> None: ...  # one more token sampled
     def on_ended(self, seq: Sequence, usage: Usage) -> None: ...  # whatever the outcome
+    def on_failure(self) -> None: ...  # a step or health check failed the shard group
 
 
 @dataclass
@@ -60,6 +61,11 @@ class EngineStats:
         self.recent_step_s.append(wall_s)
         for listener in self.listeners:
             listener.on_step(batch, result, wall_s, overhead_s)
+
+    def failed(self) -> None:
+        self.step_failures += 1
+        for listener in self.listeners:
+            listener.on_failure()
 
     def scheduled(self, seq: Sequence, now: float) -> None:
         for listener in self.listeners:

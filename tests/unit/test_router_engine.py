@@ -12,6 +12,7 @@ import pytest
 
 from router_svc.config import RouterConfig
 from router_svc.engine import Engine
+from router_svc.metrics import RouterMetrics
 from router_svc.request import GenerateRequest
 from router_svc.sequence import Chunk
 from router_svc.stops import FinishReason
@@ -200,6 +201,17 @@ async def test_step_failure_fails_requests_then_recovers() -> None:
         assert shards.resets == resets + 1 and not shards.seqs
         ok = await collect(engine, GenerateRequest(prompt="abc", max_new_tokens=5, temperature=0))
         assert ids_of(ok) == greedy_reference("abc", 5)
+
+
+async def test_a_step_failure_is_counted_in_the_metrics_as_it_happens() -> None:
+    async with engine_running() as (engine, shards, _):
+        metrics = RouterMetrics(engine)
+        stream = await engine.submit(GenerateRequest(prompt="ab", max_new_tokens=100,
+                                                     ignore_eos=True))
+        shards.fail_at_step = shards.next_step_id + 2
+        assert [c async for c in stream][-1].error is not None
+        assert engine.stats.step_failures == 1
+        assert metrics.registry.get_sample_value("cpumesh_step_failures_total") == 1.0
 
 
 async def test_idle_health_check_notices_a_lost_shard() -> None:
