@@ -40,11 +40,14 @@ PARAMS = {"sampling.max_new_tokens": "max_tokens", "sampling.temperature": "temp
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
+def classify(e: BaseException) -> tuple[int, str]:
+    """The HTTP status and OpenAI error type of `e` (500, internal_error: anything unforeseen)."""
+    return next(((code, name) for cls, code, name in STATUS if isinstance(e, cls)),
+                (500, "internal_error"))
+
+
 def error_response(e: Exception) -> web.Response:
-    status, kind = 500, "internal_error"
-    for cls, code, name in STATUS:
-        if isinstance(e, cls):
-            status, kind = code, name
+    status, kind = classify(e)
     if status == 500:
         log.exception("HTTP request failed", exc_info=e)
     message = str(e) if isinstance(e, CpumeshError) else f"{type(e).__name__}: {e}"
@@ -262,10 +265,8 @@ class HttpApi:
         first, usage = True, None
         async for chunk in chunks:
             if chunk.error is not None:
-                e = chunk.error
-                status = next((code for cls, code, _ in STATUS if isinstance(e, cls)), 500)
-                await send({"error": error_body(str(e), "service_unavailable"
-                                                if status == 503 else "internal_error", status)})
+                status, kind = classify(chunk.error)
+                await send({"error": error_body(str(chunk.error), kind, status)})
                 break
             choice: dict[str, Any] = {"index": 0, "logprobs": None,
                                       "finish_reason": chunk.finish and chunk.finish.reason.value}
