@@ -56,8 +56,8 @@ class Inbox:
              expect: tuple[int, int, int], dest: torch.Tensor | None = None
              ) -> tuple[int, torch.Tensor]:
         """The payload of message (seq, one of `senders`, step) as a uint8 tensor (`dest` when
-        given and the message was not already stashed); `expect` = (numel, dtype, algo)."""
-        self.seq = seq
+        given and the message was not already stashed); `expect` = (numel, dtype, algo). `seq`
+        is the collective begun with `start`."""
         for sender in senders:
             kept = self.stash.pop((seq, sender, step), None)
             if kept is not None:

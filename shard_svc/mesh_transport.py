@@ -9,6 +9,8 @@ always wait with a timeout, inside `wait`, which also reports peer events.
 from __future__ import annotations
 
 import contextlib
+import functools
+import operator
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +28,7 @@ LOST: dict[int, str] = {
     zmq.EVENT_HANDSHAKE_FAILED_AUTH: "refused our CURVE key",
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "failed the ZeroMQ handshake",
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "failed the ZeroMQ handshake"}
-PUSH_EVENTS = (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-               | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+PUSH_EVENTS = functools.reduce(operator.or_, LOST)  # every event that loses a peer
 ZERO_COPY_MIN_BYTES = 512 * 1024  # smaller payloads are copied (see send_data)
 PULL_EVENTS = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
 
