@@ -147,16 +147,14 @@ def check_port_free(host: str, port: int, flag: str = "--port") -> None:
                           f"running? Pass {flag} with another number, or {flag} 0") from None
 
 
-def router_address(config: LocalConfig, wanted: int | None = None) -> tuple[str, str]:
-    """(where the router listens, where clients on this machine reach it), on `config.port`
-    or on `wanted` (the HTTP port)."""
-    flag = "--port" if wanted is None else "--http-port"
-    wanted = config.port if wanted is None else wanted
-    port = wanted or free_ports(1, config.host)[0]
+def listen_address(host: str, wanted: int, flag: str) -> tuple[str, str]:
+    """(where to listen on `host`, where clients on this machine reach it): port `wanted`
+    (refused naming `flag` when busy), or any free one when 0."""
+    port = wanted or free_ports(1, host)[0]
     if wanted:
-        check_port_free(config.host, port, flag)
-    listen = f"[{config.host}]:{port}" if ":" in config.host else f"{config.host}:{port}"
-    local = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(config.host)
+        check_port_free(host, port, flag)
+    listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    local = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host)
     return listen, f"{local}:{port}" if local else listen
 
 
@@ -168,8 +166,8 @@ def plan(config: LocalConfig, environ: Mapping[str, str]) -> tuple[list[Child], 
     tokenizer = f"{loop}:{ports[0]}"
     shards = [f"{loop}:{p}" for p in ports[1:1 + tp]]
     peers = ",".join(f"{loop}:{p}" for p in ports[1 + tp:])
-    listen, reach = router_address(config)
-    http_listen, http_reach = router_address(config, config.http_port)
+    listen, reach = listen_address(config.host, config.port, "--port")
+    http_listen, http_reach = listen_address(config.host, config.http_port, "--http-port")
     env = {**environ, "PYTHONUNBUFFERED": "1"}
     grace = ["--drain-grace", str(config.drain_grace_s)]
     model = ["--model-dir", str(config.model_dir)]

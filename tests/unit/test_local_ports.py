@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from services.local import LocalConfig, router_address
+from services.local import LocalConfig, listen_address
 
 
 @pytest.mark.parametrize(("field", "flag"), [("port", "--port"), ("http_port", "--http-port")])
@@ -19,6 +19,8 @@ def test_a_busy_port_names_its_flag(field: str, flag: str) -> None:
         port = busy.getsockname()[1]
         config = LocalConfig(Path("."), "m", **{"port": 0, "http_port": 0, field: port})
         with pytest.raises(OSError, match=f"{port}.*Pass {flag} with another number"):
-            router_address(config, config.http_port if field == "http_port" else None)
-        listen, reach = router_address(config, None if field == "http_port" else 0)
+            listen_address(config.host, getattr(config, field), flag)
+        other = "port" if field == "http_port" else "http_port"
+        listen, reach = listen_address(config.host, getattr(config, other),
+                                       "--" + other.replace("_", "-"))
         assert listen == reach and listen.startswith("127.0.0.1:")  # the other one: any free
