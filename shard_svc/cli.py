@@ -7,7 +7,8 @@ import os
 import socket
 from pathlib import Path
 
-from shard_svc.config import MESH_TRANSPORTS, ShardConfig, rank_from_hostname
+from shard_svc.config import ShardConfig, rank_from_hostname
+from shard_svc.mesh_config import TRANSPORTS as MESH_TRANSPORTS
 
 
 def cli_arguments(p: argparse.ArgumentParser) -> None:

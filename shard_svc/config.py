@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from shard_svc.mesh_config import TRANSPORTS as MESH_TRANSPORTS
+from shard_svc.mesh_config import MeshConfig
 
 DTYPES = ("float32", "bfloat16")
 
@@ -43,15 +43,10 @@ class ShardConfig:
         if len(self.peers) != self.tp_size:
             raise ValueError(
                 f"peers lists {len(self.peers)} addresses but tp_size is {self.tp_size}")
-        for peer in (*self.peers, *([self.mesh_listen] if self.mesh_listen else [])):
-            host, _, port = peer.rpartition(":")
-            if not host or not port.isdigit():
-                raise ValueError(f"peer {peer!r} is not host:port")
-        if self.mesh_transport not in MESH_TRANSPORTS:
-            raise ValueError(f"mesh_transport must be one of {MESH_TRANSPORTS}, "
-                             f"got {self.mesh_transport!r}")
-        if not 0 <= self.mesh_stream_port < 65536:
-            raise ValueError(f"mesh_stream_port must be in 0..65535, got {self.mesh_stream_port}")
+        try:
+            self.mesh_config()  # peers, mesh_listen, transport, ports, timeout, CURVE
+        except ValueError as e:
+            raise ValueError(f"mesh: {e}") from e
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.dtype not in DTYPES:
@@ -65,9 +60,16 @@ class ShardConfig:
         tls = (self.tls_cert, self.tls_key)
         if any(tls) and not all(tls):
             raise ValueError("TLS needs both tls_cert and tls_key")
-        curve = (self.curve_secret_key, self.curve_public_keys)
-        if any(curve) and not all(curve):
-            raise ValueError("CURVE needs both curve_secret_key and curve_public_keys")
+
+
+    def mesh_config(self, fingerprint: str = "") -> MeshConfig:
+        """The mesh part of this config (validated there)."""
+        return MeshConfig(
+            mesh_name=self.mesh_name, tp_rank=self.tp_rank, tp_size=self.tp_size,
+            peers=self.peers, fingerprint=fingerprint, listen=self.mesh_listen,
+            transport=self.mesh_transport, stream_port=self.mesh_stream_port,
+            form_timeout_s=self.mesh_timeout_s, curve_secret_key=self.curve_secret_key,
+            curve_public_keys=self.curve_public_keys)
 
 
 def rank_from_hostname(hostname: str) -> int:

@@ -36,15 +36,9 @@ def open_mesh(config: ShardConfig, fingerprint: str) -> Any:
     """The communicator among the group's ranks (blocks until formed or its deadline)."""
     if config.tp_size == 1:
         return SingleRank()
-    from shard_svc.mesh_config import MeshConfig
     from shard_svc.zmq_mesh import ZmqMesh
 
-    return ZmqMesh(MeshConfig(
-        mesh_name=config.mesh_name, tp_rank=config.tp_rank, tp_size=config.tp_size,
-        peers=config.peers, fingerprint=fingerprint, listen=config.mesh_listen,
-        transport=config.mesh_transport, stream_port=config.mesh_stream_port,
-        form_timeout_s=config.mesh_timeout_s,
-        curve_secret_key=config.curve_secret_key, curve_public_keys=config.curve_public_keys))
+    return ZmqMesh(config.mesh_config(fingerprint))
 
 
 def memory_mb() -> dict[str, float]:

@@ -11,6 +11,10 @@ from services.cli import main
 @pytest.mark.parametrize(("argv", "message"), [
     (["shard", "--tp-size", "2", "--peers", "127.0.0.1:1"],
      "cpumesh shard: error: peers lists 1 addresses but tp_size is 2"),
+    (["shard", "--tp-size", "2", "--peers", "127.0.0.1:1,127.0.0.1"],
+     "cpumesh shard: error: mesh: peer address '127.0.0.1' is not host:port"),
+    (["shard", "--tp-size", "2", "--peers", "127.0.0.1:1,127.0.0.1:1"],
+     "cpumesh shard: error: mesh: peers lists an address twice"),
     (["router", "--tokenizer", "127.0.0.1:1", "--shards", "127.0.0.1:2,127.0.0.1:2"],
      "cpumesh router: error: shards lists an address twice"),
     (["tokenizer", "--tls-cert", "cert.pem"], "cpumesh tokenizer: error: "),
