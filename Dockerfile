@@ -24,6 +24,8 @@ RUN pip install --no-deps --extra-index-url "$TORCH_INDEX_URL" -r requirements.l
 COPY pyproject.toml README.md /src/
 COPY protos/ /src/protos/
 COPY services/ /src/services/
+COPY model_formats/ /src/model_formats/
+COPY tools/ /src/tools/
 COPY tokenizer_svc/ /src/tokenizer_svc/
 COPY router_svc/ /src/router_svc/
 COPY shard_svc/ /src/shard_svc/

@@ -1,4 +1,4 @@
-"""Allreduce latency of ZmqMesh against torch.distributed (gloo) and raw ZeroMQ, same run, same
+"""Allreduce latency of MeshGroup against torch.distributed (gloo) and raw ZeroMQ, same run, same
 processes, same sizes.
 
     python -m bench.allreduce [--tp 2 4] [--sizes 2K 8K 64K 256K 1M 4M 16M] [--budget-s 0.4]
@@ -10,12 +10,12 @@ for every size in turn (float32; size in bytes), one after the other:
               (zero-copy send, recv_into): the issue's floor of any ZeroMQ exchange
   raw exch    every rank sends the message to every other over bare ZeroMQ PUSH/PULL sockets,
               no header, no sum, no deadline: the floor of a direct exchange through ZeroMQ
-  tcp         ZmqMesh, transport tcp (data on a plain TCP connection per pair; mesh_stream),
+  tcp         MeshGroup, transport tcp (data on a plain TCP connection per pair; tcp),
               algorithm auto: what ranks on different hosts use without CURVE
-  zmq         ZmqMesh, transport zmq (data through the ZeroMQ sockets: what CURVE uses)
-  shm         ZmqMesh, transport auto (shared memory: all ranks share this host)
+  zmq         MeshGroup, transport zmq (data through the ZeroMQ sockets: what CURVE uses)
+  shm         MeshGroup, transport auto (shared memory: all ranks share this host)
   gloo        torch.distributed.all_reduce, gloo backend
-With --algorithms, ZmqMesh tcp (direct, scatter, ring) and shm (direct, ring) are also timed
+With --algorithms, MeshGroup tcp (direct, scatter, ring) and shm (direct, ring) are also timed
 with the algorithm forced (to place the switch). p50 and p99 over every rank's samples (raw rtt:
 rank 0's), a number of repeats fixed per size (~budget-s each at a rough cost model, >= 30).
 Prints a table with the ratios and the issue's targets, writes bench/results/allreduce.json
@@ -126,7 +126,7 @@ def rank_main(rank: int, tp: int, ports: dict[str, list[int]], sizes: list[int],
     import torch
     import torch.distributed as dist
 
-    from shard_svc.zmq_mesh import MeshConfig, ZmqMesh
+    from shard_svc.mesh.group import MeshConfig, MeshGroup
 
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # kill -USR1: where it waits
     torch.set_num_threads(1)
@@ -142,7 +142,7 @@ def rank_main(rank: int, tp: int, ports: dict[str, list[int]], sizes: list[int],
     mesh = {}
     for name, overrides in meshes.items():
         peers = tuple(f"127.0.0.1:{p}" for p in ports[name])
-        mesh[name] = ZmqMesh(MeshConfig(rank, tp, peers, mesh_name="bench", **overrides))
+        mesh[name] = MeshGroup(MeshConfig(rank, tp, peers, mesh_name="bench", **overrides))
     results: dict[str, dict[int, list[float]]] = {}
     for nbytes in sizes:
         t = torch.zeros(nbytes // 4)  # zeros: the sums stay finite however often repeated

@@ -21,9 +21,9 @@ PROMPT_LEN = 32
 
 
 def cpumesh_decode_ms(model_dir: Path, tokens: int, dtype: torch.dtype) -> list[float]:
-    from services.checkpoint import load_model_config
+    from model_formats.checkpoint import load_model_config
     from shard_svc.engine import SeqWork, ShardEngine
-    from shard_svc.mesh import SingleRank
+    from shard_svc.mesh.communicator import SingleRank
     from shard_svc.model import ShardModel
     from shard_svc.sharding import plan_shard
     from shard_svc.weights import load_shard_weights
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     dtype = getattr(torch, args.dtype)
     model_dir = args.model_dir
     if model_dir is None:
-        from services.embedded import default_model_dir
+        from model_formats.embedded import default_model_dir
         model_dir = default_model_dir()
 
     ours, theirs = [], []

@@ -22,7 +22,7 @@ def export_gguf(model_dir: Path, out: Path, ftype: str = "F32") -> Path:
     import gguf
     from safetensors import safe_open
 
-    from services.embedded import embedded_gguf_path
+    from model_formats.embedded import embedded_gguf_path
 
     if ftype not in TYPES:
         raise ValueError(f"ftype must be one of {TYPES}, got {ftype!r}")

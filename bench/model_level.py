@@ -29,9 +29,9 @@ def cpumesh(model_dir: Path, batch: int, prompt: int, tokens: int,
             repeats: int) -> dict[str, list[float]]:
     import torch
 
-    from services.checkpoint import load_model_config
+    from model_formats.checkpoint import load_model_config
     from shard_svc.engine import SeqWork, ShardEngine
-    from shard_svc.mesh import SingleRank
+    from shard_svc.mesh.communicator import SingleRank
     from shard_svc.model import ShardModel
     from shard_svc.sharding import plan_shard
     from shard_svc.weights import load_shard_weights

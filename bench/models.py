@@ -55,7 +55,7 @@ class BenchModel:
 
 
 def smollm2() -> BenchModel:
-    from services.embedded import default_model_dir
+    from model_formats.embedded import default_model_dir
 
     return BenchModel("smollm2-135m", "SmolLM2-135M-Instruct", default_model_dir())
 

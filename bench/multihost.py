@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     model_dir = a.model_dir
     if model_dir is None:
-        from services.embedded import default_model_dir
+        from model_formats.embedded import default_model_dir
         model_dir = default_model_dir()
     delays = tuple(float(d) for d in a.delays_us.split(","))
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # clean up as on Ctrl-C

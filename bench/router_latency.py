@@ -35,8 +35,8 @@ import psutil
 
 from router_svc.sampling import ShardCandidates, merge
 from router_svc.shards import SeqWork, ShardGroup
-from services.client import RouterClient
 from tests.procs import Service, free_ports, wait_serving
+from tools.client import RouterClient
 
 WARMUP_TOKENS = 4  # one request, one step per token
 PROMPTS = [f"Request {i}: write a short paragraph about the history of the number {i}, "
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     model_dir = args.model_dir
     if model_dir is None:
-        from services.embedded import default_model_dir
+        from model_formats.embedded import default_model_dir
         model_dir = default_model_dir()
     levels = [int(x) for x in args.levels.split(",")]
     log_dir = Path(tempfile.mkdtemp(prefix="cpumesh-bench-"))

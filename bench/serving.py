@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.machine import BENCH_PYTHON
-from services.loadtest import LoadConfig, run_load
 from tests.procs import Service, free_ports, wait_serving
+from tools.loadtest import LoadConfig, run_load
 
 
 @contextlib.contextmanager
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("bench/results/serving.json"))
     a = p.parse_args(argv)
     if a.model_dir is None:
-        from services.embedded import default_model_dir
+        from model_formats.embedded import default_model_dir
         a.model_dir = default_model_dir()
     result = run(a.model_dir, a.gguf, a.cores, [int(u) for u in a.users.split(",")],
                  a.requests, a.duration)

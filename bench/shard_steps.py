@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     model_dir = args.model_dir
     if model_dir is None:
-        from services.embedded import default_model_dir
+        from model_formats.embedded import default_model_dir
         model_dir = default_model_dir()
     rows = [run(model_dir, tp, b, args.steps, args.cores) for tp in (1, 2) for b in (1, 8)]
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
 
     model_dir = args.model_dir
     if model_dir is None:
-        from services.embedded import default_model_dir
+        from model_formats.embedded import default_model_dir
         model_dir = default_model_dir()
     core = Tokenizer.from_dir(model_dir)
     reference = AutoTokenizer.from_pretrained(model_dir)

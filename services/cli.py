@@ -29,17 +29,18 @@ class Subcommand(NamedTuple):
 # name → (module holding cli_arguments/cli_run, help). Modules are named, not imported here:
 # `services` never imports a service package at module level.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "convert": ("services.gguf_convert", "convert a GGUF file into a Hugging Face model directory"),
-    "prepare-default": ("services.embedded",
+    "convert": ("model_formats.gguf.convert",
+                "convert a GGUF file into a Hugging Face model directory"),
+    "prepare-default": ("model_formats.embedded",
                         "convert the embedded SmolLM2 model once into the cache; print its dir"),
     "shard": ("shard_svc.cli", "run one tensor-parallel shard (one rank of the model)"),
     "tokenizer": ("tokenizer_svc.cli", "run the tokenizer service (text <-> token ids)"),
     "router": ("router_svc.cli", "run the router: the API clients talk to (batching, sampling)"),
-    "local": ("services.local",
+    "local": ("tools.local",
               "run tokenizer, shards and router on this machine until Ctrl-C (make serve)"),
-    "generate": ("services.generate_cli", "stream one completion of a prompt from a router"),
-    "chat": ("services.generate_cli", "chat with the model, turn by turn, through a router"),
-    "loadtest": ("services.loadtest", "load-test a router (gRPC) or an OpenAI-compatible server"),
+    "generate": ("tools.generate", "stream one completion of a prompt from a router"),
+    "chat": ("tools.generate", "chat with the model, turn by turn, through a router"),
+    "loadtest": ("tools.loadtest", "load-test a router (gRPC) or an OpenAI-compatible server"),
 }
 
 

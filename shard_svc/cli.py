@@ -8,7 +8,7 @@ import socket
 from pathlib import Path
 
 from shard_svc.config import ShardConfig, rank_from_hostname
-from shard_svc.mesh_config import TRANSPORTS as MESH_TRANSPORTS
+from shard_svc.mesh.config import TRANSPORTS as MESH_TRANSPORTS
 
 
 def cli_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,7 +52,7 @@ def available_cpus() -> int:
 def build_config(args: argparse.Namespace) -> ShardConfig:
     model_dir = args.model_dir
     if model_dir is None:
-        from services.embedded import default_cache_dir, default_model_dir
+        from model_formats.embedded import default_cache_dir, default_model_dir
         model_dir = default_model_dir(default_cache_dir(getattr(args, "environ", None)))
     if args.tp_rank == "auto":
         tp_rank = rank_from_hostname(args.environ.get("HOSTNAME") or socket.gethostname())

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from shard_svc.mesh_config import MeshConfig
+from shard_svc.mesh.config import MeshConfig
 
 DTYPES = ("float32", "bfloat16")
 

@@ -16,7 +16,7 @@ import torch
 
 from services.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from shard_svc.kv_cache import KVCache
-from shard_svc.mesh import Communicator, MeshError
+from shard_svc.mesh.communicator import Communicator, MeshError
 from shard_svc.model import ShardModel, make_batch
 
 MAX_TOP_K = 1024

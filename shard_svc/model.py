@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from services.config import ModelConfig
 from shard_svc.kv_cache import KVCache
-from shard_svc.mesh import Communicator
+from shard_svc.mesh.communicator import Communicator
 from shard_svc.sharding import ShardPlan
 from shard_svc.weights import LayerWeights, ShardWeights
 

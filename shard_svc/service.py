@@ -14,14 +14,14 @@ from typing import Any
 
 import torch
 
-from services.checkpoint import load_model_config, model_fingerprint
+from model_formats.checkpoint import load_model_config, model_fingerprint
 from services.pb.cpumesh.v1 import shard_pb2
 from services.server import bind, create_server
 from services.transport import server_credentials
 from shard_svc.config import ShardConfig
 from shard_svc.engine import ShardEngine
 from shard_svc.kv_cache import KVCache
-from shard_svc.mesh import Communicator, LocalOnly, SingleRank
+from shard_svc.mesh.communicator import Communicator, LocalOnly, SingleRank
 from shard_svc.model import ShardModel, make_batch
 from shard_svc.servicer import ShardServicer
 from shard_svc.sharding import plan_shard
@@ -36,9 +36,9 @@ def open_mesh(config: ShardConfig, fingerprint: str) -> Any:
     """The communicator among the group's ranks (blocks until formed or its deadline)."""
     if config.tp_size == 1:
         return SingleRank()
-    from shard_svc.zmq_mesh import ZmqMesh
+    from shard_svc.mesh.group import MeshGroup
 
-    return ZmqMesh(config.mesh_config(fingerprint))
+    return MeshGroup(config.mesh_config(fingerprint))
 
 
 def memory_mb() -> dict[str, float]:
@@ -125,7 +125,7 @@ class ShardProcess:
         """A broken mesh: report NOT_SERVING and re-form it in the background."""
         if not hasattr(self.mesh, "reform") or self.reforming is not None:
             return
-        from shard_svc.mesh import MeshError
+        from shard_svc.mesh.communicator import MeshError
 
         if not isinstance(error.__cause__, MeshError):
             return

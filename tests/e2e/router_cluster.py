@@ -13,9 +13,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2
 
-from services.client import Completion, RouterClient
 from services.pb.cpumesh.v1 import shard_pb2, shard_pb2_grpc
 from tests.procs import Service, free_ports, wait_serving
+from tools.client import Completion, RouterClient
 
 CONTEXT, KV, PAGE = 1024, 2048, 16
 PROMPT = "The capital of France is"

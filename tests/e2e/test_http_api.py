@@ -18,9 +18,9 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.client import RouterClient
-from services.loadtest import LoadConfig, run_load
 from tests.procs import Service, free_ports, wait_serving
+from tools.client import RouterClient
+from tools.loadtest import LoadConfig, run_load
 
 pytestmark = pytest.mark.asyncio
 PROMPT = "The capital of France is"

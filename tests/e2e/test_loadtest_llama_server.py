@@ -16,7 +16,7 @@ import pytest
 from bench.gguf_export import export_gguf
 from bench.machine import llama_cpp_version
 from bench.serving import llama_server
-from services.loadtest import LoadConfig, run_load
+from tools.loadtest import LoadConfig, run_load
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.skipif(
     llama_cpp_version() is None, reason="llama-cpp-python is not in build/bench-venv")]

@@ -19,8 +19,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from services.client import RouterClient
 from tests.procs import free_ports
+from tools.client import RouterClient
 
 PROMPT = "The capital of France is"
 NEW = 24

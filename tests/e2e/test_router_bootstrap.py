@@ -13,10 +13,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
-from services.client import RouterClient
 from tests.certs import make_certs
 from tests.e2e.router_cluster import PROMPT, SERVING
 from tests.procs import Service, free_ports, health_status, wait_serving
+from tools.client import RouterClient
 
 pytestmark = pytest.mark.asyncio
 

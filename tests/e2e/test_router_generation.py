@@ -11,9 +11,9 @@ from collections.abc import Callable
 
 import pytest
 
-from services.client import Completion, RouterClient
 from services.pb.cpumesh.v1 import common_pb2
 from tests.e2e.router_cluster import CHAT, CONTEXT, KV, NEW, Cluster, complete
+from tools.client import Completion, RouterClient
 
 pytestmark = pytest.mark.asyncio
 

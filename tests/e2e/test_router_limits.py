@@ -12,9 +12,9 @@ from collections.abc import Callable
 import grpc
 import pytest
 
-from services.client import RouterClient
 from tests.e2e.router_cluster import CONTEXT, PROMPT, SERVING, Cluster, complete, until_kv_free
 from tests.procs import health_status
+from tools.client import RouterClient
 
 pytestmark = pytest.mark.asyncio
 

@@ -14,9 +14,9 @@ from collections.abc import Callable
 import grpc
 import pytest
 
-from services.client import RouterClient
 from tests.e2e.router_cluster import NEW, PROMPT, SERVING, Cluster, until_kv_free
 from tests.procs import wait_serving
+from tools.client import RouterClient
 
 pytestmark = pytest.mark.asyncio
 

@@ -11,9 +11,9 @@ import pytest
 
 from bench.__main__ import Plan, merge_rows, quick_plan, run_plan
 from bench.models import BenchModel, smollm2
-from services.loadtest import LoadConfig, parse_dist
-from services.loadtest_clients import sse_events
 from tests.checkpoints import tiny_checkpoint
+from tools.loadtest import LoadConfig, parse_dist
+from tools.loadtest_clients import sse_events
 
 
 def test_bench_quick_paths(tmp_path: Path) -> None:

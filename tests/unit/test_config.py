@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from services.checkpoint import load_model_config
+from model_formats.checkpoint import load_model_config
 from services.config import ModelConfig
 from services.errors import CheckpointError
 

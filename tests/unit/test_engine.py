@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.checkpoint import load_model_config
+from model_formats.checkpoint import load_model_config
 from services.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -16,7 +16,7 @@ from services.errors import (
     Unavailable,
 )
 from shard_svc.engine import SeqWork, ShardEngine
-from shard_svc.mesh import MeshError, SingleRank
+from shard_svc.mesh.communicator import MeshError, SingleRank
 from shard_svc.model import ShardModel, make_batch
 from shard_svc.sharding import plan_shard
 from shard_svc.weights import load_shard_weights

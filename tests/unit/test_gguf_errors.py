@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 
+from model_formats.gguf.convert import convert_gguf
 from services.errors import CheckpointError
-from services.gguf_convert import convert_gguf
 from tests.unit.gguf_files import assert_nothing_written, hf_model, write_gguf
 
 

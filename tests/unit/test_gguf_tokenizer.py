@@ -9,8 +9,8 @@ import pytest
 from gguf import GGUFReader, GGUFWriter
 from tokenizers import Tokenizer
 
-from services.gguf_convert import convert_gguf
-from services.gguf_tokenizer import build_tokenizer
+from model_formats.gguf.convert import convert_gguf
+from model_formats.gguf.tokenizer import build_tokenizer
 from tests.unit.gguf_files import PROMPTS, hf_model, write_gguf
 
 

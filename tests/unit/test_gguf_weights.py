@@ -12,9 +12,9 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from safetensors.numpy import load_file
 
-from services.checkpoint import load_model_config
+from model_formats.checkpoint import load_model_config
+from model_formats.gguf.convert import convert_gguf
 from services.config import ModelConfig
-from services.gguf_convert import convert_gguf
 from tests.unit.gguf_files import TOLERANCE, hf_model, llama3_rope_freqs, write_gguf
 
 

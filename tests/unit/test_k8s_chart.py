@@ -14,7 +14,7 @@ import pytest
 helm = pytest.importorskip("helm_python")
 yaml = pytest.importorskip("yaml")
 
-from services import k8s  # noqa: E402
+from tools import k8s  # noqa: E402
 
 CHART = Path(__file__).resolve().parents[2] / "k8s"
 NS = "llm-prod"

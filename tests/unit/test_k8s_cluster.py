@@ -24,8 +24,8 @@ kmock = pytest.importorskip("kmock")
 pytest.importorskip("kubernetes")
 pytest.importorskip("helm_python")
 
-from services import k8s  # noqa: E402
 from services.errors import DeadlineExceeded, FailedPrecondition  # noqa: E402
+from tools import k8s  # noqa: E402
 
 NS = "llm"
 PODS = kmock.resource("", "v1", "pods")

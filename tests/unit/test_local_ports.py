@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from services.local import LocalConfig, listen_address
+from tools.local import LocalConfig, listen_address
 
 
 @pytest.mark.parametrize(("field", "flag"), [("port", "--port"), ("http_port", "--http-port")])

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 import torch
 
-from shard_svc.mesh import MeshError
-from shard_svc.mesh_stream import Streams, _advance
-from shard_svc.mesh_stream_open import INTRO, MAGIC, listen
-from shard_svc.mesh_wire import HEADER, Kind
+from shard_svc.mesh.communicator import MeshError
+from shard_svc.mesh.tcp import Streams, _advance
+from shard_svc.mesh.tcp_open import INTRO, MAGIC, listen
+from shard_svc.mesh.wire import HEADER, Kind
 
 FORMATION = 0x1234_5678_9ABC
 

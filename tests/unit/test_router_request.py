@@ -15,9 +15,9 @@ from router_svc.sequence import Chunk, Usage
 from router_svc.servicer import from_pb, to_pb
 from router_svc.shards import ShardInfo, check_group
 from router_svc.stops import Finish, FinishReason
-from services.client import generate_request
 from services.errors import InvalidArgument, Unavailable
 from services.pb.cpumesh.v1 import common_pb2, router_pb2
+from tools.client import generate_request
 
 LIMITS = Limits(context_length=2048, vocab_size=1000, has_chat_template=True,
                 max_stop_strings=4, max_stop_string_chars=8, max_stop_token_ids=3)
@@ -134,7 +134,7 @@ def test_config_refusals() -> None:
 
 
 def test_the_router_never_imports_torch_or_numpy() -> None:
-    code = ("import sys, router_svc.cli, router_svc.service, services.client; "
+    code = ("import sys, router_svc.cli, router_svc.service, tools.client; "
             "bad = [m for m in ('torch', 'numpy', 'transformers') if m in sys.modules]; "
             "sys.exit(str(bad) if bad else 0)")
     run = subprocess.run([sys.executable, "-c", code], timeout=60, capture_output=True,

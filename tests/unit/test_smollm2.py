@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from services.checkpoint import load_model_config
+from model_formats.checkpoint import load_model_config
 from shard_svc.model import ShardModel, make_batch
 from shard_svc.sharding import plan_shard
 from shard_svc.weights import load_shard_weights

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from services.checkpoint import load_model_config
+from model_formats.checkpoint import load_model_config
 from services.errors import CheckpointError
 from shard_svc.sharding import plan_shard
 from shard_svc.weights import load_shard_weights
@@ -109,7 +109,7 @@ MEASURE = """
 import json, sys
 from pathlib import Path
 import torch
-from services.checkpoint import load_model_config
+from model_formats.checkpoint import load_model_config
 from shard_svc.sharding import plan_shard
 from shard_svc.weights import load_shard_weights
 

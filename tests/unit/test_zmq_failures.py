@@ -1,4 +1,4 @@
-"""ZmqMesh never hangs: a killed, stopped or silent rank makes every other rank raise MeshError
+"""MeshGroup never hangs: a killed, stopped or silent rank makes every other rank raise MeshError
 naming it within 2 s, and the mesh forms again when the rank is back."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import time
 import pytest
 import zmq
 
-from shard_svc.mesh_wire import Header, Kind
+from shard_svc.mesh.wire import Header, Kind
 from tests.mesh_procs import ports, ranks
 from tests.mesh_ranks import rank_idle, rank_loop
 

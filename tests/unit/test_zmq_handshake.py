@@ -13,8 +13,8 @@ import pytest
 import zmq
 import zmq.auth
 
-from shard_svc.mesh_wire import Kind, control
-from shard_svc.zmq_mesh import create_curve_keys
+from shard_svc.mesh.group import create_curve_keys
+from shard_svc.mesh.wire import Kind, control
 from tests.mesh_procs import ports, ranks
 from tests.mesh_ranks import rank_form
 

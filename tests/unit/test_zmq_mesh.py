@@ -1,4 +1,4 @@
-"""ZmqMesh sums correctly: 2-4 real processes on loopback, every size, both dtypes, every data
+"""MeshGroup sums correctly: 2-4 real processes on loopback, every size, both dtypes, every data
 path (tcp streams, ZeroMQ, shared memory), every algorithm; every rank ends with the same bits."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shard_svc.mesh_config import MeshConfig
-from shard_svc.zmq_mesh import ZmqMesh
+from shard_svc.mesh.config import MeshConfig
+from shard_svc.mesh.group import MeshGroup
 from tests.mesh_procs import ports, ranks
 from tests.mesh_ranks import SIZES, rank_matrix
 
@@ -43,14 +43,14 @@ def test_sum_within_rounding_and_bitwise_equal_on_all_ranks(tp_size: int) -> Non
 
 
 def test_single_rank_is_identity_and_needs_no_peers() -> None:
-    with ZmqMesh(MeshConfig(0, 1, ("127.0.0.1:1",))) as mesh:
+    with MeshGroup(MeshConfig(0, 1, ("127.0.0.1:1",))) as mesh:
         t = torch.arange(5.0)
         assert mesh.all_reduce(t) is t and t.tolist() == [0, 1, 2, 3, 4]
         assert mesh.transport == "none"
 
 
 def test_rejects_tensors_it_cannot_sum() -> None:
-    mesh = ZmqMesh(MeshConfig(0, 1, ("127.0.0.1:1",)))
+    mesh = MeshGroup(MeshConfig(0, 1, ("127.0.0.1:1",)))
     with pytest.raises(ValueError, match="float32 and bfloat16"):
         mesh.all_reduce(torch.zeros(3, dtype=torch.float64))
     with pytest.raises(ValueError, match="contiguous"):
@@ -95,7 +95,7 @@ def test_ipv6_addresses(transport: str) -> None:
     results: dict[int, torch.Tensor] = {}
 
     def rank(r: int) -> None:
-        with ZmqMesh(MeshConfig(r, 2, peers, transport=transport, form_timeout_s=20)) as mesh:
+        with MeshGroup(MeshConfig(r, 2, peers, transport=transport, form_timeout_s=20)) as mesh:
             assert mesh.transport == transport
             results[r] = mesh.all_reduce(torch.full((1000,), float(r + 1)))
 

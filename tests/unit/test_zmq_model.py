@@ -1,4 +1,4 @@
-"""The sliced model at tp 2 and 3 over ZmqMesh, one process per rank: hidden states bitwise
+"""The sliced model at tp 2 and 3 over MeshGroup, one process per rank: hidden states bitwise
 equal on every rank, logits equal to tp 1 within 1e-5 (float32)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shard_svc.mesh import SingleRank
+from shard_svc.mesh.communicator import SingleRank
 from tests.checkpoints import tiny_checkpoint
 from tests.mesh_procs import ports, ranks
 from tests.mesh_ranks import greedy, rank_model

@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shard_svc.mesh import MeshError
-from shard_svc.mesh_config import MeshConfig
-from shard_svc.mesh_wire import DTYPE_CODES, Algo, chunk_bounds
+from shard_svc.mesh.communicator import MeshError
+from shard_svc.mesh.config import MeshConfig
+from shard_svc.mesh.wire import DTYPE_CODES, Algo, chunk_bounds
 
 HEADER_BYTES = 256
 PUBLISHED, REDUCED, META = 0, 8, (16, 24)  # int64 word indices

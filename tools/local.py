@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.local_procs import Child, stop_all
+from tools.local_procs import Child, stop_all
 
 POLL_S = 0.2
 SERVICES = ("tokenizer", "shard", "router")
@@ -92,14 +92,14 @@ def cli_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_config(args: argparse.Namespace) -> LocalConfig:
-    from services.embedded import MODEL_NAME, default_cache_dir, default_model_dir
-    from services.gguf_convert import stderr_progress
+    from model_formats.embedded import MODEL_NAME, default_cache_dir, default_model_dir
+    from model_formats.gguf.convert import stderr_progress
 
     cache_dir = args.cache_dir or default_cache_dir(args.environ)
     if args.model_dir is not None:
         model_dir, name = args.model_dir, args.model_dir.resolve().name
     elif args.gguf is not None:
-        from services.local_procs import converted_gguf
+        from tools.local_procs import converted_gguf
         say(f"preparing {args.gguf} (converted once, then cached)")
         model_dir, name = converted_gguf(args.gguf, cache_dir, stderr_progress), args.gguf.stem
     else:
@@ -264,7 +264,7 @@ class Launcher:
               f"Try:\n"
               f"  {cli} generate{flag} \"{EXAMPLE_PROMPT}\"\n"
               f"  {cli} chat{flag}\n"
-              f"  {python} -m services.client --router {router} --chat \"{EXAMPLE_CHAT}\"\n"
+              f"  {python} -m tools.client --router {router} --chat \"{EXAMPLE_CHAT}\"\n"
               f"  curl {self.http}/v1/chat/completions -H 'Content-Type: application/json' "
               f"-d '{{\"messages\": [{{\"role\": \"user\", \"content\": \"{EXAMPLE_CHAT}\"}}]}}'\n"
               f"  (or the openai client: OpenAI(base_url=\"{self.http}/v1\", api_key=\"-\"))\n\n"

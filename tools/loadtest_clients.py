@@ -59,7 +59,7 @@ class Client(Protocol):
 
 class GrpcClient:
     def __init__(self, address: str) -> None:
-        from services.client import RouterClient
+        from tools.client import RouterClient
 
         self.router = RouterClient(address)
 

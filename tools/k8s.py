@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"wrote {args.output}", file=out)
         return 0
 
-    from services import k8s_cluster
+    from tools import k8s_cluster
 
     kubeconfig = args.kubeconfig or _first_path(environ.get("KUBECONFIG"))
     api, context_namespace = k8s_cluster.connect(kubeconfig, args.context)

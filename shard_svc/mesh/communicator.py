@@ -1,18 +1,8 @@
 """Communicators: how tensor-parallel ranks add their partial sums.
 
-Glossary (one vocabulary across cpumesh):
-
-| term      | meaning                                                                 |
-|-----------|-------------------------------------------------------------------------|
-| tp_size   | number of tensor-parallel ranks in one group (one shard process each)   |
-| tp_rank   | this shard's index in the group, 0 … tp_size-1                          |
-| peers     | mesh addresses of all ranks, indexed by tp_rank (ours included)         |
-| partial   | a rank's contribution to a row-parallel layer's output                  |
-| allreduce | every rank ends with the sum of all partials, bitwise identical         |
-
 The model receives a `Communicator` and calls `all_reduce` explicitly, twice per layer. This module
 holds the protocol, the single-rank communicator and an in-process multi-rank one (threads) used by
-tests. The ZeroMQ mesh between processes lives in `zmq_mesh.py`.
+tests. The mesh between processes is `MeshGroup` (group.py).
 """
 
 from __future__ import annotations

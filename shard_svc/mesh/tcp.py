@@ -4,10 +4,10 @@ ZeroMQ moves every message through its I/O thread: the sender's thread hands it 
 thread writes the socket, the peer's I/O thread reads it and wakes the peer's thread. On loopback
 that costs ~50 µs per exchange of 2 KiB; a kernel socket written and read by the ranks' own
 threads costs ~10 µs. So, once the ZeroMQ handshake has formed the mesh, each pair of ranks opens
-a TCP connection (mesh_stream_open). Everything else — handshake, heartbeats, ABORT, BYE, and the
+a TCP connection (tcp_open). Everything else — handshake, heartbeats, ABORT, BYE, and the
 detection of a hung peer — stays on ZeroMQ.
 
-Each DATA message is the 32-byte mesh header (mesh_wire) followed by the tensor bytes, sent
+Each DATA message is the 32-byte mesh header (wire) followed by the tensor bytes, sent
 straight from the tensor's memory with one `sendmsg` and, once its header is checked, received
 straight into its destination. Per pair the stream is ordered and belongs to one formation, so the
 next message from a peer is always the one expected; anything else is a broken mesh. A peer that
@@ -25,9 +25,9 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 
-from shard_svc.mesh import MeshError
-from shard_svc.mesh_stream_open import open_streams
-from shard_svc.mesh_wire import HEADER, Header
+from shard_svc.mesh.communicator import MeshError
+from shard_svc.mesh.tcp_open import open_streams
+from shard_svc.mesh.wire import HEADER, Header
 
 LOOK_S = 0.05  # the longest time between two looks at ZeroMQ (peer events, ABORT)
 _yield = getattr(os, "sched_yield", lambda: None)
@@ -63,7 +63,7 @@ class Streams:
     @classmethod
     def open(cls, listener: socket.socket, addresses: Sequence[str], me: int, formation: int,
              deadline: float, timeout_s: float, spin_s: float = 0.0) -> Streams:
-        """Connect to every lower rank, accept every higher one (see mesh_stream_open)."""
+        """Connect to every lower rank, accept every higher one (see tcp_open)."""
         socks = open_streams(listener, addresses, me, formation, deadline)
         for s in socks.values():
             s.setblocking(False)

@@ -1,5 +1,5 @@
 """The allreduce algorithms over message passing (tcp, zmq and ipc data paths; shared memory has
-its own in mesh_shm), written against one primitive:
+its own in shm), written against one primitive:
 
     swap(algo, step, sends=[(peer, bytes)], recvs=[(peer, nbytes, dest or None)])
         -> {peer: received bytes}
@@ -25,7 +25,7 @@ from typing import Protocol
 
 import torch
 
-from shard_svc.mesh_wire import Algo, chunk_bounds
+from shard_svc.mesh.wire import Algo, chunk_bounds
 
 Sends = list[tuple[int, torch.Tensor]]
 Recvs = list[tuple[int, int, torch.Tensor | None]]

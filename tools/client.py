@@ -7,7 +7,7 @@
         print(done.text, done.finish_reason, done.usage.time_to_first_token_s)
 
 Errors arrive as `grpc.aio.AioRpcError` with the router's status code. `python -m
-services.client --router HOST:PORT PROMPT` streams one generation to stdout.
+tools.client --router HOST:PORT PROMPT` streams one generation to stdout.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Opening the tcp data path (see mesh_stream): each rank listens on a port it announces in its
+"""Opening the tcp data path (see tcp): each rank listens on a port it announces in its
 HELLO; once the ZeroMQ handshake has formed the mesh, every rank connects to each lower rank's
 port and introduces itself (magic, formation id, its rank), and accepts the higher ranks.
 
@@ -15,7 +15,7 @@ import struct
 import time
 from collections.abc import Sequence
 
-from shard_svc.mesh import MeshError
+from shard_svc.mesh.communicator import MeshError
 
 INTRO = struct.Struct("<4sQH")  # magic, formation id, the connecting rank
 MAGIC = b"CMDS"

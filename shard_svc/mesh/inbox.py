@@ -13,10 +13,10 @@ from collections.abc import Sequence
 
 import torch
 
-from shard_svc.mesh import MeshError
-from shard_svc.mesh_handshake import Formation
-from shard_svc.mesh_transport import Links, PeerEvent
-from shard_svc.mesh_wire import CODE_DTYPES, Header, Kind, parse_body
+from shard_svc.mesh.communicator import MeshError
+from shard_svc.mesh.handshake import Formation
+from shard_svc.mesh.links import Links, PeerEvent
+from shard_svc.mesh.wire import CODE_DTYPES, Header, Kind, parse_body
 
 Key = tuple[int, int, int]  # (seq, sender, step)
 POOL_LIMIT_BYTES = 512 * 1024 * 1024

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from services.loadtest_clients import Sample, make_client
+from tools.loadtest_clients import Sample, make_client
 
 _WORD_TEXT = (
     "the of and to in is it that was for on are with as his they be at one have this from or "

@@ -4,7 +4,7 @@ A decode step reduces a few KiB twice per layer, so the Python around the two sy
 peer is most of the cost (each torch or Python call is ~0.5–1.5 µs; four processes sharing two
 cores pay it four times over). Here each peer's receive buffer is kept between collectives, with
 its memoryview and typed views made once per message size, and the sum reads them in rank order
-(mesh_algorithms.add_in_rank_order): the same bits as every other algorithm.
+(algorithms.add_in_rank_order): the same bits as every other algorithm.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from collections.abc import Callable
 
 import torch
 
-from shard_svc.mesh_algorithms import add_in_rank_order
-from shard_svc.mesh_stream import Streams
-from shard_svc.mesh_wire import Algo, data_header
+from shard_svc.mesh.algorithms import add_in_rank_order
+from shard_svc.mesh.tcp import Streams
+from shard_svc.mesh.wire import Algo, data_header
 
 VIEWS_KEPT = 64  # message sizes whose views are kept (a decode loop uses a handful)
 _NOTHING = torch.empty(0)

@@ -23,7 +23,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 if TYPE_CHECKING:
-    from services.gguf_convert import Progress
+    from model_formats.gguf.convert import Progress
 
 # (log line pattern, phase shown): the last pattern found in a child's log names its phase.
 PHASES = [
@@ -159,7 +159,7 @@ def _die_with_parent(parent_pid: int) -> Callable[[], None] | None:
 
 def converted_gguf(gguf: Path, cache_dir: Path, progress: Progress | None = None) -> Path:
     """`gguf` converted once into `cache_dir/models`, keyed by its path, size and mtime."""
-    from services.embedded import CONVERTER_VERSION, convert_once
+    from model_formats.embedded import CONVERTER_VERSION, convert_once
 
     st = gguf.stat()
     key = f"{CONVERTER_VERSION} {gguf.resolve()} {st.st_size} {st.st_mtime_ns}"

@@ -3,7 +3,7 @@
 The result is what every other part of cpumesh reads: `model.safetensors` (dequantized, under
 Hugging Face names and in Hugging Face layout), `config.json`, `tokenizer.json` and
 `tokenizer_config.json`. Quantized blocks are expanded with `gguf.quants.dequantize`; the config
-comes from `services.gguf_config`.
+comes from `model_formats.gguf.config`.
 
 llama.cpp's converter permutes the rows of Q and K of `llama` models for its interleaved rotary
 layout; `_unpermute` restores the Hugging Face (half-split) layout. Qwen2 files are not permuted.
@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from model_formats.gguf.config import hf_config
 from services.config import ModelConfig
 from services.errors import CheckpointError
-from services.gguf_config import hf_config
 
 Progress = Callable[[int, int, str], None]  # (tensors done, tensors in all, tensor name)
 Weight = tuple[str, tuple[int, ...], Callable[[], np.ndarray]]  # (name, shape, loader)
@@ -56,7 +56,7 @@ def convert_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[s
     Raises `CheckpointError` for a missing, corrupt, truncated or unsupported file, and
     `FileExistsError` when `out_dir` exists, is not empty and `overwrite` is false.
     """
-    from services.gguf_tokenizer import TokenizerBuildError, build_tokenizer
+    from model_formats.gguf.tokenizer import TokenizerBuildError, build_tokenizer
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")

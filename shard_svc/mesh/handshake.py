@@ -23,10 +23,10 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import zmq
 
-from shard_svc.mesh import MeshError
-from shard_svc.mesh_config import MeshConfig
-from shard_svc.mesh_transport import Links
-from shard_svc.mesh_wire import WIRE_VERSION, Header, Kind, control, formation_id, parse_body
+from shard_svc.mesh.communicator import MeshError
+from shard_svc.mesh.config import MeshConfig
+from shard_svc.mesh.links import Links
+from shard_svc.mesh.wire import WIRE_VERSION, Header, Kind, control, formation_id, parse_body
 
 DUPLICATE_AFTER_S = 0.5  # two nonces still alternating this long after both appeared: duplicate
 

@@ -1,0 +1,2 @@
+"""GGUF files: metadata → config.json (config), tensors → safetensors (convert), and the
+vocabulary → tokenizer.json (tokenizer)."""
