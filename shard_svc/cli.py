@@ -7,7 +7,7 @@ import os
 import socket
 from pathlib import Path
 
-from shard_svc.config import ShardConfig, rank_from_hostname
+from shard_svc.config import DTYPES, KERNELS, ShardConfig, rank_from_hostname
 from shard_svc.mesh.config import TRANSPORTS as MESH_TRANSPORTS
 
 
@@ -23,7 +23,12 @@ def cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--health-listen", help="separate plaintext health address (with TLS)")
     p.add_argument("--threads", default="auto",
                    help="torch threads, or 'auto' for the CPUs this process may use")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=DTYPES,
+                   help="weights, activations and KV cache (norms and softmax accumulate in "
+                   "float32); default: %(default)s")
+    p.add_argument("--kernels", default="auto", choices=KERNELS,
+                   help="library for the matrix products: aten, onednn, or auto (timed at start "
+                   "on this CPU, the choice logged); default: %(default)s")
     p.add_argument("--kv-capacity-tokens", type=int, default=16384)
     p.add_argument("--kv-page-size", type=int, default=16)
     p.add_argument("--max-context", type=int, help="default: the model's context length")
@@ -63,7 +68,7 @@ def build_config(args: argparse.Namespace) -> ShardConfig:
         model_dir=model_dir, tp_rank=tp_rank, tp_size=args.tp_size,
         peers=tuple(p.strip() for p in args.peers.split(",") if p.strip()),
         listen=args.listen, health_listen=args.health_listen, threads=threads,
-        dtype=args.dtype, kv_capacity_tokens=args.kv_capacity_tokens,
+        dtype=args.dtype, kernels=args.kernels, kv_capacity_tokens=args.kv_capacity_tokens,
         kv_page_size=args.kv_page_size, max_context=args.max_context,
         mesh_name=args.mesh_name, mesh_listen=args.mesh_listen,
         mesh_transport=args.mesh_transport, mesh_stream_port=args.mesh_stream_port,

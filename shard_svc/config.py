@@ -7,7 +7,8 @@ from pathlib import Path
 
 from shard_svc.mesh.config import MeshConfig
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "float16")
+KERNELS = ("auto", "aten", "onednn")
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,7 @@ class ShardConfig:
     health_listen: str | None = None  # separate plaintext health port (when TLS is on)
     threads: int = 1
     dtype: str = "float32"
+    kernels: str = "auto"  # which library runs the linears (shard_svc.kernels); auto: timed
     kv_capacity_tokens: int = 16384
     kv_page_size: int = 16
     max_context: int | None = None  # default: the model's max_position_embeddings
@@ -51,6 +53,8 @@ class ShardConfig:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {KERNELS}, got {self.kernels!r}")
         if self.kv_capacity_tokens < 1:
             raise ValueError(f"kv_capacity_tokens must be >= 1, got {self.kv_capacity_tokens}")
         if self.kv_page_size < 1:

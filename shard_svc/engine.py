@@ -16,7 +16,7 @@ import torch
 
 from services.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from shard_svc.kv_cache import KVCache
-from shard_svc.mesh.communicator import Communicator, MeshError
+from shard_svc.mesh.communicator import MeshError
 from shard_svc.model import ShardModel, make_batch
 
 MAX_TOP_K = 1024
@@ -50,29 +50,6 @@ class StepOutput:
     allreduce_s: float
 
 
-class TimedCommunicator:
-    """Wraps a communicator and adds up the time spent inside all_reduce."""
-
-    def __init__(self, inner: Communicator) -> None:
-        self.inner = inner
-        self.elapsed_s = 0.0
-
-    @property
-    def tp_rank(self) -> int:
-        return self.inner.tp_rank
-
-    @property
-    def tp_size(self) -> int:
-        return self.inner.tp_size
-
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        t0 = time.perf_counter()
-        try:
-            return self.inner.all_reduce(tensor)
-        finally:
-            self.elapsed_s += time.perf_counter() - t0
-
-
 class ShardEngine:
     def __init__(self, model: ShardModel, cache: KVCache, max_context: int | None = None) -> None:
         self.model = model
@@ -80,30 +57,24 @@ class ShardEngine:
         self.max_context = max_context or model.config.max_position_embeddings
         self.next_step_id = 1
         self._lock = threading.Lock()
-        self._timer = TimedCommunicator(model.comm)
-        model.comm = self._timer
 
     def step(self, step_id: int, work: Sequence[SeqWork]) -> StepOutput:
         with self._lock:
             self._validate(step_id, work)
-            t0, ar0 = time.perf_counter(), self._timer.elapsed_s
-            lengths = {w.seq_id: self.cache.length(w.seq_id) for w in work if not w.prefill}
+            t0, ar0 = time.perf_counter(), self.model.comm.elapsed_s
+            batch = make_batch([(w.seq_id, w.token_ids) for w in work], self.cache)
             try:
-                for w in work:
-                    if w.prefill:
-                        self.cache.add(w.seq_id)
-                batch = make_batch([(w.seq_id, w.token_ids) for w in work], self.cache)
                 hidden = self.model.forward(batch, self.cache)  # [B, H]
                 results = self._top_k(hidden, work)
             except MeshError as e:
-                self._roll_back(work, lengths)
+                batch.reservation.undo()
                 raise Unavailable(f"step {step_id} failed: {e}") from e
             except BaseException:
-                self._roll_back(work, lengths)
+                batch.reservation.undo()
                 raise
             self.next_step_id = step_id + 1
             total = time.perf_counter() - t0
-            allreduce = self._timer.elapsed_s - ar0
+            allreduce = self.model.comm.elapsed_s - ar0
             return StepOutput(step_id, results, total - allreduce, allreduce)
 
     def release(self, seq_ids: Sequence[int]) -> int:
@@ -126,13 +97,6 @@ class ShardEngine:
                     tuple(ids[i, :w.top_k].tolist()), float(lse[i]), float(lse_t[i]))
             for i, w in enumerate(work)
         )
-
-    def _roll_back(self, work: Sequence[SeqWork], lengths: dict[int, int]) -> None:
-        for w in work:
-            if w.prefill:
-                self.cache.release(w.seq_id)
-            else:
-                self.cache.truncate(w.seq_id, lengths[w.seq_id])
 
     def _validate(self, step_id: int, work: Sequence[SeqWork]) -> None:
         if step_id != self.next_step_id:

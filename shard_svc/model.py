@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from services.config import ModelConfig
-from shard_svc.kv_cache import KVCache
-from shard_svc.mesh.communicator import Communicator
+from shard_svc.kernels import KernelPlan, choose_kernels
+from shard_svc.kv_cache import KVCache, Reservation
+from shard_svc.mesh.communicator import Communicator, TimedCommunicator
 from shard_svc.sharding import ShardPlan
 from shard_svc.weights import LayerWeights, ShardWeights
 
@@ -31,10 +32,10 @@ from shard_svc.weights import LayerWeights, ShardWeights
 class SeqSpan:
     """One sequence's place in a packed step."""
 
+    seq_id: int
     start: int  # first of its new tokens in the packed N
     stop: int
     cached: int  # tokens already in the cache before this step
-    read_slots: torch.Tensor  # int64 [L]: its whole history, this step's tokens included
 
 
 @dataclass(frozen=True)
@@ -44,53 +45,40 @@ class Batch:
     write_slots: torch.Tensor  # int64 [N]
     spans: tuple[SeqSpan, ...]  # [B]
     last: torch.Tensor  # int64 [B]: index in N of each sequence's last new token
-    # Decode-only steps (one new token per sequence) attend as one padded batch:
-    padded_slots: torch.Tensor | None = None  # int64 [B, Lmax], padding repeats a real slot
-    padding_mask: torch.Tensor | None = None  # additive [B, 1, 1, Lmax]: -inf on padding
+    reservation: Reservation  # the cache room this step took; `undo()` if the step fails
 
 
 def make_batch(steps: Sequence[tuple[int, Sequence[int]]], cache: KVCache) -> Batch:
     """Reserve cache room for each (seq_id, new token ids) and lay the step out packed.
 
-    The caller has checked the ids and the room; on a failed step it truncates the sequences
-    back to their earlier lengths.
+    The caller has checked the ids and the room; a sequence not in the cache is added.
     """
-    dtype = cache.k.dtype
+    reservation = cache.reserve([(seq_id, len(ids)) for seq_id, ids in steps])
     tokens: list[int] = []
     positions: list[torch.Tensor] = []
-    writes: list[torch.Tensor] = []
     spans: list[SeqSpan] = []
-    last: list[int] = []
     n = 0
     for seq_id, ids in steps:
-        cached = cache.length(seq_id)
-        writes.append(cache.extend(seq_id, len(ids)))
+        cached = cache.length(seq_id) - len(ids)
         tokens.extend(ids)
         positions.append(torch.arange(cached, cached + len(ids)))
-        spans.append(SeqSpan(n, n + len(ids), cached, cache.slots(seq_id, 0, cached + len(ids))))
+        spans.append(SeqSpan(seq_id, n, n + len(ids), cached))
         n += len(ids)
-        last.append(n - 1)
-    padded_slots = padding_mask = None
-    if n == len(spans) > 1:
-        lengths = torch.tensor([len(s.read_slots) for s in spans])
-        longest = int(lengths.max())
-        padded_slots = torch.stack([F.pad(s.read_slots, (0, longest - len(s.read_slots)),
-                                          value=int(s.read_slots[0])) for s in spans])
-        padding_mask = torch.zeros(len(spans), 1, 1, longest, dtype=dtype).masked_fill(
-            torch.arange(longest).view(1, 1, 1, -1) >= lengths.view(-1, 1, 1, 1), float("-inf"))
     return Batch(torch.tensor(tokens, dtype=torch.int64), torch.cat(positions),
-                 torch.cat(writes), tuple(spans), torch.tensor(last, dtype=torch.int64),
-                 padded_slots, padding_mask)
+                 torch.cat(reservation.writes), tuple(spans),
+                 torch.tensor([s.stop - 1 for s in spans], dtype=torch.int64), reservation)
 
 
 class ShardModel:
     def __init__(self, config: ModelConfig, plan: ShardPlan, weights: ShardWeights,
-                 comm: Communicator) -> None:
+                 comm: Communicator, kernels: KernelPlan | None = None) -> None:
         if comm.tp_size != plan.tp_size or comm.tp_rank != plan.tp_rank:
             raise ValueError(f"communicator is rank {comm.tp_rank}/{comm.tp_size}, "
                              f"plan is rank {plan.tp_rank}/{plan.tp_size}")
-        self.config, self.plan, self.w, self.comm = config, plan, weights, comm
+        self.config, self.plan, self.w = config, plan, weights
+        self.comm = TimedCommunicator(comm)  # time spent in all_reduce, for the step's report
         self.dtype = weights.embed.dtype
+        self.kernels = kernels or choose_kernels("auto", self.dtype, weights.layers[0].gate_up)
         self.inv_freq = rope_inv_freq(config)  # float32 [D/2]
         self.scale = 1.0 / math.sqrt(config.head_dim)
 
@@ -102,6 +90,7 @@ class ShardModel:
     @torch.inference_mode()
     def forward(self, batch: Batch, cache: KVCache) -> torch.Tensor:
         """Run the step; return each sequence's last hidden state after the final norm, [B, H]."""
+        self.kernels.for_step(len(batch.tokens))
         x = F.embedding(batch.tokens, self.w.embed)  # [N, H]
         cos, sin = rope_cos_sin(self.inv_freq, batch.positions, self.dtype)  # [N, D] each
         for i, layer in enumerate(self.w.layers):
@@ -115,32 +104,27 @@ class ShardModel:
                   sin: torch.Tensor, batch: Batch, cache: KVCache) -> torch.Tensor:
         """This rank's heads; returns the O-projection partial sum, [N, H]."""
         n, d = h.shape[0], self.config.head_dim
-        q = F.linear(h, w.wq, w.bq).view(n, -1, d)  # [N, Hq, D]
-        k = F.linear(h, w.wk, w.bk).view(n, -1, d)  # [N, Hkv, D]
-        v = F.linear(h, w.wv, w.bv).view(n, -1, d)  # [N, Hkv, D]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        k_cache, v_cache = cache.layer(index)  # [P*S, Hkv, D] each
-        k_cache.index_copy_(0, batch.write_slots, k)
-        v_cache.index_copy_(0, batch.write_slots, v)
-        if batch.padded_slots is not None:  # decode: N == B, one query per sequence
-            ks = k_cache[batch.padded_slots].transpose(1, 2)  # [B, Hkv, Lmax, D]
-            vs = v_cache[batch.padded_slots].transpose(1, 2)  # [B, Hkv, Lmax, D]
-            o = F.scaled_dot_product_attention(q.unsqueeze(2), ks, vs,  # q: [B, Hq, 1, D]
-                                               attn_mask=batch.padding_mask, scale=self.scale,
-                                               enable_gqa=True)  # [B, Hq, 1, D]
-            return F.linear(o.view(n, -1), w.wo)  # [N, H]
+        q, k, v = F.linear(h, w.qkv, w.qkv_bias).split(w.qkv_split, dim=-1)
+        q = apply_rope(q.view(n, -1, d), cos, sin)  # [N, Hq, D]
+        k = apply_rope(k.view(n, -1, d), cos, sin)  # [N, Hkv, D]
+        k_cache, v_cache = cache.layer(index)  # [Hkv, P*S, D] each
+        k_cache.index_copy_(1, batch.write_slots, k.transpose(0, 1))
+        v_cache.index_copy_(1, batch.write_slots, v.view(n, -1, d).transpose(0, 1))
+        hkv = k.shape[1]
+        group = q.shape[1] // hkv  # query heads per KV head
         out = torch.empty_like(q)  # [N, Hq, D]
         for span in batch.spans:
-            qs = q[span.start:span.stop].transpose(0, 1)  # [Hq, T, D]
-            ks = k_cache[span.read_slots].transpose(0, 1)  # [Hkv, L, D]
-            vs = v_cache[span.read_slots].transpose(0, 1)  # [Hkv, L, D]
             t = span.stop - span.start
+            # [T, Hq, D] → [Hkv, G*T, D]: each KV head's queries together, its keys read once
+            qs = q[span.start:span.stop].view(t, hkv, group, d).permute(1, 2, 0, 3)
+            ks, vs = cache.history(index, span.seq_id)  # [Hkv, L, D] each
             mask = None
             if t > 1:  # query i sits at position cached + i and sees keys 0..cached + i
-                mask = causal_mask(t, span.cached, self.dtype)  # [T, L]
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=self.scale,
-                                               enable_gqa=True)  # [Hq, T, D]
-            out[span.start:span.stop] = o.transpose(0, 1)
+                mask = causal_mask(t, span.cached, self.dtype).repeat(group, 1)  # [G*T, L]
+            o = F.scaled_dot_product_attention(qs.reshape(hkv, group * t, d), ks, vs,
+                                               attn_mask=mask, scale=self.scale)  # [Hkv, G*T, D]
+            out[span.start:span.stop] = o.view(hkv, group, t, d).permute(2, 0, 1, 3).reshape(
+                t, -1, d)
         return F.linear(out.view(n, -1), w.wo)  # [N, H]
 
     def local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -164,7 +148,8 @@ class ShardModel:
 
 def mlp(w: LayerWeights, h: torch.Tensor) -> torch.Tensor:
     """SwiGLU on this rank's intermediate slice; returns the down-projection partial, [N, H]."""
-    return F.linear(F.silu(F.linear(h, w.w_gate)) * F.linear(h, w.w_up), w.w_down)
+    gate, up = F.linear(h, w.gate_up).chunk(2, dim=-1)  # [N, I] each
+    return F.linear(F.silu(gate) * up, w.w_down)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

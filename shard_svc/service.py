@@ -20,6 +20,7 @@ from services.server import bind, create_server
 from services.transport import server_credentials
 from shard_svc.config import ShardConfig
 from shard_svc.engine import ShardEngine
+from shard_svc.kernels import choose_kernels
 from shard_svc.kv_cache import KVCache
 from shard_svc.mesh.communicator import Communicator, LocalOnly, SingleRank
 from shard_svc.model import ShardModel, make_batch
@@ -53,16 +54,16 @@ def memory_mb() -> dict[str, float]:
 
 
 def warm_up(model: ShardModel, cache: KVCache) -> None:
-    """One real forward pass through every layer, outside any sequence's state and without
-    the mesh (its sums are skipped), so a rank can warm up while its peers serve."""
-    seq_id, comm = -1, model.comm
-    model.comm = LocalOnly(comm.tp_rank, comm.tp_size)
-    cache.add(seq_id)
+    """One real forward pass through every layer of the model's weights, outside any
+    sequence's state and without the mesh (a twin model whose sums are skipped), so a rank can
+    warm up while its peers serve."""
+    seq_id, plan = -1, model.plan
+    twin = ShardModel(model.config, plan, model.w, LocalOnly(plan.tp_rank, plan.tp_size),
+                      model.kernels)
     try:
-        model.forward(make_batch([(seq_id, [0, 1, 2, 3])], cache), cache)
+        twin.forward(make_batch([(seq_id, [0, 1, 2, 3])], cache), cache)
     finally:
         cache.release(seq_id)
-        model.comm = comm
 
 
 class ShardProcess:
@@ -97,9 +98,12 @@ class ShardProcess:
                                              self.model_config, self.plan,
                                              getattr(torch, cfg.dtype))
         log.info("weights loaded in %.1f s; forming the mesh", time.monotonic() - t0)
+        kernels = await loop.run_in_executor(servicer.executor, choose_kernels, cfg.kernels,
+                                             weights.embed.dtype, weights.layers[0].gate_up)
+        log.info("%s", kernels.describe())
         self.mesh = await loop.run_in_executor(None, open_mesh, cfg, self.fingerprint)
         comm: Communicator = self.mesh
-        model = ShardModel(self.model_config, self.plan, weights, comm)
+        model = ShardModel(self.model_config, self.plan, weights, comm, kernels)
         cache = model.new_cache(cfg.kv_capacity_tokens, cfg.kv_page_size)
         await loop.run_in_executor(servicer.executor, warm_up, model, cache)
         engine = ShardEngine(model, cache, cfg.max_context)
@@ -109,7 +113,7 @@ class ShardProcess:
         mem = memory_mb()
         log.info("memory: %.0f MB before loading, %.0f MB now, peak %.0f MB (KV cache %.0f MB)",
                  rss_before, mem["VmRSS"], mem["VmHWM"],
-                 (engine.cache.k.nbytes + engine.cache.v.nbytes) / 2**20)
+                 engine.cache.nbytes / 2**20)
         try:
             await self.server.serve_until_signal(cfg.drain_grace_s)
         finally:

@@ -99,18 +99,43 @@ def _read_header(path: Path) -> dict[str, _Entry]:
 
 @dataclass
 class LayerWeights:
+    """One layer's slice. Q, K and V are one matrix (and gate and up another), fused at load, so
+    each is one matrix product; the properties name their parts."""
+
     input_norm: torch.Tensor  # [H]
-    wq: torch.Tensor  # [Hq_local * D, H]
-    wk: torch.Tensor  # [Hkv_local * D, H]
-    wv: torch.Tensor  # [Hkv_local * D, H]
-    bq: torch.Tensor | None
-    bk: torch.Tensor | None
-    bv: torch.Tensor | None
+    qkv: torch.Tensor  # [(Hq_local + 2 Hkv_local) * D, H]: Q rows, then K, then V
+    qkv_bias: torch.Tensor | None  # [(Hq_local + 2 Hkv_local) * D]
     wo: torch.Tensor  # [H, Hq_local * D]
     post_norm: torch.Tensor  # [H]
-    w_gate: torch.Tensor  # [I_local, H]
-    w_up: torch.Tensor  # [I_local, H]
+    gate_up: torch.Tensor  # [2 I_local, H]: gate rows, then up rows
     w_down: torch.Tensor  # [H, I_local]
+    qkv_split: tuple[int, int, int]  # rows of Q, K and V in `qkv`
+
+    @property
+    def wq(self) -> torch.Tensor:
+        return self.qkv[:self.qkv_split[0]]
+
+    @property
+    def wk(self) -> torch.Tensor:
+        return self.qkv[self.qkv_split[0]:self.qkv_split[0] + self.qkv_split[1]]
+
+    @property
+    def wv(self) -> torch.Tensor:
+        return self.qkv[self.qkv_split[0] + self.qkv_split[1]:]
+
+    @property
+    def bk(self) -> torch.Tensor | None:
+        if self.qkv_bias is None:
+            return None
+        return self.qkv_bias[self.qkv_split[0]:self.qkv_split[0] + self.qkv_split[1]]
+
+    @property
+    def w_gate(self) -> torch.Tensor:
+        return self.gate_up[:self.gate_up.shape[0] // 2]
+
+    @property
+    def w_up(self) -> torch.Tensor:
+        return self.gate_up[self.gate_up.shape[0] // 2:]
 
 
 @dataclass
@@ -135,25 +160,36 @@ def load_shard_weights(model_dir: Path, config: ModelConfig, plan: ShardPlan,
         used.add(name)
         return reader.read(name, dtype, rows, cols)
 
-    def bias(name: str, rows: Range) -> torch.Tensor | None:
-        return get(name, rows) if config.attention_bias else None
+    def fuse(parts: list[tuple[str, Range]]) -> torch.Tensor:
+        """Row slices of several tensors, stacked: each checked before it is joined."""
+        out = []
+        for name, rows in parts:
+            x = get(name, rows)
+            want = (rows[1] - rows[0], *([config.hidden_size] if x.dim() == 2 else []))
+            if tuple(x.shape) != want:
+                raise CheckpointError(f"{name}: slice shape {tuple(x.shape)} does not match "
+                                      f"config {want}")
+            out.append(x)
+        return torch.cat(out)
 
+    def qkv(p: str, part: str) -> torch.Tensor:
+        rows = (q_rows, kv_rows, kv_rows)
+        return fuse([(f"{p}self_attn.{x}_proj.{part}", r)
+                     for x, r in zip("qkv", rows, strict=True)])
+
+    split = (q_rows[1] - q_rows[0], kv_rows[1] - kv_rows[0], kv_rows[1] - kv_rows[0])
     layers = []
     for i in range(config.num_layers):
         p = f"model.layers.{i}."
         layers.append(LayerWeights(
             input_norm=get(p + "input_layernorm.weight"),
-            wq=get(p + "self_attn.q_proj.weight", q_rows),
-            wk=get(p + "self_attn.k_proj.weight", kv_rows),
-            wv=get(p + "self_attn.v_proj.weight", kv_rows),
-            bq=bias(p + "self_attn.q_proj.bias", q_rows),
-            bk=bias(p + "self_attn.k_proj.bias", kv_rows),
-            bv=bias(p + "self_attn.v_proj.bias", kv_rows),
+            qkv=qkv(p, "weight"),
+            qkv_bias=qkv(p, "bias") if config.attention_bias else None,
             wo=get(p + "self_attn.o_proj.weight", cols=q_rows),
             post_norm=get(p + "post_attention_layernorm.weight"),
-            w_gate=get(p + "mlp.gate_proj.weight", inter),
-            w_up=get(p + "mlp.up_proj.weight", inter),
+            gate_up=fuse([(p + "mlp.gate_proj.weight", inter), (p + "mlp.up_proj.weight", inter)]),
             w_down=get(p + "mlp.down_proj.weight", cols=inter),
+            qkv_split=split,
         ))
     embed = get("model.embed_tokens.weight")
     vocab = plan.vocab_range
@@ -177,7 +213,9 @@ def _check_shapes(w: ShardWeights, config: ModelConfig, plan: ShardPlan) -> None
             (f"layer {n} q_proj", layer.wq, (plan.num_q_heads * d, h)),
             (f"layer {n} k_proj", layer.wk, (plan.num_kv_heads * d, h)),
             (f"layer {n} o_proj", layer.wo, (h, plan.num_q_heads * d)),
+            (f"layer {n} v_proj", layer.wv, (plan.num_kv_heads * d, h)),
             (f"layer {n} gate_proj", layer.w_gate, (i_local, h)),
+            (f"layer {n} up_proj", layer.w_up, (i_local, h)),
             (f"layer {n} down_proj", layer.w_down, (h, i_local)),
         ]
     for name, t, shape in expect:

@@ -8,6 +8,7 @@ tests. The mesh between processes is `MeshGroup` (group.py).
 from __future__ import annotations
 
 import threading
+import time
 from typing import Protocol
 
 import torch
@@ -108,3 +109,26 @@ def sum_in_rank_order(parts: list[torch.Tensor]) -> torch.Tensor:
     for p in parts[1:]:
         acc += p
     return acc.to(parts[0].dtype)
+
+
+class TimedCommunicator:
+    """Wraps a communicator and adds up the time spent inside all_reduce."""
+
+    def __init__(self, inner: Communicator) -> None:
+        self.inner = inner
+        self.elapsed_s = 0.0
+
+    @property
+    def tp_rank(self) -> int:
+        return self.inner.tp_rank
+
+    @property
+    def tp_size(self) -> int:
+        return self.inner.tp_size
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        try:
+            return self.inner.all_reduce(tensor)
+        finally:
+            self.elapsed_s += time.perf_counter() - t0

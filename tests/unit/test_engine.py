@@ -109,12 +109,12 @@ class BrokenMesh(SingleRank):
 def test_mesh_failure_is_unavailable_and_rolled_back(model_dir: Path) -> None:
     engine = make_engine(model_dir, capacity=64)
     engine.step(1, [SeqWork(1, (5, 6, 7), True)])
-    real = engine._timer.inner
-    engine._timer.inner = BrokenMesh()
+    real = engine.model.comm.inner
+    engine.model.comm.inner = BrokenMesh()
     with pytest.raises(Unavailable, match="peer 1"):
         engine.step(2, [SeqWork(1, (8,), False), SeqWork(2, (1, 2), True)])
     assert engine.cache.seq_ids() == [1] and engine.cache.length(1) == 3
-    engine._timer.inner = real
+    engine.model.comm.inner = real
     assert engine.step(2, [SeqWork(1, (8,), False)]).step_id == 2
 
 

@@ -124,7 +124,7 @@ plan = plan_shard(config, 1, 2)
 before = rss_mb()
 w = load_shard_weights(path, config, plan)
 held = sum(t.numel() * t.element_size() for l in w.layers for t in vars(l).values()
-           if t is not None) + w.embed.nbytes + w.lm_head.nbytes + w.final_norm.nbytes
+           if isinstance(t, torch.Tensor)) + w.embed.nbytes + w.lm_head.nbytes + w.final_norm.nbytes
 print(json.dumps({"before_mb": before, "peak_mb": rss_mb(), "held_mb": held / 2**20}))
 """
 
