@@ -104,27 +104,29 @@ class ShardModel:
                   sin: torch.Tensor, batch: Batch, cache: KVCache) -> torch.Tensor:
         """This rank's heads; returns the O-projection partial sum, [N, H]."""
         n, d = h.shape[0], self.config.head_dim
-        q, k, v = F.linear(h, w.qkv, w.qkv_bias).split(w.qkv_split, dim=-1)
-        q = apply_rope(q.view(n, -1, d), cos, sin)  # [N, Hq, D]
-        k = apply_rope(k.view(n, -1, d), cos, sin)  # [N, Hkv, D]
+        hq, hkv = self.plan.num_q_heads, self.plan.num_kv_heads
+        qkv = F.linear(h, w.qkv, w.qkv_bias)  # [N, (Hq + 2 Hkv) * D]
+        qk = apply_rope(qkv[:, :(hq + hkv) * d].view(n, hq + hkv, d), cos, sin)  # one rotation
+        q, k = qk[:, :hq], qk[:, hq:]  # [N, Hq, D], [N, Hkv, D]
+        v = qkv[:, (hq + hkv) * d:].view(n, hkv, d)  # [N, Hkv, D]
         k_cache, v_cache = cache.layer(index)  # [Hkv, P*S, D] each
         k_cache.index_copy_(1, batch.write_slots, k.transpose(0, 1))
-        v_cache.index_copy_(1, batch.write_slots, v.view(n, -1, d).transpose(0, 1))
-        hkv = k.shape[1]
-        group = q.shape[1] // hkv  # query heads per KV head
-        out = torch.empty_like(q)  # [N, Hq, D]
+        v_cache.index_copy_(1, batch.write_slots, v.transpose(0, 1))
+        group = hq // hkv  # query heads per KV head
+        out = torch.empty(n, hq, d, dtype=h.dtype)  # [N, Hq, D]
         for span in batch.spans:
             t = span.stop - span.start
-            # [T, Hq, D] → [Hkv, G*T, D]: each KV head's queries together, its keys read once
-            qs = q[span.start:span.stop].view(t, hkv, group, d).permute(1, 2, 0, 3)
+            # [T, Hq, D] → [1, Hkv, G*T, D]: each KV head's queries together, its keys read once
+            qs = q[span.start:span.stop].reshape(t, hkv, group, d).permute(1, 2, 0, 3)
             ks, vs = cache.history(index, span.seq_id)  # [Hkv, L, D] each
             mask = None
             if t > 1:  # query i sits at position cached + i and sees keys 0..cached + i
                 mask = causal_mask(t, span.cached, self.dtype).repeat(group, 1)  # [G*T, L]
-            o = F.scaled_dot_product_attention(qs.reshape(hkv, group * t, d), ks, vs,
-                                               attn_mask=mask, scale=self.scale)  # [Hkv, G*T, D]
+            o = F.scaled_dot_product_attention(
+                qs.reshape(1, hkv, group * t, d), ks.unsqueeze(0), vs.unsqueeze(0),
+                attn_mask=mask, scale=self.scale)  # [1, Hkv, G*T, D]
             out[span.start:span.stop] = o.view(hkv, group, t, d).permute(2, 0, 1, 3).reshape(
-                t, -1, d)
+                t, hq, d)
         return F.linear(out.view(n, -1), w.wo)  # [N, H]
 
     def local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
