@@ -11,8 +11,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from router_svc.sampling import MAX_TOP_K, SamplingParams
+from router_svc.sampling import SamplingParams
 from services.errors import InvalidArgument
+from services.limits import MAX_TOP_K
 
 MAX_TOP_LOGPROBS = 20
 

@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from services.errors import InvalidArgument
+from services.limits import MAX_TOP_K
 
 DEFAULT_CANDIDATES = 64  # candidates per shard for top-p or plain temperature sampling
-MAX_TOP_K = 1024  # the most candidates a shard returns (shard_svc.engine.MAX_TOP_K)
 
 
 @dataclass(frozen=True)

@@ -15,11 +15,10 @@ from dataclasses import dataclass
 import torch
 
 from services.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from services.limits import MAX_TOP_K
 from shard_svc.kv_cache import KVCache
 from shard_svc.mesh.communicator import MeshError
 from shard_svc.model import ShardModel, make_batch
-
-MAX_TOP_K = 1024
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,9 @@ from typing import Any, TypeVar
 import grpc
 
 from services.errors import Unavailable
+from services.limits import MAX_TOP_K
 from services.pb.cpumesh.v1 import common_pb2, shard_pb2
-from shard_svc.engine import MAX_TOP_K, SeqWork, ShardEngine, StepOutput
+from shard_svc.engine import SeqWork, ShardEngine, StepOutput
 
 T = TypeVar("T")
 
