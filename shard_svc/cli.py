@@ -27,8 +27,9 @@ def cli_arguments(p: argparse.ArgumentParser) -> None:
                    help="weights, activations and KV cache (norms and softmax accumulate in "
                    "float32); default: %(default)s")
     p.add_argument("--kernels", default="auto", choices=KERNELS,
-                   help="library for the matrix products: aten, onednn, or auto (timed at start "
-                   "on this CPU, the choice logged); default: %(default)s")
+                   help="library for the matrix products: aten, onednn, packed (oneDNN with "
+                   "weights reordered at load), or auto (timed at start on this CPU, the choice "
+                   "logged); default: %(default)s")
     p.add_argument("--kv-capacity-tokens", type=int, default=16384)
     p.add_argument("--kv-page-size", type=int, default=16)
     p.add_argument("--max-context", type=int, help="default: the model's context length")

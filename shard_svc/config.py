@@ -8,7 +8,7 @@ from pathlib import Path
 from shard_svc.mesh.config import MeshConfig
 
 DTYPES = ("float32", "bfloat16", "float16")
-KERNELS = ("auto", "aten", "onednn")
+KERNELS = ("auto", "aten", "onednn", "packed")
 
 
 @dataclass(frozen=True)

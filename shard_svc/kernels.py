@@ -1,87 +1,135 @@
 """Which kernels run the matrix products: chosen once at start, behind this one seam.
 
-The model is plain torch; what differs between CPUs is which library serves `F.linear`:
-oneDNN (torch's default for half precision) or ATen's own kernels (oneDNN off). Which is faster
-depends on the CPU, the dtype and the number of tokens in the step: on an AVX-512 Zen4, ATen reads
-half-precision weights at the memory roofline at batch 1 while oneDNN is 2-3x slower; with AMX,
-oneDNN wins at larger batches. So at start, on this shard's own weights, both are timed for a
-step of one token, a small batch and a prefill, the faster kept per bucket, and the choice logged
-in one line. `KernelConfig.library` forces one (tests compare both against the plain float32
-path).
+The model is plain torch and calls `KernelPlan.linear` for every matrix product; what differs
+between CPUs is which library serves it best:
 
-Only `torch.backends.mkldnn`'s switch changes: the process's one torch user is the shard's step
-thread, which sets it at the start of each step (`for_step`).
+  aten    ATen's own kernels (oneDNN switched off): reads half-precision weights at the memory
+          roofline at one token on an AVX-512 Zen4, but collapses at 8 tokens (4-5 GB/s);
+  onednn  torch's default for half precision: the weight is reordered on every call;
+  packed  oneDNN with the weights reordered once, at load, into its blocked layout
+          (`mkldnn._reorder_linear_weight`, what inductor's freezing does): on CPUs with
+          AVX-512 BF16 / AMX it reads the weights once per step whatever the batch, so 8 tokens
+          cost what one does. Refused by oneDNN on CPUs without AVX-512 (or avx_ne_convert).
+
+At start, on this shard's own weights (every layer's gate/up matrix, so the weights stream from
+memory as in a real step), each library is timed for a step of one token, of eight and of a
+128-token prefill; the fastest plain library per bucket, or packed weights for all buckets when
+they win at both one and eight tokens, is kept, and the choice is logged in one line.
+`ShardConfig.kernels` (--kernels) forces one; tests compare each against transformers.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-LIBRARIES = ("auto", "aten", "onednn")
-# Buckets by tokens in the step: decode of one sequence, a decode batch, a prefill.
-BUCKETS = (1, 16, 2**31)
+from shard_svc.weights import ShardWeights
+
+LIBRARIES = ("auto", "aten", "onednn", "packed")
+BUCKETS = (1, 16, 2**31)  # tokens in the step: one sequence's decode, a decode batch, a prefill
 PROBE_TOKENS = (1, 8, 128)
 
 
 @dataclass(frozen=True)
 class KernelPlan:
     dtype: torch.dtype
-    onednn: tuple[bool, ...]  # per bucket: run linears with oneDNN (else ATen's kernels)
-    timings_us: tuple[tuple[float, float], ...] = ()  # per bucket: (aten, onednn) when measured
+    libraries: tuple[str, ...]  # per bucket: "aten", "onednn" or "packed" (then all are)
+    timings_us: dict[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def packed(self) -> bool:
+        return self.libraries[0] == "packed"
 
     def describe(self) -> str:
-        parts = []
-        for i, (limit, use) in enumerate(zip(BUCKETS, self.onednn, strict=True)):
-            where = f"<= {limit} tokens" if limit < 2**31 else "more"
-            timing = ""
-            if self.timings_us:
-                aten, dnn = self.timings_us[i]
-                timing = f" (aten {aten:.0f} us, onednn {dnn:.0f} us)"
-            parts.append(f"{where}: {'onednn' if use else 'aten'}{timing}")
+        names = ("1 token", "<= 16 tokens", "more")
+        parts = [f"{n}: {lib}" for n, lib in zip(names, self.libraries, strict=True)]
+        timed = "; ".join(f"{lib} " + "/".join(f"{t:.0f}" for t in times)
+                          for lib, times in self.timings_us.items())
         return (f"kernels for {str(self.dtype).removeprefix('torch.')} on "
-                f"{torch.backends.cpu.get_cpu_capability()}: " + "; ".join(parts))
+                f"{torch.backends.cpu.get_cpu_capability()}: " + ", ".join(parts)
+                + (f" (us for 1/8/128 tokens: {timed})" if timed else ""))
 
     def for_step(self, tokens: int) -> None:
-        """Set the library for a step of `tokens` tokens."""
+        """Set oneDNN on or off for a step of `tokens` tokens (plain weights only)."""
         bucket = next(i for i, limit in enumerate(BUCKETS) if tokens <= limit)
         if torch.backends.mkldnn.is_available():
-            torch._C._set_mkldnn_enabled(self.onednn[bucket])
+            torch._C._set_mkldnn_enabled(self.libraries[bucket] != "aten")
+
+    def linear(self, x: torch.Tensor, w: torch.Tensor,
+               b: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ w.T + b, with w as `prepare` left it."""
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+        return F.linear(x, w, b)
+
+    def prepare(self, w: ShardWeights) -> ShardWeights:
+        """The weights in the layout the kernels read (packed: reordered once, here)."""
+        if not self.packed or w.packed:
+            return w
+        layers = [dataclasses.replace(
+            layer, qkv=pack(layer.qkv), wo=pack(layer.wo), gate_up=pack(layer.gate_up),
+            w_down=pack(layer.w_down)) for layer in w.layers]
+        return dataclasses.replace(w, layers=layers, lm_head=pack(w.lm_head), packed=True)
 
 
-def choose_kernels(library: str, dtype: torch.dtype, weight: torch.Tensor) -> KernelPlan:
-    """The plan for `library` ("auto": timed on `weight`, a [out, in] matrix of the model)."""
+def pack(w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1)
+
+
+def packs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN packs weights of `dtype` on this CPU (bf16/f16 need AVX-512 or
+    avx_ne_convert)."""
+    try:
+        pack(torch.zeros(8, 8, dtype=dtype))
+    except RuntimeError:
+        return False
+    return True
+
+
+def choose_kernels(library: str, dtype: torch.dtype,
+                   weights: Sequence[torch.Tensor]) -> KernelPlan:
+    """The plan for `library`; "auto" times the libraries on `weights` ([out, in] matrices
+    of the model, in `dtype`, together larger than the CPU's caches)."""
     if library not in LIBRARIES:
         raise ValueError(f"kernel library must be one of {LIBRARIES}, got {library!r}")
+    if library == "packed" and not packs(dtype):
+        raise ValueError(f"kernels 'packed': oneDNN cannot pack {dtype} weights on this CPU "
+                         f"({torch.backends.cpu.get_cpu_capability()}); use auto, aten or onednn")
     if library != "auto":
-        return KernelPlan(dtype, (library == "onednn",) * len(BUCKETS))
-    timings = tuple(_time_both(weight.to(dtype), n) for n in PROBE_TOKENS)
-    return KernelPlan(dtype, tuple(dnn < aten for aten, dnn in timings), timings)
+        return KernelPlan(dtype, (library,) * len(BUCKETS))
+    candidates: dict[str, Sequence[torch.Tensor]] = {"aten": weights, "onednn": weights}
+    if packs(dtype):
+        candidates["packed"] = [pack(w) for w in weights]
+    timings = {lib: tuple(_time(lib, ws, n) for n in PROBE_TOKENS)
+               for lib, ws in candidates.items()}
+    plain = tuple(min(("aten", "onednn"), key=lambda lib: timings[lib][i])
+                  for i in range(len(BUCKETS)))
+    packed = timings.get("packed")
+    if packed and packed[0] < timings[plain[0]][0] and packed[1] < timings[plain[1]][1]:
+        return KernelPlan(dtype, ("packed",) * len(BUCKETS), timings)
+    return KernelPlan(dtype, plain, timings)
 
 
-def _time_both(weight: torch.Tensor, tokens: int, rounds: int = 7) -> tuple[float, float]:
-    """Median µs of one F.linear of `tokens` rows with ATen and with oneDNN, interleaved."""
-    x = torch.randn(tokens, weight.shape[1]).to(weight.dtype)
-    samples: dict[bool, list[float]] = {False: [], True: []}
+def _time(library: str, weights: Sequence[torch.Tensor], tokens: int, rounds: int = 5) -> float:
+    """Median µs of one pass of `tokens`-row products over all `weights` with `library`."""
+    x = torch.randn(tokens, weights[0].shape[1]).to(weights[0].dtype)
+    plan = KernelPlan(weights[0].dtype, (library,) * len(BUCKETS))
     before = torch._C._get_mkldnn_enabled()
     try:
-        for _ in range(rounds):
-            for onednn in (False, True):
-                torch._C._set_mkldnn_enabled(onednn)
-                samples[onednn].append(_time(lambda: F.linear(x, weight)))
+        plan.for_step(tokens)
+        return statistics.median(_once(lambda: [plan.linear(x, w) for w in weights])
+                                 for _ in range(rounds))
     finally:
         torch._C._set_mkldnn_enabled(before)
-    return statistics.median(samples[False]), statistics.median(samples[True])
 
 
-def _time(fn: Callable[[], object], calls: int = 3) -> float:
-    fn()
+def _once(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - t0) / calls * 1e6
+    fn()
+    return (time.perf_counter() - t0) * 1e6

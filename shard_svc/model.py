@@ -75,10 +75,12 @@ class ShardModel:
         if comm.tp_size != plan.tp_size or comm.tp_rank != plan.tp_rank:
             raise ValueError(f"communicator is rank {comm.tp_rank}/{comm.tp_size}, "
                              f"plan is rank {plan.tp_rank}/{plan.tp_size}")
-        self.config, self.plan, self.w = config, plan, weights
+        self.config, self.plan = config, plan
         self.comm = TimedCommunicator(comm)  # time spent in all_reduce, for the step's report
         self.dtype = weights.embed.dtype
-        self.kernels = kernels or choose_kernels("auto", self.dtype, weights.layers[0].gate_up)
+        self.kernels = kernels or choose_kernels(
+            "auto", self.dtype, [layer.gate_up for layer in weights.layers])
+        self.w = self.kernels.prepare(weights)
         self.inv_freq = rope_inv_freq(config)  # float32 [D/2]
         self.scale = 1.0 / math.sqrt(config.head_dim)
 
@@ -97,7 +99,7 @@ class ShardModel:
             h = rms_norm(x, layer.input_norm, self.config.rms_norm_eps)
             x = x + self.comm.all_reduce(self.attention(i, layer, h, cos, sin, batch, cache))
             h = rms_norm(x, layer.post_norm, self.config.rms_norm_eps)
-            x = x + self.comm.all_reduce(mlp(layer, h))
+            x = x + self.comm.all_reduce(self.mlp(layer, h))
         return rms_norm(x[batch.last], self.w.final_norm, self.config.rms_norm_eps)
 
     def attention(self, index: int, w: LayerWeights, h: torch.Tensor, cos: torch.Tensor,
@@ -105,7 +107,7 @@ class ShardModel:
         """This rank's heads; returns the O-projection partial sum, [N, H]."""
         n, d = h.shape[0], self.config.head_dim
         hq, hkv = self.plan.num_q_heads, self.plan.num_kv_heads
-        qkv = F.linear(h, w.qkv, w.qkv_bias)  # [N, (Hq + 2 Hkv) * D]
+        qkv = self.kernels.linear(h, w.qkv, w.qkv_bias)  # [N, (Hq + 2 Hkv) * D]
         qk = apply_rope(qkv[:, :(hq + hkv) * d].view(n, hq + hkv, d), cos, sin)  # one rotation
         q, k = qk[:, :hq], qk[:, hq:]  # [N, Hq, D], [N, Hkv, D]
         v = qkv[:, (hq + hkv) * d:].view(n, hkv, d)  # [N, Hkv, D]
@@ -127,11 +129,17 @@ class ShardModel:
                 attn_mask=mask, scale=self.scale)  # [1, Hkv, G*T, D]
             out[span.start:span.stop] = o.view(hkv, group, t, d).permute(2, 0, 1, 3).reshape(
                 t, hq, d)
-        return F.linear(out.view(n, -1), w.wo)  # [N, H]
+        return self.kernels.linear(out.view(n, -1), w.wo)  # [N, H]
+
+    def mlp(self, w: LayerWeights, h: torch.Tensor) -> torch.Tensor:
+        """SwiGLU on this rank's intermediate slice; returns the down-projection partial,
+        [N, H]."""
+        gate, up = self.kernels.linear(h, w.gate_up).chunk(2, dim=-1)  # [N, I] each
+        return self.kernels.linear(F.silu(gate) * up, w.w_down)
 
     def local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of this rank's vocabulary slice, float32 [B, V]. They never leave the shard."""
-        return F.linear(hidden, self.w.lm_head).float()
+        return self.kernels.linear(hidden, self.w.lm_head).float()
 
     def top_k(self, hidden: torch.Tensor, k: int, temperature: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -146,12 +154,6 @@ class ShardModel:
         lse = torch.logsumexp(logits, dim=-1)
         lse_t = torch.logsumexp(logits / temperature.unsqueeze(1), dim=-1)
         return values, index + self.plan.vocab_range[0], lse, lse_t
-
-
-def mlp(w: LayerWeights, h: torch.Tensor) -> torch.Tensor:
-    """SwiGLU on this rank's intermediate slice; returns the down-projection partial, [N, H]."""
-    gate, up = F.linear(h, w.gate_up).chunk(2, dim=-1)  # [N, I] each
-    return F.linear(F.silu(gate) * up, w.w_down)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

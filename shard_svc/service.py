@@ -98,12 +98,15 @@ class ShardProcess:
                                              self.model_config, self.plan,
                                              getattr(torch, cfg.dtype))
         log.info("weights loaded in %.1f s; forming the mesh", time.monotonic() - t0)
-        kernels = await loop.run_in_executor(servicer.executor, choose_kernels, cfg.kernels,
-                                             weights.embed.dtype, weights.layers[0].gate_up)
+        kernels = await loop.run_in_executor(
+            servicer.executor, choose_kernels, cfg.kernels, weights.embed.dtype,
+            [layer.gate_up for layer in weights.layers])
         log.info("%s", kernels.describe())
         self.mesh = await loop.run_in_executor(None, open_mesh, cfg, self.fingerprint)
         comm: Communicator = self.mesh
-        model = ShardModel(self.model_config, self.plan, weights, comm, kernels)
+        model = await loop.run_in_executor(servicer.executor, ShardModel, self.model_config,
+                                           self.plan, weights, comm, kernels)
+        del weights  # the model holds them in the kernels' layout
         cache = model.new_cache(cfg.kv_capacity_tokens, cfg.kv_page_size)
         await loop.run_in_executor(servicer.executor, warm_up, model, cache)
         engine = ShardEngine(model, cache, cfg.max_context)

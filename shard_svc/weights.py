@@ -144,6 +144,7 @@ class ShardWeights:
     layers: list[LayerWeights]
     final_norm: torch.Tensor  # [H]
     lm_head: torch.Tensor  # [V_local, H] (a view of `embed` when tied)
+    packed: bool = False  # matrices reordered for oneDNN (shard_svc.kernels); views unusable
 
 
 def load_shard_weights(model_dir: Path, config: ModelConfig, plan: ShardPlan,

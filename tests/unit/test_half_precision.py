@@ -57,7 +57,7 @@ def cpumesh_top1(model_dir: Path, dtype: torch.dtype, library: str, seqs: list[l
         plan = plan_shard(config, comm.tp_rank, tp)
         weights = load_shard_weights(model_dir, config, plan, dtype)
         model = ShardModel(config, plan, weights, comm,
-                           choose_kernels(library, dtype, weights.layers[0].gate_up))
+                           choose_kernels(library, dtype, [x.gate_up for x in weights.layers]))
         cache = model.new_cache(capacity_tokens=1024, page_size=4)
         steps = [(i, p) for i, p in enumerate(PROMPTS)]
         top = []
@@ -85,7 +85,7 @@ def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("library", ["aten", "onednn"])
+@pytest.mark.parametrize("library", ["aten", "onednn", "packed"])
 def test_half_precision_agrees_with_transformers(checkpoint: tuple[Path, list[list[int]]],
                                                  dtype: torch.dtype, library: str) -> None:
     path, seqs = checkpoint
@@ -112,8 +112,15 @@ from tests.unit.test_half_precision import cpumesh_top1, agreement
 torch.set_num_threads(2)
 path, seqs, theirs = Path(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
 out = {f"{d}-{lib}": agreement(cpumesh_top1(path, getattr(torch, d), lib, seqs), theirs[d])
-       for d in ("bfloat16", "float16") for lib in ("aten", "onednn")}
-print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(), **out}))
+       for d in ("bfloat16", "float16") for lib in ("aten", "onednn", "auto")}
+from shard_svc.kernels import choose_kernels
+try:
+    choose_kernels("packed", torch.bfloat16, [])
+    refused = ""
+except ValueError as e:
+    refused = str(e)
+print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(), "refused": refused,
+                  **out}))
 """
 
 
@@ -126,4 +133,6 @@ def test_half_precision_under_avx2_emulation(checkpoint: tuple[Path, list[list[i
         cwd=Path(__file__).resolve().parents[2], check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result.pop("capability") == "AVX2"
+    # oneDNN packs half-precision weights only with AVX-512 or avx_ne_convert: a clear refusal
+    assert "cannot pack torch.bfloat16 weights on this CPU" in result.pop("refused")
     assert all(a >= AGREEMENT for a in result.values()), result
