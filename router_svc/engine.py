@@ -30,10 +30,11 @@ from router_svc.config import RouterConfig
 from router_svc.request import GenerateRequest, check_prompt_length, validate
 from router_svc.sampling import merge
 from router_svc.scheduler import Scheduler, SchedulerConfig, StepPlan
-from router_svc.sequence import Sequence
+from router_svc.sequence import Chunk, SeqStatus, Sequence
 from router_svc.served_model import ServedModel, probe
 from router_svc.shards import ShardGroup, StepResult
 from router_svc.stats import EngineStats
+from router_svc.stops import Finish, FinishReason
 from router_svc.stream import Stream
 from router_svc.tokenizer_client import TokenizerClient
 from services.errors import CpumeshError, ResourceExhausted, Unavailable
@@ -97,27 +98,45 @@ class Engine:
         return Stream(self, seq)
 
     def cancel(self, seq: Sequence) -> None:
-        if not seq.done:
-            seq.cancel(self.clock())
-            self._log_end(seq)
-        self._drop(seq)
+        """End `seq` as cancelled, unless it has ended (its stream's `close` always calls this)."""
+        self._end(seq, Chunk(), Finish(FinishReason.CANCELLED, "cancelled"))
 
-    def _drop(self, seq: Sequence) -> None:
-        """Forget an ended sequence."""
-        if self._seqs.pop(seq.seq_id, None) is not None:
-            self._retire(seq)
+    def _fail(self, seq: Sequence, error: CpumeshError) -> None:
+        """End `seq` with an error: its last chunk carries finish ERROR and the error to raise."""
+        self._end(seq, Chunk(error=error), Finish(FinishReason.ERROR, str(error)))
 
-    def _retire(self, seq: Sequence) -> None:
-        """No more steps for `seq`: free its reservation, and its KV before the next step (so
-        the shards always hold no more than the scheduler has reserved)."""
-        if seq.retired:
+    def _end(self, seq: Sequence, last: Chunk | None = None, finish: Finish | None = None) -> None:
+        """The one place a sequence ends, however it ends: a stop, EOS or length decided at a
+        token, a stop string, a cancel, an error, the failure of the whole group.
+
+        The first call takes it out of the steps: its reservation is freed, and its KV released
+        before the next step (so the shards never hold more than the scheduler has reserved).
+        Without `last` (a stop decided at a token), it is FINISHING until its last text is
+        detokenized; with it, `last` is pushed as the last chunk (with `finish`, which replaces
+        one decided earlier), the sequence is forgotten and its end counted and logged."""
+        if seq.status is SeqStatus.FINISHED:
             return
-        seq.retired = True
-        if self._scheduler is not None:
-            self._scheduler.finish(seq.seq_id)
-        if seq.prefilled:
-            self._to_release.add(seq.seq_id)
-        self._wake.set()
+        if seq.status is not SeqStatus.FINISHING:
+            if self._scheduler is not None:
+                self._scheduler.finish(seq.seq_id)
+            if seq.status is SeqStatus.RUNNING:
+                self._to_release.add(seq.seq_id)
+            seq.status = SeqStatus.FINISHING
+            self._wake.set()
+        if last is None:
+            return
+        final = seq.last_chunk(last, self.clock(), finish)
+        seq.push(final)
+        seq.status, seq.left_step = SeqStatus.FINISHED, self.step_id
+        self._seqs.pop(seq.seq_id, None)
+        assert seq.finish is not None and final.usage is not None
+        u = final.usage
+        self.stats.ended(seq, u)
+        steps = f"steps {seq.joined_step}-{seq.left_step}" if seq.prefilled else "never ran"
+        log.info("request %s (seq %d): %s (%s); prompt %d, generated %d tokens; %s; "
+                 "ttft %.3f s, total %.3f s", seq.request_id, seq.seq_id, seq.finish.reason.value,
+                 seq.finish.detail, u.prompt_tokens, u.generated_tokens, steps,
+                 u.time_to_first_token_s, u.total_s)
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -170,7 +189,7 @@ class Engine:
         work = [s.work() for s in seqs]
         sent = self.clock()
         for s in seqs[: len(plan.prefill)]:
-            s.prefilled, s.joined_step = True, self.step_id
+            s.status, s.joined_step = SeqStatus.RUNNING, self.step_id
             self.stats.scheduled(s, sent)
         step = asyncio.ensure_future(self.shards.step_all(self.step_id, work,
                                                           self.config.step_timeout_s))
@@ -183,12 +202,13 @@ class Engine:
         self.step_id += 1
         now = self.clock()
         for s in seqs:
-            if s.finish is None:  # not ended by a stop string or a cancel meanwhile
+            if s.status is SeqStatus.RUNNING:  # not ended by a stop string or a cancel meanwhile
                 s.accept(merge(result.candidates[s.seq_id]), now)
                 self.stats.sampled(s, now)
-                if s.finish is not None:
-                    self._retire(s)
-        self._detok = asyncio.ensure_future(self._detokenize([s for s in seqs if not s.done]))
+                if s.finish is not None:  # a stop, EOS or length: its last text comes next
+                    self._end(s)
+        self._detok = asyncio.ensure_future(self._detokenize(
+            [s for s in seqs if s.status is not SeqStatus.FINISHED]))
         return result
 
     async def _take_detok(self) -> None:
@@ -198,7 +218,7 @@ class Engine:
 
     async def _detokenize(self, seqs: list[Sequence]) -> None:
         """One DetokenizeBatch (and one Decode for logprob texts) for the step; stream chunks."""
-        seqs = [s for s in seqs if not s.done]
+        seqs = [s for s in seqs if s.status is not SeqStatus.FINISHED]
         items = [s.detok_item() for s in seqs]
         timeout = self.config.rpc_timeout_s
         try:
@@ -208,20 +228,16 @@ class Engine:
                                            timeout))
         except CpumeshError as e:  # the tokenizer failed: these requests fail, others go on
             for s in seqs:
-                s.fail(e, self.clock())
-                self._end(s)
+                self._fail(s, e)
             return
         by_seq = {r.seq_id: r for r in results}
-        now = self.clock()
         for s in seqs:
-            if not s.done:  # cancelled while the tokenizer was answering
-                s.apply_detok(by_seq.get(s.seq_id), texts, now)
-                if s.done:
-                    self._end(s)
-
-    def _end(self, seq: Sequence) -> None:
-        self._log_end(seq)
-        self._drop(seq)
+            if s.status is not SeqStatus.FINISHED:  # not cancelled while the tokenizer answered
+                chunk = s.apply_detok(by_seq.get(s.seq_id), texts)
+                if s.finish is None:
+                    s.push(chunk)
+                else:  # a stop string matched now, or a stop decided at a token: the last chunk
+                    self._end(s, chunk)
 
     # -- failures -------------------------------------------------------------------------------
 
@@ -236,14 +252,9 @@ class Engine:
         await self._recover()
 
     def _fail_all(self, error: CpumeshError) -> None:
-        now = self.clock()
         for seq in list(self._seqs.values()):
-            seq.fail(error, now)
-            self._log_end(seq)
-        self._seqs.clear()
-        self._to_release.clear()
-        if self._scheduler is not None:
-            self._scheduler.abort_all()
+            self._fail(seq, error)
+        self._to_release.clear()  # the shards are reset before they step again
 
     async def _recover(self) -> None:
         """Poll until every shard is SERVING and consistent and the tokenizer answers; reset the
@@ -285,15 +296,3 @@ class Engine:
             return await awaitable
         finally:
             self.stats.add_wait(kind, time.perf_counter() - t0)
-
-    def _log_end(self, seq: Sequence) -> None:
-        assert seq.finish is not None
-        self.stats.finished[seq.finish.reason.value] += 1
-        u = seq.usage(self.clock())
-        self.stats.ended(seq, u)
-        seq.left_step = self.step_id
-        steps = f"steps {seq.joined_step}-{seq.left_step}" if seq.prefilled else "never ran"
-        log.info("request %s (seq %d): %s (%s); prompt %d, generated %d tokens; %s; "
-                 "ttft %.3f s, total %.3f s", seq.request_id, seq.seq_id, seq.finish.reason.value,
-                 seq.finish.detail, u.prompt_tokens, u.generated_tokens, steps,
-                 u.time_to_first_token_s, u.total_s)

@@ -3,9 +3,12 @@ queue of chunks its stream reads.
 
 Per step, the engine calls `work` (what to send the shards), `accept` (the merged candidates:
 sample the next token, check token stops), `detok_item` (what to detokenize) and `apply_detok`
-(the new text: check stop strings, emit one chunk). The first `Finish` decided wins; the chunk
-carrying it is the last, with the usage. Text is streamed only after `StopChecker.feed` has
-cleared it, so a stop string is never sent.
+(the new text: check stop strings, build this step's chunk). A stop decided at a token waits for
+its text; a stop string, a cancel or an error ends at once (the latter two overriding a stop whose
+text is still on the way). The chunk carrying the finish is the last, with the usage. Text is
+streamed only after `StopChecker.feed` has cleared it, so a stop string is never sent.
+
+`status` is the engine's to set, and `Engine._end` is the one place a sequence ends.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import asyncio
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from enum import Enum
 
 from router_svc.request import GenerateRequest
 from router_svc.sampling import Candidates, candidates_needed, logprobs, sample
@@ -21,8 +25,19 @@ from router_svc.shards import SeqWork
 from router_svc.stops import Finish, FinishReason, StopChecker, stop_string_finish
 from router_svc.tokenizer_client import DetokItem, DetokResult
 from services.errors import CpumeshError
+from services.limits import MAX_TOP_K
 
 DETOK_PROMPT_CONTEXT = 5  # prompt tokens sent as context to the first detokenization
+
+
+class SeqStatus(Enum):
+    """Where a sequence is. The engine sets it: RUNNING when its prompt is sent, FINISHING and
+    FINISHED only in `Engine._end`."""
+
+    WAITING = "waiting"  # queued: no step has carried its prompt; the shards hold nothing of it
+    RUNNING = "running"  # its prompt was sent: it is in every step; the shards hold its KV
+    FINISHING = "finishing"  # stopped at a token (stop, EOS, length): its last text on the way
+    FINISHED = "finished"  # its last chunk was pushed; `finish` says how it ended
 
 
 @dataclass(frozen=True)
@@ -63,7 +78,8 @@ class Chunk:
 class Sequence:
     def __init__(self, seq_id: int, request_id: str, request: GenerateRequest,
                  prompt_ids: list[int], max_new_tokens: int, eos_token_ids: tuple[int, ...],
-                 arrival: float, length_detail: str | None = None, max_top_k: int = 1024) -> None:
+                 arrival: float, length_detail: str | None = None,
+                 max_top_k: int = MAX_TOP_K) -> None:
         self.seq_id = seq_id
         self.request_id = request_id
         self.prompt_ids = prompt_ids
@@ -81,10 +97,8 @@ class Sequence:
         self.queue: asyncio.Queue[Chunk] = asyncio.Queue()
         self.arrival = arrival
         self.first_token_at: float | None = None
-        self.prefilled = False  # a step carrying its prompt was sent: the shards hold its KV
+        self.status = SeqStatus.WAITING
         self.finish: Finish | None = None  # decided; its chunk may still be on the way
-        self.done = False  # the last chunk was pushed
-        self.retired = False  # the engine freed its reservation and scheduled its release
         self.stop_token_id: int | None = None
         self.joined_step = self.left_step = -1
         self._pending: list[int] = []  # sampled, not streamed yet
@@ -93,10 +107,15 @@ class Sequence:
         self._read = len(prompt_ids)
         self._window_start = self._prefix
 
+    @property
+    def prefilled(self) -> bool:
+        """A step carrying its prompt was sent."""
+        return self.joined_step >= 0
+
     # -- shard step -----------------------------------------------------------------------------
 
     def work(self) -> SeqWork:
-        if not self.prefilled:
+        if self.status is SeqStatus.WAITING:
             return SeqWork(self.seq_id, tuple(self.prompt_ids), True, self.top_k,
                            self.temperature)
         return SeqWork(self.seq_id, (self.generated[-1],), False, self.top_k, self.temperature)
@@ -137,9 +156,9 @@ class Sequence:
     def logprob_token_ids(self) -> list[int]:
         return [t for chosen, top in self._pending_logprobs for t, _ in [chosen, *top]]
 
-    def apply_detok(self, result: DetokResult | None, texts: Mapping[int, str],
-                    now: float) -> Chunk:
-        """Stream this step's tokens and the text they add; the last chunk if finished."""
+    def apply_detok(self, result: DetokResult | None, texts: Mapping[int, str]) -> Chunk:
+        """This step's chunk: its tokens and the text they add (the last one if `finish` is
+        set after it: a stop string matched now, or a stop decided at a token)."""
         delta = ""
         if result is not None:
             delta = result.text
@@ -158,35 +177,23 @@ class Sequence:
             for (t, lp), top in self._pending_logprobs), stop_string=stop_string)
         self._pending.clear()
         self._pending_logprobs.clear()
-        if self.finish is None:
-            self._push(chunk)
-        else:
-            self._end(chunk, now)
         return chunk
 
-    # -- endings --------------------------------------------------------------------------------
+    # -- the stream -----------------------------------------------------------------------------
 
-    def fail(self, error: CpumeshError, now: float) -> None:
-        """End with an error: the last chunk has finish ERROR and the error to raise."""
-        if not self.done:
-            self.finish, self.stop_token_id = Finish(FinishReason.ERROR, str(error)), None
-            self._end(Chunk(error=error), now)
+    def push(self, chunk: Chunk) -> None:
+        self.queue.put_nowait(chunk)
 
-    def cancel(self, now: float) -> None:
-        if not self.done:
-            self.finish, self.stop_token_id = Finish(FinishReason.CANCELLED, "cancelled"), None
-            self._end(Chunk(), now)
+    def last_chunk(self, chunk: Chunk, now: float, finish: Finish | None = None) -> Chunk:
+        """`chunk` made the last: with the finish (`finish` replaces one decided earlier), the
+        stop token that caused it, and the usage."""
+        if finish is not None:
+            self.finish, self.stop_token_id = finish, None
+        assert self.finish is not None
+        if self.finish.reason is FinishReason.STOP and chunk.stop_string is None:
+            chunk = replace(chunk, stop_token_id=self.stop_token_id)
+        return replace(chunk, finish=self.finish, usage=self.usage(now))
 
     def usage(self, now: float) -> Usage:
         ttft = (self.first_token_at - self.arrival) if self.first_token_at is not None else 0.0
         return Usage(len(self.prompt_ids), len(self.generated), ttft, now - self.arrival)
-
-    def _end(self, chunk: Chunk, now: float) -> None:
-        assert self.finish is not None
-        if self.finish.reason is FinishReason.STOP and chunk.stop_string is None:
-            chunk = replace(chunk, stop_token_id=self.stop_token_id)
-        self._push(replace(chunk, finish=self.finish, usage=self.usage(now)))
-        self.done = True
-
-    def _push(self, chunk: Chunk) -> None:
-        self.queue.put_nowait(chunk)

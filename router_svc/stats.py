@@ -76,6 +76,8 @@ class EngineStats:
             listener.on_sampled(seq, now)
 
     def ended(self, seq: Sequence, usage: Usage) -> None:
+        if seq.finish is not None:
+            self.finished[seq.finish.reason.value] += 1
         for listener in self.listeners:
             listener.on_ended(seq, usage)
 
