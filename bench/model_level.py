@@ -25,8 +25,8 @@ from typing import Any
 from bench.machine import BENCH_PYTHON
 
 
-def cpumesh(model_dir: Path, batch: int, prompt: int, tokens: int,
-            repeats: int) -> dict[str, list[float]]:
+def cpumesh(model_dir: Path, batch: int, prompt: int, tokens: int, repeats: int,
+            dtype: str = "float32", kernels: str = "auto") -> dict[str, Any]:
     import torch
 
     from model_formats.checkpoint import load_model_config
@@ -37,10 +37,15 @@ def cpumesh(model_dir: Path, batch: int, prompt: int, tokens: int,
     from shard_svc.weights import load_shard_weights
 
     config = load_model_config(model_dir)
+    from shard_svc.kernels import choose_kernels
+
     plan = plan_shard(config, 0, 1)
-    model = ShardModel(config, plan, load_shard_weights(model_dir, config, plan, torch.float32),
-                       SingleRank())
-    engine = ShardEngine(model, model.new_cache(batch * (prompt + tokens + 16)))
+    weights = load_shard_weights(model_dir, config, plan, getattr(torch, dtype))
+    plan_k = choose_kernels(kernels, weights.embed.dtype, [x.gate_up for x in weights.layers])
+    model = ShardModel(config, plan, weights, SingleRank(), plan_k)
+    del weights
+    engine = ShardEngine(model, model.new_cache(batch * (prompt + tokens + 16)),
+                         max_context=prompt + tokens + 16)
     ids = tuple(range(100, 100 + prompt))
     prefill_ms, decode_ms = [], []
     for r in range(repeats + 1):
@@ -59,15 +64,16 @@ def cpumesh(model_dir: Path, batch: int, prompt: int, tokens: int,
         if r:
             prefill_ms.append(t_prefill * 1e3)
             decode_ms.append(statistics.median(steps) * 1e3)
-    return {"prefill_ms": prefill_ms, "decode_step_ms": decode_ms}
+    return {"prefill_ms": prefill_ms, "decode_step_ms": decode_ms,
+            "kernels": plan_k.describe()}
 
 
 def transformers(model_dir: Path, batch: int, prompt: int, tokens: int,
-                 repeats: int) -> dict[str, list[float]]:
+                 repeats: int, dtype: str = "float32") -> dict[str, list[float]]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
     ids = torch.arange(100, 100 + prompt).repeat(batch, 1)  # [B, P]
     mask = torch.ones_like(ids)
 
@@ -95,11 +101,11 @@ def transformers(model_dir: Path, batch: int, prompt: int, tokens: int,
 
 
 def run_system(system: str, model_dir: Path, batch: int, prompt: int, tokens: int,
-               threads: int, repeats: int) -> dict[str, Any]:
+               threads: int, repeats: int, dtype: str = "float32") -> dict[str, Any]:
     """One measurement in a fresh process (clean memory and thread settings)."""
     cmd = [sys.executable, "-m", "bench.model_level", "--system", system, "--model-dir",
            str(model_dir), "--batch", str(batch), "--prompt", str(prompt), "--tokens",
-           str(tokens), "--threads", str(threads), "--repeats", str(repeats)]
+           str(tokens), "--threads", str(threads), "--repeats", str(repeats), "--dtype", dtype]
     return _json_of(cmd)
 
 
@@ -129,12 +135,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--kernels", default="auto", help="cpumesh only: shard_svc.kernels library")
     a = p.parse_args(argv)
     import torch
 
     torch.set_num_threads(a.threads)
-    fn = cpumesh if a.system == "cpumesh" else transformers
-    print(json.dumps(fn(a.model_dir, a.batch, a.prompt, a.tokens, a.repeats)))
+    if a.system == "cpumesh":
+        result = cpumesh(a.model_dir, a.batch, a.prompt, a.tokens, a.repeats, a.dtype, a.kernels)
+    else:
+        result = transformers(a.model_dir, a.batch, a.prompt, a.tokens, a.repeats, a.dtype)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
