@@ -46,6 +46,13 @@ class Batch:
     spans: tuple[SeqSpan, ...]  # [B]
     last: torch.Tensor  # int64 [B]: index in N of each sequence's last new token
     reservation: Reservation  # the cache room this step took; `undo()` if the step fails
+    # A decode batch with short histories attends as one padded batch (one gather of at most
+    # PADDED_MAX_SLOTS slots per layer beats B separate calls); longer ones read views per span.
+    padded_slots: torch.Tensor | None = None  # int64 [B, Lmax], padding repeats a real slot
+    padding_mask: torch.Tensor | None = None  # additive [B, 1, 1, Lmax]: -inf on padding
+
+
+PADDED_MAX_SLOTS = 4096
 
 
 def make_batch(steps: Sequence[tuple[int, Sequence[int]]], cache: KVCache) -> Batch:
@@ -64,9 +71,20 @@ def make_batch(steps: Sequence[tuple[int, Sequence[int]]], cache: KVCache) -> Ba
         positions.append(torch.arange(cached, cached + len(ids)))
         spans.append(SeqSpan(seq_id, n, n + len(ids), cached))
         n += len(ids)
+    padded_slots = padding_mask = None
+    lengths = [cache.length(seq_id) for seq_id, _ in steps]
+    if n == len(spans) > 1 and len(spans) * max(lengths) <= PADDED_MAX_SLOTS:
+        longest = max(lengths)
+        padded_slots = torch.stack([F.pad(cache.slots(s, 0, length), (0, longest - length),
+                                          value=int(cache.slots(s, 0, 1)))
+                                    for (s, _), length in zip(steps, lengths, strict=True)])
+        padding_mask = torch.zeros(len(spans), 1, 1, longest, dtype=cache.k.dtype).masked_fill(
+            torch.arange(longest).view(1, 1, 1, -1) >= torch.tensor(lengths).view(-1, 1, 1, 1),
+            float("-inf"))
     return Batch(torch.tensor(tokens, dtype=torch.int64), torch.cat(positions),
                  torch.cat(reservation.writes), tuple(spans),
-                 torch.tensor([s.stop - 1 for s in spans], dtype=torch.int64), reservation)
+                 torch.tensor([s.stop - 1 for s in spans], dtype=torch.int64), reservation,
+                 padded_slots, padding_mask)
 
 
 class ShardModel:
@@ -115,6 +133,14 @@ class ShardModel:
         k_cache.index_copy_(1, batch.write_slots, k.transpose(0, 1))
         v_cache.index_copy_(1, batch.write_slots, v.transpose(0, 1))
         group = hq // hkv  # query heads per KV head
+        if batch.padded_slots is not None:  # decode, N == B: one query per sequence
+            b, longest = batch.padded_slots.shape
+            slots = batch.padded_slots.view(-1)
+            ks = k_cache.index_select(1, slots).view(hkv, b, longest, d).transpose(0, 1)
+            vs = v_cache.index_select(1, slots).view(hkv, b, longest, d).transpose(0, 1)
+            o = F.scaled_dot_product_attention(q.view(b, hkv, group, d), ks, vs,  # [B, Hkv, L, D]
+                                               attn_mask=batch.padding_mask, scale=self.scale)
+            return self.kernels.linear(o.reshape(n, -1), w.wo)  # o: [B, Hkv, G, D] → [N, H]
         out = torch.empty(n, hq, d, dtype=h.dtype)  # [N, Hq, D]
         for span in batch.spans:
             t = span.stop - span.start

@@ -108,3 +108,31 @@ def test_model_output_is_the_same_from_scattered_pages(model_dir: Path) -> None:
     assert not torch.equal(slots.diff(), torch.ones_like(slots.diff()))  # really scattered
     for a, b in zip(plain, got, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_padded_and_per_sequence_decode_attention_agree(
+        model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decode batch attends as one padded batch when short, per sequence (views) when long:
+    the same logits either way."""
+    import shard_svc.model
+
+    config = load_model_config(model_dir)
+    plan = plan_shard(config, 0, 1)
+    model = ShardModel(config, plan, load_shard_weights(model_dir, config, plan), SingleRank())
+    prompts = [list(range(3, 20)), [7], list(range(50, 90))]
+
+    def run() -> list[torch.Tensor]:
+        c = model.new_cache(512, page_size=4)
+        steps = [(i, p) for i, p in enumerate(prompts)]
+        out = []
+        for _ in range(5):
+            batch = make_batch(steps, c)
+            out.append(model.local_logits(model.forward(batch, c)))
+            steps = [(i, [int(t)]) for i, t in enumerate(out[-1].argmax(-1))]
+        assert (batch.padded_slots is None) == (shard_svc.model.PADDED_MAX_SLOTS == 0)
+        return out
+
+    padded = run()
+    monkeypatch.setattr(shard_svc.model, "PADDED_MAX_SLOTS", 0)
+    for a, b in zip(padded, run(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
