@@ -17,21 +17,22 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from services.pb.cpumesh.v1 import shard_pb2
 from tests.service.test_shard_service import ShardGroup, shard_group
 
 
-def run(model_dir: Path, tp: int, batch: int, steps: int, cores: int) -> dict[str, float]:
+def run(model_dir: Path, tp: int, batch: int, steps: int, cores: int,
+        dtype: str = "float32") -> dict[str, Any]:
     threads = max(1, cores // tp)
+    extra = ("--threads", str(threads), "--kv-capacity-tokens", "8192", "--dtype", dtype)
     with tempfile.TemporaryDirectory() as logs, \
-            shard_group(model_dir, tp, Path(logs), extra=("--threads", str(threads),
-                                                          "--kv-capacity-tokens", "8192")) \
-            as (_, addrs):
+            shard_group(model_dir, tp, Path(logs), extra=extra) as (_, addrs):
         group = ShardGroup(addrs)
         r = measure(group, batch, steps)
         group.close()
-    return {"tp": tp, "batch": batch, "threads_per_shard": threads, **r}
+    return {"tp": tp, "batch": batch, "threads_per_shard": threads, "dtype": dtype, **r}
 
 
 def measure(group: ShardGroup, batch: int, steps: int) -> dict[str, float]:
@@ -61,13 +62,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model-dir", type=Path)
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--cores", type=int, default=2)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--out", type=Path, default=Path("bench/results/shard_steps.json"))
     args = p.parse_args(argv)
     model_dir = args.model_dir
     if model_dir is None:
         from model_formats.embedded import default_model_dir
         model_dir = default_model_dir()
-    rows = [run(model_dir, tp, b, args.steps, args.cores) for tp in (1, 2) for b in (1, 8)]
+    rows = [run(model_dir, tp, b, args.steps, args.cores, args.dtype)
+            for tp in (1, 2) for b in (1, 8)]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"model_dir": str(model_dir), "rows": rows}, indent=2))
     print(f"decode step, {args.steps} steps, medians (ms); {args.cores} cores in all")
