@@ -1,8 +1,9 @@
-"""The `cpumesh` command line: one subcommand per entry in `SUBCOMMANDS`.
+"""The `cpumesh` command line: one subcommand per entry in `COMMANDS`.
 
 Each subcommand lives in its own module as two functions, `cli_arguments(parser)` to declare its
-flags and `cli_run(args) -> int` to run it. To add one, add a line to `_subcommands`; modules are
-imported only when the command line is built, never at import of this module.
+flags and `cli_run(args) -> int` to run it. To add one, add a line to `COMMANDS`. Only the chosen
+subcommand's module is imported (`cpumesh router` never loads the shard's torch); the top-level
+parser, and so `cpumesh --help`, needs only the names and help texts.
 
 This is the entry point: the only place that reads the process environment. It is handed to the
 subcommand as `args.environ`.
@@ -41,33 +42,48 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("tools.generate", "stream one completion of a prompt from a router"),
     "chat": ("tools.generate", "chat with the model, turn by turn, through a router"),
     "loadtest": ("tools.loadtest", "load-test a router (gRPC) or an OpenAI-compatible server"),
+    "k8s": ("tools.k8s", "render, apply and watch the Helm chart in k8s/ (one tensor-parallel "
+            "group on Kubernetes)"),
 }
 
 
+def subcommand(name: str) -> Subcommand:
+    """Import the module of the command `name` and return its two functions."""
+    module_name, help_text = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    return Subcommand(help_text, module.cli_arguments, module.cli_run)
+
+
 def _subcommands() -> dict[str, Subcommand]:
-    commands = {}
-    for name, (module_name, help_text) in COMMANDS.items():
-        module = importlib.import_module(module_name)
-        commands[name] = Subcommand(help_text, module.cli_arguments, module.cli_run)
-    return commands
+    """Every command, each module imported (for tests that look at all of them)."""
+    return {name: subcommand(name) for name in COMMANDS}
 
 
-def build_parser(subcommands: Mapping[str, Subcommand]) -> argparse.ArgumentParser:
+def build_parser(chosen: Subcommand | None = None, name: str | None = None
+                 ) -> argparse.ArgumentParser:
+    """The parser: every command by name and help text; only `chosen` (the command `name`)
+    with its own flags."""
     parser = argparse.ArgumentParser(
         prog="cpumesh", description="Tensor-parallel LLM serving across CPU servers.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, command in subcommands.items():
-        command.add_arguments(sub.add_parser(name, help=command.help, description=command.help))
+    for command, (_, help_text) in COMMANDS.items():
+        p = sub.add_parser(command, help=help_text, description=help_text)
+        if chosen is not None and command == name:
+            chosen.add_arguments(p)
     return parser
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     """Run one subcommand; return its exit status. Errors print one line, never a traceback."""
-    subcommands = _subcommands()
-    args = build_parser(subcommands).parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The top level has no flags but --help, so the command is the first word, if any.
+    name = argv[0] if argv and argv[0] in COMMANDS else None
+    chosen = subcommand(name) if name is not None else None
+    args = build_parser(chosen, name).parse_args(argv)
+    assert chosen is not None  # parse_args exits unless a known command was given
     args.environ = dict(os.environ if environ is None else environ)
     try:
-        return subcommands[args.command].run(args)
+        return chosen.run(args)
     except (CpumeshError, OSError) as e:
         print(f"cpumesh {args.command}: error: {e}", file=sys.stderr)
         return 1
