@@ -34,6 +34,9 @@ def cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-key", type=Path)
     p.add_argument("--tls-ca", type=Path, help="require client certificates signed by this CA "
                    "(and connect to the shards and tokenizer with mutual TLS)")
+    p.add_argument("--served-model-name", metavar="NAME",
+                   help="the model's name in the APIs: OpenAI's 'model' (others get 404) and "
+                   "ModelInfo (default: the shards' model name without its cache hash)")
     p.add_argument("--log-level", default="INFO")
 
 
@@ -46,7 +49,8 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
         max_running=args.max_running, prefill_token_budget=args.prefill_token_budget,
         step_timeout_s=args.step_timeout, rpc_timeout_s=args.rpc_timeout,
         max_stop_strings=args.max_stop_strings, drain_grace_s=args.drain_grace,
-        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca)
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,
+        served_model_name=args.served_model_name)
 
 
 def cli_run(args: argparse.Namespace) -> int:

@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+# A converted model's cache directory ends in "-" and 12 hex digits of its fingerprint
+# (model_formats/embedded.py): not part of the model's name.
+_CACHE_HASH = re.compile(r"-[0-9a-f]{12}$")
+
+
+def default_served_name(model_name: str) -> str:
+    """The name clients use for a model: its name without a trailing cache hash."""
+    return _CACHE_HASH.sub("", model_name) or model_name
 
 
 def check_address(name: str, address: str) -> None:
@@ -35,6 +45,9 @@ class RouterConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None  # require client certificates; also trust it for shards/tokenizer
+    # The model's name in the APIs (OpenAI "model", ModelInfo); None: the shards' model name
+    # without its cache hash (default_served_name).
+    served_model_name: str | None = None
 
     def __post_init__(self) -> None:
         check_address("tokenizer", self.tokenizer)
@@ -59,6 +72,10 @@ class RouterConfig:
             value = getattr(self, name)
             if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        if self.served_model_name is not None and (
+                not self.served_model_name.strip() or len(self.served_model_name) > 256):
+            raise ValueError(f"served_model_name must be 1-256 characters and not blank, got "
+                             f"{self.served_model_name!r}")
         tls = (self.tls_cert, self.tls_key)
         if any(tls) and not all(tls):
             raise ValueError("TLS needs both tls_cert and tls_key")

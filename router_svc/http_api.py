@@ -6,7 +6,8 @@
 A thin adapter like the gRPC servicer: parse the JSON body into a `GenerateRequest` (the same
 `validate` judges it in `Engine.submit`), then stream the engine's chunks as OpenAI's objects.
 Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}: InvalidArgument 400,
-NotFound 404, ResourceExhausted 429, Unavailable 503, anything else 500. A client that
+NotFound 404 (an unknown model: param "model", code "model_not_found"), ResourceExhausted 429,
+Unavailable 503, anything else 500. The model's name is the router's served name. A client that
 disconnects cancels its handler (`handler_cancellation`), and the `finally` cancels the request.
 Extensions beyond OpenAI's fields, as in vLLM: top_k, ignore_eos, stop_token_ids.
 """
@@ -36,7 +37,7 @@ PARAMS = {"sampling.max_new_tokens": "max_tokens", "sampling.temperature": "temp
           "sampling.top_k": "top_k", "sampling.top_p": "top_p", "sampling.seed": "seed",
           "sampling.stop": "stop", "sampling.stop_token_ids": "stop_token_ids",
           "sampling.top_logprobs": "top_logprobs", "chat": "messages", "prompt": "prompt",
-          "request_id": "request_id", "input": "messages"}
+          "request_id": "request_id", "input": "messages", "model": "model"}
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
@@ -55,8 +56,12 @@ def error_response(e: Exception) -> web.Response:
 
 
 def error_body(message: str, kind: str, status: int) -> dict[str, Any]:
+    """OpenAI's error object: `param` from the message's first word, `code` the HTTP status but
+    for an unknown model (OpenAI's "model_not_found")."""
     head = message.split(" ", 1)[0].split("[", 1)[0].rstrip(":")
-    return {"message": message, "type": kind, "param": PARAMS.get(head), "code": status}
+    param = PARAMS.get(head)
+    code = "model_not_found" if (status, param) == (404, "model") else status
+    return {"message": message, "type": kind, "param": param, "code": code}
 
 
 # -- parsing ------------------------------------------------------------------------------------
@@ -175,7 +180,7 @@ class HttpApi:
         model = self.engine.model
         if model is None:
             raise Unavailable(f"the router is not serving: {self.engine.not_serving_reason}")
-        return model.group.model_name
+        return model.served_name(self.engine.config)
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "alive"})
@@ -216,7 +221,7 @@ class HttpApi:
             name = self.model_name()
             if body.get("model") not in (None, name):
                 raise NotFound(f"model: the model {body.get('model')!r} does not exist; this "
-                               f"router serves {name!r}")
+                               f"router serves {name!r} (--served-model-name)")
             stream = await self.engine.submit(parse(body))
         except Exception as e:
             return error_response(e)

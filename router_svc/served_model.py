@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from router_svc.config import RouterConfig
+from router_svc.config import RouterConfig, default_served_name
 from router_svc.request import Limits
 from router_svc.shards import GroupInfo, ShardGroup, check_group
 from router_svc.tokenizer_client import TokenizerClient, TokenizerInfo
@@ -25,6 +25,11 @@ class ServedModel:
         """End-of-sequence and end-of-turn tokens: generation ends on any (unless ignore_eos)."""
         t = self.tokenizer
         return tuple(dict.fromkeys((*t.eos_token_ids, *t.end_of_turn_token_ids)))
+
+    def served_name(self, config: RouterConfig) -> str:
+        """The model's name in the APIs: the configured one, else the shards' model name
+        without its cache hash."""
+        return config.served_model_name or default_served_name(self.group.model_name)
 
     def limits(self, config: RouterConfig) -> Limits:
         return Limits(

@@ -50,7 +50,7 @@ class RouterServicer:
             raise Unavailable(f"the router is not serving: {self.engine.not_serving_reason}")
         g, t = model.group, model.tokenizer
         response = router_pb2.ModelInfoResponse(
-            model_name=g.model_name, model_fingerprint=g.model_fingerprint,
+            model_name=model.served_name(self.engine.config), model_fingerprint=g.model_fingerprint,
             context_length=model.context_length, vocab_size=g.vocab_size, tp_size=g.tp_size,
             dtype=g.dtype, has_chat_template=t.has_chat_template,
             eos_token_ids=model.eos_token_ids, kv_capacity_tokens=g.kv_capacity_tokens,

@@ -14,13 +14,14 @@ import argparse
 import os
 import shlex
 import signal
-import socket
 import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from router_svc.config import default_served_name
+from tools.local_ports import Want, addresses, reserve
 from tools.local_procs import Child, stop_all
 
 POLL_S = 0.2
@@ -32,6 +33,7 @@ EXAMPLE_PROMPT, EXAMPLE_CHAT = "Once upon a time", "Write a haiku about CPUs."
 class LocalConfig:
     model_dir: Path
     model_name: str
+    served_model_name: str = ""  # the model's name in the router's APIs; "": `served_name`
     tp: int = 2
     threads_per_shard: int = 1
     host: str = "127.0.0.1"
@@ -44,6 +46,10 @@ class LocalConfig:
     ready_timeout_s: float = 600.0
     drain_grace_s: float = 10.0
     extra_args: tuple[tuple[str, ...], ...] = ((), (), ())  # tokenizer, shard, router flags
+
+    @property
+    def served_name(self) -> str:
+        return self.served_model_name or default_served_name(self.model_name)
 
     def __post_init__(self) -> None:
         if self.tp < 1:
@@ -64,6 +70,9 @@ def cli_arguments(p: argparse.ArgumentParser) -> None:
                        help="Hugging Face model directory (default: the embedded SmolLM2)")
     model.add_argument("--gguf", type=Path, metavar="FILE",
                        help="a GGUF file, converted once into the cache")
+    p.add_argument("--served-model-name", metavar="NAME",
+                   help="the model's name in the router's APIs, OpenAI's 'model' (default: the "
+                   "model's name, without a cache hash)")
     p.add_argument("--tp", type=int, default=2, metavar="N", help="shards (tensor-parallel ranks)")
     p.add_argument("--threads-per-shard", default="auto", metavar="N",
                    help="torch threads per shard; 'auto' divides the available cores")
@@ -110,7 +119,8 @@ def build_config(args: argparse.Namespace) -> LocalConfig:
                else int(args.threads_per_shard))
     log_dir = args.log_dir or cache_dir / "logs" / time.strftime("local-%Y%m%d-%H%M%S")
     return LocalConfig(
-        model_dir=model_dir, model_name=name, tp=args.tp, threads_per_shard=threads,
+        model_dir=model_dir, model_name=name, served_model_name=args.served_model_name or "",
+        tp=args.tp, threads_per_shard=threads,
         host=args.host, port=args.port, http_port=args.http_port, dtype=args.dtype,
         kv_capacity_tokens=args.kv_capacity_tokens, max_context=args.max_context,
         log_dir=log_dir, ready_timeout_s=args.ready_timeout, drain_grace_s=args.drain_grace,
@@ -121,53 +131,24 @@ def say(line: str) -> None:
     print(f"cpumesh local: {line}", flush=True)
 
 
-def _family(host: str) -> socket.AddressFamily:
-    return socket.AF_INET6 if ":" in host else socket.AF_INET
-
-
-def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    socks = [socket.socket(_family(host)) for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind((host, 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def check_port_free(host: str, port: int, flag: str = "--port") -> None:
-    """Raise, naming the flag that chooses this port, if it cannot be bound."""
-    with socket.socket(_family(host)) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is ok
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise OSError(f"cannot listen on {host}:{port} ({e.strerror}): is cpumesh already "
-                          f"running? Pass {flag} with another number, or {flag} 0") from None
-
-
-def listen_address(host: str, wanted: int, flag: str) -> tuple[str, str]:
-    """(where to listen on `host`, where clients on this machine reach it): port `wanted`
-    (refused naming `flag` when busy), or any free one when 0."""
-    port = wanted or free_ports(1, host)[0]
-    if wanted:
-        check_port_free(host, port, flag)
-    listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    local = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(host)
-    return listen, f"{local}:{port}" if local else listen
+def router_ports(config: LocalConfig | argparse.Namespace) -> list[Want]:
+    """The router's gRPC and HTTP ports on its host, as the flags chose them."""
+    return [Want(config.host, config.port, "--port"),
+            Want(config.host, config.http_port, "--http-port")]
 
 
 def plan(config: LocalConfig, environ: Mapping[str, str]) -> tuple[list[Child], str, str]:
     """The children (tokenizer, shards, router, in start order), the router's client address
     and its HTTP API's."""
     tp, loop = config.tp, "127.0.0.1"
-    ports = free_ports(1 + 2 * tp)
+    # Every port in one call (see tools/local_ports.py): none can be handed out twice.
+    *ports, router_port, http_port = reserve(
+        [Want(loop)] * (1 + 2 * tp) + router_ports(config))
     tokenizer = f"{loop}:{ports[0]}"
     shards = [f"{loop}:{p}" for p in ports[1:1 + tp]]
     peers = ",".join(f"{loop}:{p}" for p in ports[1 + tp:])
-    listen, reach = listen_address(config.host, config.port, "--port")
-    http_listen, http_reach = listen_address(config.host, config.http_port, "--http-port")
+    listen, reach = addresses(config.host, router_port)
+    http_listen, http_reach = addresses(config.host, http_port)
     env = {**environ, "PYTHONUNBUFFERED": "1"}
     grace = ["--drain-grace", str(config.drain_grace_s)]
     model = ["--model-dir", str(config.model_dir)]
@@ -183,7 +164,8 @@ def plan(config: LocalConfig, environ: Mapping[str, str]) -> tuple[list[Child], 
         *limits, *grace, *more_shard]) for r, a in enumerate(shards)]
     children.append(Child("router", reach, [
         "-m", "router_svc", "--listen", listen, "--tokenizer", tokenizer,
-        "--shards", ",".join(shards), "--http-listen", http_listen, *grace, *more_router]))
+        "--shards", ",".join(shards), "--http-listen", http_listen,
+        "--served-model-name", config.served_name, *grace, *more_router]))
     for child in children:
         child.log_path = config.log_dir / f"{child.name.replace(' ', '')}.log"
         child.env = env
@@ -205,9 +187,9 @@ class Launcher:
 
     def run(self) -> int:
         cfg = self.config
-        cfg.log_dir.mkdir(parents=True, exist_ok=True)
         children, router, self.http = plan(cfg, self.environ)
-        say(f"{cfg.model_name}: tokenizer, {cfg.tp} shard(s) with {cfg.threads_per_shard} "
+        cfg.log_dir.mkdir(parents=True, exist_ok=True)
+        say(f"{cfg.served_name}: tokenizer, {cfg.tp} shard(s) with {cfg.threads_per_shard} "
             f"thread(s) each, router; logs in {cfg.log_dir}")
         previous = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -254,12 +236,12 @@ class Launcher:
         cli = cli_command()
         flag = "" if router == "127.0.0.1:50051" else f" --router {router}"
         python = relative(Path(sys.executable))
-        print(f"\ncpumesh is ready in {elapsed_s:.1f} s: {self.config.model_name}, tp "
-              f"{self.config.tp}\n\n"
+        name = self.config.served_name
+        print(f"\ncpumesh is ready in {elapsed_s:.1f} s: {name}, tp {self.config.tp}\n\n"
               f"  gRPC   {router}   cpumesh.v1.RouterService (Generate, ModelInfo), "
               f"grpc.health.v1\n"
-              f"  HTTP   {self.http}/v1   OpenAI-compatible (completions, chat), "
-              f"{self.http}/metrics\n"
+              f"  HTTP   {self.http}/v1   OpenAI-compatible (completions, chat), model "
+              f"\"{name}\"; {self.http}/metrics\n"
               f"  logs   {self.config.log_dir}\n\n"
               f"Try:\n"
               f"  {cli} generate{flag} \"{EXAMPLE_PROMPT}\"\n"
@@ -292,6 +274,12 @@ def cli_command() -> str:
 
 
 def cli_run(args: argparse.Namespace) -> int:
+    for flag, port in (("--port", args.port), ("--http-port", args.http_port)):
+        if not 0 <= port < 65536:
+            raise SystemExit(f"cpumesh local: error: {flag} must be 0-65535, got {port}")
+    if args.port and args.port == args.http_port:
+        raise SystemExit(f"cpumesh local: error: --port and --http-port are both {args.port}")
+    reserve(router_ports(args))  # busy ports refused before any model is converted
     try:
         config = build_config(args)
     except ValueError as e:

@@ -29,8 +29,9 @@ NEW = 12
 
 
 class Cluster:
-    def __init__(self, model_dir: Path, log_dir: Path) -> None:
+    def __init__(self, model_dir: Path, log_dir: Path, served_name: str | None = None) -> None:
         tok, router, shard, peer, http = free_ports(5)
+        served = ["--served-model-name", served_name] if served_name is not None else []
         self.router_addr, self.http = f"127.0.0.1:{router}", f"http://127.0.0.1:{http}"
         self.services = [
             Service("tokenizer", ["-m", "tokenizer_svc", "--model-dir", str(model_dir),
@@ -41,8 +42,8 @@ class Cluster:
                                "2048", "--max-context", "1024"], log_dir),
             Service("router", ["-m", "router_svc", "--tokenizer", f"127.0.0.1:{tok}", "--shards",
                                f"127.0.0.1:{shard}", "--listen", self.router_addr,
-                               "--http-listen", f"127.0.0.1:{http}", "--max-waiting", "4"],
-                    log_dir)]
+                               "--http-listen", f"127.0.0.1:{http}", "--max-waiting", "4",
+                               *served], log_dir)]
 
     def openai(self) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=f"{self.http}/v1", api_key="unused", max_retries=0)
@@ -125,6 +126,32 @@ async def test_errors_have_openai_status_codes_and_shape(cluster: Cluster) -> No
     assert (await cluster.get("/ready"))[0] == 200
 
 
+async def test_the_model_id_is_the_model_name_and_any_other_is_model_not_found(
+        cluster: Cluster, smollm2_dir: Path) -> None:
+    from model_formats.embedded import MODEL_NAME
+
+    # The shards serve a cache directory "SmolLM2-135M-Instruct-<12 hex digits>"; clients see
+    # the model's name.
+    assert smollm2_dir.name != MODEL_NAME and smollm2_dir.name.startswith(MODEL_NAME + "-")
+    api = cluster.openai()
+    assert [m.id for m in (await api.models.list()).data] == [MODEL_NAME]
+    done = await api.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=2)
+    assert done.model == MODEL_NAME
+    for wrong in (smollm2_dir.name, "gpt-4o"):
+        with pytest.raises(openai.NotFoundError) as e:
+            await api.chat.completions.create(
+                model=wrong, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+        assert e.value.status_code == 404 and e.value.param == "model"
+        assert e.value.code == "model_not_found"
+        assert isinstance(e.value.body, dict)
+        assert (e.value.body["type"], e.value.body["param"], e.value.body["code"]) == \
+            ("invalid_request_error", "model", "model_not_found")
+        assert wrong in e.value.message and MODEL_NAME in e.value.message
+    await api.close()
+    async with RouterClient(cluster.router_addr) as client:
+        assert (await client.model_info()).model_name == MODEL_NAME
+
+
 async def test_loadtest_client_gets_exactly_the_asked_tokens(cluster: Cluster) -> None:
     """`cpumesh loadtest` over HTTP: its extra fields (ignore_eos, min_tokens) are accepted and
     every request is as long as asked."""
@@ -195,14 +222,15 @@ async def test_sigterm_lets_an_http_stream_finish_and_refuses_new_connections(
         smollm2_dir: Path, tmp_path: Path) -> None:
     """SIGTERM to the router: it stops listening for HTTP at once, the stream in flight still
     gets every token, its usage and [DONE] (within --drain-grace), and the router exits 0."""
-    c = Cluster(smollm2_dir, tmp_path)
+    c = Cluster(smollm2_dir, tmp_path, served_name="smol")  # and a name of one's own
     for service in c.services:
         service.start()
     router = c.services[-1]
     try:
         wait_serving(c.router_addr, router, deadline_s=180)
         async with aiohttp.ClientSession() as s, s.post(c.http + "/v1/completions", json={
-                "prompt": PROMPT, "max_tokens": 24, "stream": True, "ignore_eos": True,
+                "model": "smol", "prompt": PROMPT, "max_tokens": 24, "stream": True,
+                "ignore_eos": True,
                 "stream_options": {"include_usage": True}}) as r:
             assert r.status == 200
             first = await r.content.readuntil(b"\n\n")
@@ -221,6 +249,7 @@ async def test_sigterm_lets_an_http_stream_finish_and_refuses_new_connections(
         assert events[-1] == "data: [DONE]"
         chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
         assert chunks[-1]["usage"]["completion_tokens"] == 24
+        assert {ch["model"] for ch in chunks} == {"smol"}
         assert [ch["choices"][0]["finish_reason"] for ch in chunks if ch["choices"]][-1] == \
             "length"
         assert router.proc is not None and router.proc.wait(30) == 0

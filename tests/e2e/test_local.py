@@ -9,6 +9,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -103,6 +104,8 @@ def test_grpc_and_cli_stream_the_same_text_and_ctrl_c_drains_and_leaves_nothing(
         launch: list[Launcher], smollm2_dir: Path, tmp_path: Path) -> None:
     launcher, router = start(launch, smollm2_dir, 2, tmp_path / "logs")
     assert f"generate --router {router}" in launcher.output()
+    # The model's name, not its cache directory's "SmolLM2-135M-Instruct-<hash>".
+    assert 'model "SmolLM2-135M-Instruct";' in launcher.output()
     procs = launcher.services()
     assert sorted(p.cmdline()[2] for p in procs) == \
         ["router_svc", "shard_svc", "shard_svc", "tokenizer_svc"]
@@ -176,6 +179,36 @@ def test_a_service_that_dies_is_reported_and_the_rest_are_stopped(
     assert "shard 0 exited with code -9; its last log lines" in out
     assert "| " in out and "rank 0 SERVING" in out  # the shard's own log, quoted
     assert gone(procs) == []
+
+
+@pytest.mark.parametrize("flag", ["--port", "--http-port"])
+def test_a_busy_port_is_refused_before_the_model_is_converted(flag: str, tmp_path: Path) -> None:
+    """`make serve` on a busy port: the console script exits at once, naming the port and its
+    flag, having converted nothing and made no log directory."""
+    cache, logs = tmp_path / "cache", tmp_path / "logs"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        other = "--http-port" if flag == "--port" else "--port"
+        run = subprocess.run(
+            [str(Path(sys.executable).parent / "cpumesh"), "local", "--cache-dir", str(cache),
+             "--log-dir", str(logs), flag, str(port), other, "0"],
+            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert run.returncode == 1
+    assert f"127.0.0.1:{port}" in run.stderr and f"Pass {flag} with another number" in run.stderr
+    assert "preparing" not in run.stdout and "converting" not in run.stderr
+    assert not cache.exists() and not logs.exists()
+
+
+def test_the_same_port_for_grpc_and_http_is_refused(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [str(Path(sys.executable).parent / "cpumesh"), "local", "--cache-dir",
+         str(tmp_path / "cache"), "--port", "50999", "--http-port", "50999"],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert run.returncode != 0
+    assert "--port and --http-port are both 50999" in run.stderr
+    assert not (tmp_path / "cache").exists()
 
 
 # The commands README.md's option tables cover (a new flag on one of them needs a row there).

@@ -1,5 +1,5 @@
-"""`cpumesh local` refuses a busy router port before starting anything, naming the flag that
-chooses that port."""
+"""`cpumesh local`'s ports: a busy router port is refused naming the flag that chooses it; every
+port of a cluster is distinct, fixed ones included."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tools.local import LocalConfig, listen_address
+from tools.local import LocalConfig, plan
+from tools.local_ports import Want, listen_address, reserve
 
 
 @pytest.mark.parametrize(("field", "flag"), [("port", "--port"), ("http_port", "--http-port")])
@@ -24,3 +25,25 @@ def test_a_busy_port_names_its_flag(field: str, flag: str) -> None:
         listen, reach = listen_address(config.host, getattr(config, other),
                                        "--" + other.replace("_", "-"))
         assert listen == reach and listen.startswith("127.0.0.1:")  # the other one: any free
+
+
+def test_a_fixed_port_is_never_handed_out_as_a_free_one() -> None:
+    (fixed,) = reserve([Want("127.0.0.1")])
+    ports = reserve([Want("127.0.0.1")] * 300 + [Want("127.0.0.1", fixed, "--port")])
+    assert ports[-1] == fixed
+    assert len(set(ports)) == len(ports)
+
+
+def test_every_port_of_a_cluster_is_distinct() -> None:
+    """plan() reserves them all at once (the router once took the tokenizer's port: gRPC binds
+    with SO_REUSEPORT, so both servers started). Each run can only catch a reuse by chance, so
+    plan a few dozen clusters."""
+    config = LocalConfig(Path("m"), "m", tp=3, port=0, http_port=0)
+    for _ in range(50):
+        children, router, http = plan(config, {})
+        tokenizer, *shards, router_child = children
+        argv = router_child.args
+        peers = shards[0].args[shards[0].args.index("--peers") + 1].split(",")
+        addresses = [tokenizer.address, *(s.address for s in shards), *peers, router,
+                     http.removeprefix("http://"), argv[argv.index("--listen") + 1]]
+        assert len(set(addresses)) == len(addresses) - 1  # the router's listen == its reach
