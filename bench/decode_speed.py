@@ -67,6 +67,51 @@ def report(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def targets(rows: list[dict[str, Any]]) -> str:
+    """The issue's targets that these rows decide, each PASS or MISS with its figures."""
+    def find(model: str, kind: str, dtype: str, batch: int, prompt: int) -> dict[str, Any] | None:
+        return next((r for r in rows if r["model"].startswith(model) and r["kind"] == kind
+                     and r["dtype"] == dtype and r["batch"] == batch and r["prompt"] == prompt),
+                    None)
+
+    def ratio(r: dict[str, Any]) -> float:
+        return med(r["ours"], r["kind"]) / med(r["llama.cpp"], r["kind"])
+
+    lines = []
+
+    def check(name: str, ok: bool, detail: str) -> None:
+        lines.append(f"- {'PASS' if ok else 'MISS'} {name}: {detail}")
+
+    for model, label in (("llama-1b", "1B, batch 1, half precision"),
+                         ("smollm2", "SmolLM2, batch 1, half precision")):
+        r = find(model, "decode", "bfloat16", 1, 32)
+        if r:
+            check(label, ratio(r) <= 1.0, f"{ratio(r):.2f} x llama.cpp F16 (target <= 1.0)")
+    r = find("smollm2", "decode", "float32", 1, 32)
+    if r:
+        check("SmolLM2, batch 1, float32", ratio(r) <= 0.8,
+              f"{ratio(r):.2f} x llama.cpp F32 (target <= 0.8)")
+    one, eight = find("smollm2", "decode", "bfloat16", 1, 32), find("smollm2", "decode",
+                                                                      "bfloat16", 8, 32)
+    if one and eight:
+        gain = 8 * med(one["ours"], "decode") / med(eight["ours"], "decode")
+        check("batch 8 tokens/s vs batch 1 (bfloat16)", gain >= 5, f"{gain:.1f} x (target >= 5)")
+        check("batch 8 ms/step vs llama.cpp F16", ratio(eight) <= 1.0,
+              f"{ratio(eight):.2f} x (target <= 1.0)")
+    for dtype, peer in (("bfloat16", "F16"), ("float32", "F32")):
+        r = find("smollm2", "prefill", dtype, 1, 512)
+        if r:
+            check(f"prefill 512 tokens, {dtype}", ratio(r) <= 1.0,
+                  f"{1 / ratio(r):.2f} x llama.cpp {peer}'s tokens/s (target >= 1.0)")
+    short, long = (find("smollm2", "decode", "bfloat16", 1, c) for c in (128, 4096))
+    if short and long:
+        growth = med(long["ours"], "decode") / med(short["ours"], "decode")
+        theirs = med(long["llama.cpp"], "decode") / med(short["llama.cpp"], "decode")
+        check("decode at 4k context vs 128", growth <= 1.5,
+              f"{growth:.2f} x (target <= 1.5; llama.cpp {theirs:.2f} x)")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["smollm2"], choices=["smollm2", "llama1b"])
@@ -87,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     RESULTS.write_text(json.dumps({"machine": platform.processor() or platform.machine(),
                                    "threads": a.threads, "rows": rows}, indent=1))
     print(report(rows))
+    print()
+    print(targets(rows))
 
 
 if __name__ == "__main__":
