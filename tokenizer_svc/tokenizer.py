@@ -14,7 +14,10 @@ later token would change:
   could still match (" ", " n", ...) waits.
 
 So the deltas of one sequence always add up to `decode` of the whole of it, and `flush=True` emits
-whatever is still pending when the sequence ends.
+whatever is still pending when the sequence ends, but for an incomplete UTF-8 character at the
+very end (a generation cut by max_tokens inside a character): those bytes are dropped, as vLLM
+and llama.cpp do, rather than sent as U+FFFD. A U+FFFD the model really wrote (its three bytes,
+or bytes that can never be a character) is kept.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import NamedTuple
 from services.errors import InvalidArgument
 from tokenizer_svc.chat_template import DEFAULT_ROLES, ChatTemplate
 from tokenizer_svc.model_files import ModelFiles, build_backend, read_model_files
+from tokenizer_svc.token_bytes import BYTE_LEVEL_CHARS, incomplete_utf8_tail
 
 DEFAULT_MAX_TEXT_CHARS = 1 << 18  # 262,144 characters: about 64k tokens of English
 # Tokens that end an assistant's turn in the chat formats we know; one counts when the model's chat
@@ -96,6 +100,7 @@ class Tokenizer:
         self._byte_ids = frozenset(
             i for t, i in vocab.items() if _BYTE_TOKEN.fullmatch(t)) \
             if "ByteFallback" in repr(self._backend.decoder) else frozenset()
+        self._byte_level = "ByteLevel" in repr(self._backend.decoder)
 
         special = files.special_tokens
         self._chat = ChatTemplate(files.chat_template, special, chat_roles) \
@@ -216,14 +221,47 @@ class Tokenizer:
             ends.append(end)
         texts = self._decode(olds + news, skip_special_tokens)
         n, cleanup, results = len(items), self._cleanup, []
-        for k, (_, p, r, flush) in enumerate(items):
+        for k, (token_ids, p, r, flush) in enumerate(items):
             old, new, end = texts[k], texts[n + k], ends[k]
+            if flush and new.endswith("\ufffd"):
+                new = self._without_broken_tail(list(token_ids), p, r, new, skip_special_tokens)
             if flush or (end > r and len(new) > len(old) and not new.endswith("\ufffd")
                          and not (cleanup and new.endswith(_CLEANUP_PENDING))):
                 results.append(Detokenized(new[len(old):], r, end))
             else:
                 results.append(Detokenized("", p, r))
         return results
+
+    def _without_broken_tail(self, ids: list[int], prefix_offset: int, read_offset: int,
+                             text: str, skip_special: bool) -> str:
+        """`text`, the decode of `ids[prefix_offset:]`, less an incomplete UTF-8 character at
+        its end (the tokens' last bytes, read from the vocabulary)."""
+        tail, kept = b"", []  # the last bytes, and the tokens (from the end) they come from
+        for i in reversed(range(read_offset, len(ids))):
+            if skip_special and ids[i] in self._special_ids:
+                continue
+            tail = self._token_bytes(ids[i]) + tail
+            kept.append(i)
+            if len(tail) >= 4:
+                break
+        broken = incomplete_utf8_tail(tail)
+        if not broken:
+            return text
+        if self._byte_level:  # one U+FFFD stands for the incomplete character (from_utf8_lossy)
+            return text[:-1]
+        # Byte-fallback: a byte token each, whose run decodes as a whole: decode without them.
+        end = max(kept[broken - 1], read_offset)
+        return self._decode([ids[prefix_offset:end]], skip_special)[0]
+
+    def _token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token adds to the text (exact for byte tokens and ByteLevel
+        vocabularies; other tokens are whole characters)."""
+        token = self._backend.id_to_token(token_id) or ""
+        if token_id in self._byte_ids:
+            return bytes([int(token[3:5], 16)])
+        if self._byte_level and all(c in BYTE_LEVEL_CHARS for c in token):
+            return bytes(BYTE_LEVEL_CHARS[c] for c in token)
+        return token.encode()
 
     def _stable_end(self, ids: list[int], read_offset: int, skip_special: bool) -> int:
         """End of the tokens whose text no later token can change: before a trailing run of

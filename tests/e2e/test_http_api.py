@@ -19,6 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.procs import Service, free_ports, wait_serving
+from tests.utf8_reference import byte_level_bytes, cut_bytes, without_cut_character
 from tools.client import RouterClient
 from tools.loadtest import LoadConfig, run_load
 
@@ -150,6 +151,35 @@ async def test_the_model_id_is_the_model_name_and_any_other_is_model_not_found(
     await api.close()
     async with RouterClient(cluster.router_addr) as client:
         assert (await client.model_info()).model_name == MODEL_NAME
+
+
+async def test_a_completion_cut_inside_a_character_ends_before_it(
+        cluster: Cluster, smollm2_dir: Path) -> None:
+    """Greedy SmolLM2 goes on writing 🤗, three tokens each: max_tokens that cuts one leaves
+    its first bytes out of the text (no U+FFFD), streamed or not."""
+    from transformers import AutoTokenizer
+
+    prompt = "Emoji: 🤗🤗🤗"
+    async with RouterClient(cluster.router_addr) as client:
+        ids = (await client.complete(prompt, max_new_tokens=6, temperature=0, ignore_eos=True,
+                                     timeout=60)).token_ids
+    tokens = AutoTokenizer.from_pretrained(smollm2_dir).convert_ids_to_tokens(ids)
+    cuts = [n for n in range(1, len(ids) + 1) if cut_bytes(byte_level_bytes(tokens[:n]))]
+    assert cuts, f"no character cut in {tokens}: pick another prompt"
+    api = cluster.openai()
+    for n in cuts[:2]:
+        expected = without_cut_character(byte_level_bytes(tokens[:n]))
+        done = await api.completions.create(model="SmolLM2-135M-Instruct", prompt=prompt,
+                                            max_tokens=n, temperature=0,
+                                            extra_body={"ignore_eos": True})
+        assert done.choices[0].text == expected and "\ufffd" not in expected
+        assert done.choices[0].finish_reason == "length"
+        assert done.usage is not None and done.usage.completion_tokens == n
+        parts = [c.choices[0].text async for c in await api.completions.create(
+            model="SmolLM2-135M-Instruct", prompt=prompt, max_tokens=n, temperature=0,
+            stream=True, extra_body={"ignore_eos": True})]
+        assert "".join(parts) == expected
+    await api.close()
 
 
 async def test_loadtest_client_gets_exactly_the_asked_tokens(cluster: Cluster) -> None:

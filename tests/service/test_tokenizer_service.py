@@ -26,6 +26,7 @@ from services.pb.cpumesh.v1 import tokenizer_pb2_grpc as pb_grpc
 from tests.procs import Service, free_ports, health_status, wait_serving
 from tests.unit.test_tokenizer import CHATS, TEXTS, random_ids
 from tests.unit.test_tokenizer_models import build_byte_level, build_unigram
+from tests.utf8_reference import byte_level_bytes, without_cut_character
 from tokenizer_svc.service import LIVENESS, build_server
 from tokenizer_svc.servicer import TokenizerServicer
 from tokenizer_svc.tokenizer import Tokenizer
@@ -201,7 +202,36 @@ def test_batched_streams_add_up_to_decode(smollm2: ServerThread, data: st.DataOb
                                       result.read_offset + start)
     wholes = stub.Decode(pb.DecodeRequest(items=[pb.DecodeItem(token_ids=s) for s in sequences],
                                           skip_special_tokens=skip), timeout=TIMEOUT).texts
-    assert [texts[seq] for seq in range(len(sequences))] == list(wholes)
+    assert [texts[seq] for seq in range(len(sequences))] == [
+        finished_text(core, ids, whole, skip) for ids, whole in zip(sequences, wholes, strict=True)]
+
+
+def finished_text(core: Tokenizer, ids: list[int], whole: str, skip: bool) -> str:
+    """`whole` (the Decode of SmolLM2's `ids`) less a character cut short at its end, found in
+    the tokens' raw bytes by the brute-force reference."""
+    tokens = [core._backend.id_to_token(i) or "" for i in ids
+              if not (skip and i in core._special_ids)]
+    raw = byte_level_bytes(tokens)
+    assert whole == raw.decode("utf-8", errors="replace")
+    return without_cut_character(raw)
+
+
+def test_a_sequence_cut_inside_a_character_is_flushed_without_it(smollm2: ServerThread) -> None:
+    """The router's last call for a sequence that max_tokens cut after the first of 🤗's three
+    tokens: the flush sends what came before the character, no U+FFFD."""
+    core, stub = smollm2.servicer.tokenizer, smollm2.stub
+    ids = core.encode("Once upon a time 🤗🤗", add_special_tokens=False)
+    whole = core.decode(ids)
+    cuts = [n for n in range(1, len(ids) + 1) if core.decode(ids[:n]).endswith("\ufffd")]
+    assert cuts and whole.endswith("🤗🤗")
+    items = [pb.DetokenizeItem(seq_id=n, token_ids=ids[:n], prefix_offset=0, read_offset=0,
+                               flush=True) for n in cuts]
+    response = stub.DetokenizeBatch(pb.DetokenizeBatchRequest(items=items), timeout=TIMEOUT)
+    for n, result in zip(cuts, response.results, strict=True):
+        assert "\ufffd" not in result.text
+        assert result.text == without_cut_character(byte_level_bytes(
+            [core._backend.id_to_token(i) for i in ids[:n]]))
+        assert whole.startswith(result.text) and result.read_offset == n
 
 
 def test_process_serves_until_sigterm(tmp_path: Path) -> None:

@@ -14,7 +14,9 @@ from hypothesis import strategies as st
 
 from services.errors import CheckpointError, InvalidArgument
 from tests.unit.test_tokenizer_models import BUILDERS
-from tokenizer_svc.tokenizer import DetokenizeInput, EncodeInput, Tokenizer
+from tests.utf8_reference import byte_level_bytes, cut_bytes, without_cut_character
+from tokenizer_svc.token_bytes import incomplete_utf8_tail
+from tokenizer_svc.tokenizer import Detokenized, DetokenizeInput, EncodeInput, Tokenizer
 
 TEXTS = [
     "Hello, world!", "The quick brown fox jumps over the lazy dog.", "don't won't I'll isn't ,.",
@@ -257,7 +259,9 @@ def test_byte_level_emoji_is_emitted_whole(cores: dict) -> None:
 @pytest.mark.parametrize("name", MODELS)
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
-def test_deltas_add_up_to_the_whole_decode(name: str, cores: dict, data: st.DataObject) -> None:
+def test_deltas_add_up_to_the_whole_decode(name: str, cores: dict, references: dict,
+                                           data: st.DataObject) -> None:
+    """...less a character cut short at the very end (see `flushed`)."""
     core = cores[name]
     seed = data.draw(st.integers(0, 2**32 - 1), label="seed")
     rng = random.Random(seed)
@@ -265,10 +269,55 @@ def test_deltas_add_up_to_the_whole_decode(name: str, cores: dict, data: st.Data
     cuts = sorted(data.draw(st.sets(st.integers(0, len(ids)), max_size=len(ids)), label="cuts"))
     skip = data.draw(st.booleans(), label="skip_special_tokens")
     deltas = stream(core, ids, cuts, skip, rng=rng)
-    whole = core.decode(ids, skip)
+    whole = flushed(name, core, references[name], ids, skip)
     assert "".join(deltas) == whole
     if "\ufffd" not in whole:
         assert not any("\ufffd" in d for d in deltas)
+
+
+def flushed(name: str, core: Tokenizer, reference: object, ids: list[int], skip: bool) -> str:
+    """The whole text of a finished sequence: its decode, less the first bytes of a character
+    whose last bytes never came, found in the raw bytes of transformers' tokens."""
+    kept = [i for i in ids if not (skip and i in core._special_ids)]
+    # None: an id past the vocabulary (within the model's embedding), which decodes to nothing
+    tokens = [t or "" for t in reference.convert_ids_to_tokens(kept)]  # type: ignore
+    if name in ("byte_level", "smollm2"):
+        raw = byte_level_bytes(tokens)
+        assert core.decode(ids, skip) == raw.decode("utf-8", errors="replace")  # same reading
+        return without_cut_character(raw)
+    if name == "byte_fallback":  # whole characters, or one byte per <0xXX> token
+        raw = b"".join(bytes([int(t[3:5], 16)]) if re.fullmatch(r"<0x[0-9A-F]{2}>", t)
+                       else t.encode() for t in tokens)
+        return core.decode(kept[:len(kept) - cut_bytes(raw)], skip)
+    return core.decode(ids, skip)  # no token holds part of a character
+
+
+@settings(max_examples=500, deadline=None)
+@given(data=st.binary(max_size=6) | st.lists(st.sampled_from(
+    [b"\x41", b"\x80", b"\x9f", b"\xa0", b"\xbf", b"\xc0", b"\xc2", b"\xdf", b"\xe0", b"\xe4",
+     b"\xed", b"\xef", b"\xf0", b"\xf4", b"\xf5", b"\x8f", b"\x90"]), max_size=5).map(b"".join))
+def test_a_cut_character_is_found_as_the_brute_force_reference_finds_it(data: bytes) -> None:
+    assert incomplete_utf8_tail(data) == cut_bytes(data)
+
+
+def test_a_completion_cut_inside_a_character_ends_before_it(cores: dict) -> None:
+    """SmolLM2 writes 🤗 as three tokens, the first with the space before it: a sequence cut
+    after the first or second gets "Hi ", never U+FFFD; a U+FFFD the model wrote is kept."""
+    core = cores["smollm2"]
+    ids = core.encode("Hi 🤗")
+    assert len(ids) == 4 and core.decode(ids[:2]) == "Hi \ufffd"
+    for end in (2, 3):
+        assert core.detokenize_step(ids[:end], 0, 1, flush=True).text == " "
+        assert core.detokenize_batch([DetokenizeInput(ids[:end], 0, 0, True)]) == \
+            [Detokenized("Hi ", 0, end)]
+    assert core.detokenize_step(ids, 0, 1, flush=True).text == " 🤗"
+    genuine = core.encode("a\ufffd")
+    assert core.detokenize_step(genuine, 0, 0, flush=True).text == "a\ufffd"
+    fallback = cores["byte_fallback"]
+    han = [fallback._backend.token_to_id(f"<0x{b:02X}>") for b in "漢".encode()]
+    ok = fallback.encode("ok", add_special_tokens=False)
+    assert fallback.detokenize_step(ok + han[:2], 0, 0, flush=True).text == fallback.decode(ok)
+    assert fallback.detokenize_step(han[:1], 0, 0, flush=True).text == ""
 
 
 def test_batched_detokenization_equals_one_by_one(cores: dict) -> None:
