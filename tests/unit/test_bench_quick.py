@@ -88,3 +88,15 @@ def test_rerunning_one_model_keeps_the_other_models_rows() -> None:
     assert merged["rows"] == [{"tokens": 32, "repeats": 3, "model": "a", "batch": 1},
                               {"model": "b", "batch": 1, "tokens": 16}]
     assert merged["tokens"] == 16
+
+
+def test_model_level_runs_each_precision(tmp_path: Path) -> None:
+    """bench.model_level (what bench.decode_speed runs for cpumesh) at half precision: it runs,
+    reports every repeat and names the kernels the shard chose."""
+    from bench.model_level import run_system
+
+    tiny = tiny_checkpoint(tmp_path / "tiny", "llama")
+    for dtype in ("bfloat16", "float16"):
+        r = run_system("cpumesh", tiny, 2, 8, 3, 1, 2, dtype)
+        assert len(r["prefill_ms"]) == len(r["decode_step_ms"]) == 2
+        assert r["kernels"].startswith(f"kernels for {dtype} on ")
