@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from model_formats.checkpoint import load_model_config, model_fingerprint
+from services.errors import Unavailable
 from services.pb.cpumesh.v1 import shard_pb2
 from services.server import bind, create_server
 from services.transport import server_credentials
@@ -22,7 +23,7 @@ from shard_svc.config import ShardConfig
 from shard_svc.engine import ShardEngine
 from shard_svc.kernels import choose_kernels
 from shard_svc.kv_cache import KVCache
-from shard_svc.mesh.communicator import Communicator, LocalOnly, SingleRank
+from shard_svc.mesh.communicator import Communicator, LocalOnly, MeshError, SingleRank
 from shard_svc.model import ShardModel, make_batch
 from shard_svc.servicer import ShardServicer
 from shard_svc.sharding import plan_shard
@@ -30,7 +31,8 @@ from shard_svc.weights import load_shard_weights
 
 log = logging.getLogger("cpumesh.shard")
 LIVENESS = "liveness"
-REFORM_ATTEMPT_S = 5.0
+REFORM_ATTEMPT_S = 5.0  # one try at re-forming; then the sockets are rebuilt and it tries again
+WATCH_INTERVAL_S = 0.2  # how often a rank between steps looks at its mesh
 
 
 def open_mesh(config: ShardConfig, fingerprint: str) -> Any:
@@ -75,6 +77,7 @@ class ShardProcess:
         self.mesh: Any = None
         self.servicer: ShardServicer | None = None
         self.reforming: asyncio.Task[None] | None = None
+        self.mesh_error: Exception | None = None  # what broke the mesh last
 
     async def serve(self) -> int:
         cfg = self.config
@@ -84,7 +87,8 @@ class ShardProcess:
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
         servicer = ShardServicer(self.fingerprint, cfg.model_dir.name, cfg.dtype,
-                                 on_step_failure=self.on_step_failure)
+                                 on_step_failure=self.on_step_failure,
+                                 formation=self.formation)
         self.servicer = servicer
         service = bind(servicer, shard_pb2.DESCRIPTOR.services_by_name["ShardService"])
         self.server, port = create_server(service, address=cfg.listen, credentials=creds,
@@ -112,6 +116,7 @@ class ShardProcess:
         engine = ShardEngine(model, cache, cfg.max_context)
         servicer.engine = engine
         await self.server.set_serving(True)
+        watcher = asyncio.ensure_future(self._watch()) if hasattr(self.mesh, "watch") else None
         log.info("rank %d SERVING after %.1f s", cfg.tp_rank, time.monotonic() - t0)
         mem = memory_mb()
         log.info("memory: %.0f MB before loading, %.0f MB now, peak %.0f MB (KV cache %.0f MB)",
@@ -120,39 +125,76 @@ class ShardProcess:
         try:
             await self.server.serve_until_signal(cfg.drain_grace_s)
         finally:
-            if self.reforming is not None:
-                self.reforming.cancel()
+            for task in (watcher, self.reforming):
+                if task is not None:
+                    task.cancel()
+            if hasattr(self.mesh, "interrupt"):
+                self.mesh.interrupt()  # a re-forming in progress gives up: stop now
             servicer.executor.shutdown(wait=True)
             if hasattr(self.mesh, "close"):
                 self.mesh.close()
         log.info("rank %d stopped", cfg.tp_rank)
         return 0
 
+    def formation(self) -> int:
+        """The id of the mesh formation steps run on; Unavailable while the mesh is broken."""
+        formation = getattr(self.mesh, "formation", 0)
+        if formation is None:
+            why = self.mesh_error if self.reforming is not None else self.mesh.broken
+            raise Unavailable(f"the mesh is broken and re-forming: {why}")
+        return int(formation)
+
     async def on_step_failure(self, error: BaseException) -> None:
-        """A broken mesh: report NOT_SERVING and re-form it in the background."""
-        if not hasattr(self.mesh, "reform") or self.reforming is not None:
-            return
-        from shard_svc.mesh.communicator import MeshError
+        """A step failed: if the mesh broke, re-form it."""
+        if isinstance(error.__cause__, MeshError):
+            await self._broken(error.__cause__)
 
-        if not isinstance(error.__cause__, MeshError):
-            return
-        await self.server.set_serving(False)
-        self.reforming = asyncio.ensure_future(self._reform())
-
-    async def _reform(self) -> None:
-        """Re-form on the step thread, so no step runs while the sockets are rebuilt."""
+    async def _watch(self) -> None:
+        """Between steps, look at the mesh (peer events, ABORT, a peer's new HELLO) so that a rank
+        that is not stepping notices its group broke. The look runs on the step thread, so it
+        never races a step, and never waits."""
         assert self.servicer is not None
         loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            if self.reforming is not None:
+                continue
+            try:
+                await loop.run_in_executor(self.servicer.executor, self.mesh.watch)
+            except MeshError as e:
+                await self._broken(e)
+            except Exception as e:  # a socket in a state we did not foresee: rebuild them all
+                log.exception("watching the mesh failed")
+                await self._broken(MeshError(f"watching the mesh failed: {e!r}"))
+
+    async def _broken(self, error: Exception) -> None:
+        """The mesh broke: NOT_SERVING (before the failed step answers), and re-form it in the
+        background (once)."""
+        if self.reforming is None and hasattr(self.mesh, "reform"):
+            log.warning("mesh broken: %s; NOT_SERVING until it is re-formed", error)
+            self.mesh_error = error
+            self.reforming = asyncio.ensure_future(self._reform())
+            await self.server.set_serving(False)
+
+    async def _reform(self) -> None:
+        """Re-form on the step thread, so no step runs while the sockets are rebuilt; try again
+        until every peer is back (a paused or restarted rank rejoins by itself)."""
+        assert self.servicer is not None
+        loop = asyncio.get_running_loop()
+        t0, attempt = time.monotonic(), 0
         try:
             while True:
+                attempt += 1
                 try:
                     await loop.run_in_executor(self.servicer.executor, self.mesh.reform,
                                                REFORM_ATTEMPT_S)
                     break
                 except Exception as e:  # the peer is still away: keep trying
-                    log.warning("mesh not re-formed yet: %s", e)
+                    log.warning("mesh not re-formed after %.1f s (attempt %d of %g s): %s",
+                                time.monotonic() - t0, attempt, REFORM_ATTEMPT_S, e)
                     await asyncio.sleep(0.5)
-            log.info("mesh re-formed; SERVING")
+            log.info("mesh re-formed after %.1f s (attempt %d); SERVING",
+                     time.monotonic() - t0, attempt)
             await self.server.set_serving(True)
         finally:
             self.reforming = None

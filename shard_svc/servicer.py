@@ -19,13 +19,14 @@ T = TypeVar("T")
 
 class ShardServicer:
     def __init__(self, fingerprint: str, model_name: str, dtype: str,
-                 on_step_failure: Callable[[BaseException], Awaitable[None]] | None = None
-                 ) -> None:
+                 on_step_failure: Callable[[BaseException], Awaitable[None]] | None = None,
+                 formation: Callable[[], int] = lambda: 0) -> None:
         self._engine: ShardEngine | None = None  # set once loaded, meshed and warm
         self.fingerprint = fingerprint
         self.model_name = model_name
         self.dtype = dtype
         self.on_step_failure = on_step_failure
+        self.formation = formation  # the mesh formation's id; Unavailable while it is broken
         # One worker: steps run one at a time, off the event loop, so health checks,
         # cancellations and keepalives never wait behind a forward pass.
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="shard-step")
@@ -64,8 +65,10 @@ class ShardServicer:
                 for p in request.prefill]
         work += [SeqWork(x.seq_id, (x.token_id,), False, x.top_k, x.temperature)
                  for x in request.extend]
+        formation = self.formation()
         try:
-            out: StepOutput = await self._run(engine.step, request.step_id, work)
+            out: StepOutput = await self._run(self._step, engine, formation, request.step_id,
+                                              work)
         except Exception as e:
             if self.on_step_failure is not None:
                 await self.on_step_failure(e)
@@ -75,6 +78,14 @@ class ShardServicer:
             results=[shard_pb2.SeqTopK(seq_id=r.seq_id, logits=r.logits, token_ids=r.token_ids,
                                        logsumexp=r.logsumexp, logsumexp_t=r.logsumexp_t)
                      for r in out.results])
+
+    def _step(self, engine: ShardEngine, formation: int, step_id: int, work: list[SeqWork]
+              ) -> StepOutput:
+        """On the step thread: the step, unless the mesh re-formed while it waited (its peers
+        will not run it: the caller gave up on it and resets the group)."""
+        if self.formation() != formation:
+            raise Unavailable(f"step {step_id} arrived before the mesh was re-formed")
+        return engine.step(step_id, work)
 
     async def Release(self, request: shard_pb2.ReleaseRequest,
                       context: grpc.aio.ServicerContext) -> shard_pb2.ReleaseResponse:

@@ -8,7 +8,9 @@ Lifecycle: `MeshGroup(config)` forms the mesh (binds, connects, handshakes; `Mes
 failure (a peer died, hung past the heartbeat timeout, restarted, aborted, or sent nonsense)
 raises `MeshError` naming the peer, tells the other ranks (ABORT), and leaves the mesh broken:
 every later `all_reduce` raises at once until `reform()` succeeds; the tensor that was being
-reduced then holds undefined values. `close()` says BYE.
+reduced then holds undefined values. Between collectives `watch()` notices the same failures
+without waiting (and a peer forming a new mesh: its HELLO carries a new nonce). `close()` says
+BYE.
 
 Summation order (algorithms): direct, scatter and shm give `sum_in_rank_order` bit for bit. The
 message-passing ring sums chunk c as ((p[c+1] + p[c+2]) + …) + p[c], the same on every rank
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from functools import partial
@@ -57,6 +60,7 @@ class MeshGroup:
         self._scratch = torch.empty(0, dtype=torch.float32)
         self._trackers: list[tuple[int, zmq.MessageTracker | None]] = []  # zero-copy sends
         self._broken: MeshError | None = MeshError("the mesh has not been formed")
+        self._interrupted = threading.Event()
         if form:
             self.form()
 
@@ -83,6 +87,18 @@ class MeshGroup:
     def formed(self) -> bool:
         return self._broken is None
 
+    @property
+    def broken(self) -> MeshError | None:
+        """Why the mesh is not formed (None while it is)."""
+        return self._broken
+
+    @property
+    def formation(self) -> int | None:
+        """The current formation's id; None while the mesh is broken (0 at tp_size 1)."""
+        if self.tp_size == 1:
+            return 0
+        return self._formation.formation if self._broken is None and self._formation else None
+
     def form(self, timeout_s: float | None = None) -> None:
         """(Re)form the mesh with fresh sockets; blocks until every peer agreed or the deadline."""
         self._teardown()
@@ -90,7 +106,8 @@ class MeshGroup:
             self._broken = None
             return
         cfg = self.config
-        deadline = time.monotonic() + (cfg.form_timeout_s if timeout_s is None else timeout_s)
+        limit_s = cfg.form_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + limit_s
         self._ctx = self._ctx or zmq.Context()
         nonce = secrets.token_hex(8)
         listener = None
@@ -106,8 +123,8 @@ class MeshGroup:
             self._links.open(deadline)
             me = local_hello(nonce, str(self._shm.path) if self._shm else None, str(cfg.shm_dir),
                              stream)
-            handshake = Handshake(cfg, self._links, me, self._map_shm)
-            self._formation = handshake.run(deadline)
+            handshake = Handshake(cfg, self._links, me, self._map_shm, limit_s)
+            self._formation = handshake.run(deadline, self._interrupted.is_set)
             if self._formation.streams:
                 assert listener is not None
                 self._streams = Streams.open(
@@ -174,6 +191,22 @@ class MeshGroup:
                                  f"{e!r}"))
             raise
         return tensor
+
+    def watch(self) -> None:
+        """Between collectives, without waiting: raise `MeshError` (and tell the other ranks,
+        ABORT) if the mesh is broken, a peer was lost (dead, or silent past the heartbeat
+        timeout), aborted, or is forming a new mesh. A rank that is not reducing learns this way
+        that its group broke. Never call it while a collective runs on another thread."""
+        if self.tp_size == 1:
+            return
+        if self._broken is not None:
+            raise MeshError(f"mesh is broken ({self._broken})", self._broken.peer)
+        assert self._inbox is not None and self._links is not None
+        try:
+            self._inbox.service(self._links.others)
+        except MeshError as e:
+            self._fail(e)
+            raise
 
     def _use_ring(self, nbytes: int, threshold: int) -> bool:
         """Shared memory: its ring (also when scatter is forced: shm has no scatter) or its
@@ -261,6 +294,11 @@ class MeshGroup:
         self._direct = None
         self._trackers = []  # sends of closed sockets: nothing left to wait for
         self._broken = MeshError("the mesh has not been formed")
+
+    def interrupt(self) -> None:
+        """From another thread: a `form()` in progress (and any later one) gives up within a
+        hello interval, so that a process can stop while it re-forms."""
+        self._interrupted.set()
 
     def close(self) -> None:
         """Say BYE to the peers (if formed), wait up to `close_timeout_s` for theirs, and

@@ -73,8 +73,10 @@ def local_hello(nonce: str, shm: str | None, shm_dir: str, stream: str = "") -> 
 
 class Handshake:
     def __init__(self, config: MeshConfig, links: Links, me: Hello,
-                 map_shm: Callable[[list[Hello]], bool]) -> None:
+                 map_shm: Callable[[list[Hello]], bool], timeout_s: float | None = None
+                 ) -> None:
         self.cfg, self.links, self.map_shm = config, links, map_shm
+        self.timeout_s = config.form_timeout_s if timeout_s is None else timeout_s  # in errors
         self.me = replace(me, rank=config.tp_rank, address=config.peers[config.tp_rank])
         self.settings = settings(config)
         self.hellos: dict[int, Hello] = {}
@@ -91,7 +93,8 @@ class Handshake:
         self.early: list[tuple[Header, torch.Tensor]] = []  # DATA of this formation, for Inbox
         self.keys = {k.decode(): r for r, k in links.public_keys.items()}  # z85: the User-Id
 
-    def run(self, deadline: float) -> Formation:
+    def run(self, deadline: float, stop: Callable[[], bool] = lambda: False) -> Formation:
+        """Until formed; MeshError at the deadline, or within a hello interval of `stop()`."""
         others = self.links.others
         while True:
             if self.formation is None and set(self.hellos) == set(others) == self.acked:
@@ -105,6 +108,8 @@ class Handshake:
             now = time.monotonic()
             if now > deadline:
                 raise self._failure()
+            if stop():
+                raise MeshError(f"rank {self.cfg.tp_rank}: forming the mesh was interrupted")
             for r in others:
                 waiting = r not in self.acked or (f is not None and r not in self.ready)
                 if waiting and now - self.sent_at.get(r, 0.0) >= self.cfg.hello_interval_s:
@@ -256,4 +261,4 @@ class Handshake:
         parts += [f"{note} ({n}x)" for note, n in self.notes.items()]
         culprit = (silent + sorted(self.refused) + unacked + [None])[0]
         return MeshError(f"rank {cfg.tp_rank} of mesh {cfg.mesh_name!r}: the mesh did not form "
-                         f"within {cfg.form_timeout_s:g}s: " + "; ".join(parts), culprit)
+                         f"within {self.timeout_s:g}s: " + "; ".join(parts), culprit)

@@ -160,14 +160,18 @@ class Inbox:
                 self.gone[event.peer] = event.describe().removeprefix(f"rank {event.peer} ")
 
     def _control(self, header: Header | None) -> None:
-        """ABORT ends the collective, BYE marks its sender gone; the rest is noise (a restarted
-        peer's HELLO, or a stranger's: a real restart shows as a lost connection)."""
+        """ABORT ends the collective, BYE marks its sender gone, a peer's HELLO with a nonce
+        other than the one it formed with (it is forming a new mesh: restarted, or it saw this
+        one break) ends it too; the rest is noise (a stranger's HELLO, a late one of ours)."""
         if header is None or not self.links.pull or not self.links.pull.rcvmore:
             self.links.skip_rest()
             return
         body = parse_body(self.links.recv_body()) or {}
         self.links.skip_rest()
         sender = header.sender
+        if header.kind == Kind.HELLO and body.get("rank") == sender != self.me \
+                and sender in self.nonces and body.get("nonce") != self.nonces[sender]:
+            raise MeshError(f"rank {self.me}: rank {sender} is forming a new mesh", sender)
         if header.formation != self.formation.formation:
             return
         if header.kind == Kind.ABORT:
