@@ -80,8 +80,8 @@ def cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=50051, help="router port (0: any free port)")
     p.add_argument("--http-port", type=int, default=8000,
                    help="router HTTP port: OpenAI-compatible API and /metrics (0: any free port)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="compute dtype of the shards")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights, activations and KV cache in the shards (default: %(default)s)")
     p.add_argument("--kv-capacity-tokens", type=int, metavar="N",
                    help="KV cache per shard, in tokens (default: the shard's, 16384)")
     p.add_argument("--max-context", type=int, metavar="N",
