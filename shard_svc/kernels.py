@@ -11,10 +11,11 @@ between CPUs is which library serves it best:
           AVX-512 BF16 / AMX it reads the weights once per step whatever the batch, so 8 tokens
           cost what one does. Refused by oneDNN on CPUs without AVX-512 (or avx_ne_convert).
 
-At start, on this shard's own weights (every layer's gate/up matrix, so the weights stream from
-memory as in a real step), each library is timed for a step of one token, of eight and of a
-128-token prefill; the fastest plain library per bucket, or packed weights for all buckets when
-they win at both one and eight tokens, is kept, and the choice is logged in one line.
+At start, on this shard's own weights (layers' gate/up matrices, 32 MB of them or all, so the
+weights stream from memory as in a real step), each library is timed for a step of one token, of
+eight and of a 128-token prefill; the fastest plain library per bucket, or packed weights for
+all buckets when they win clearly (by 15 %) at both one and eight tokens, is kept, and the choice
+is logged in one line.
 `ShardConfig.kernels` (--kernels) forces one; tests compare each against transformers.
 """
 
@@ -34,6 +35,8 @@ from shard_svc.weights import ShardWeights
 LIBRARIES = ("auto", "aten", "onednn", "packed")
 BUCKETS = (1, 16, 2**31)  # tokens in the step: one sequence's decode, a decode batch, a prefill
 PROBE_TOKENS = (1, 8, 128)
+PACKED_MARGIN = 0.85  # packed weights are kept only when at least 15 % faster at 1 and 8 tokens
+PROBE_BYTES = 32 * 2**20  # the probe times products over this much of the weights (or all)
 
 
 @dataclass(frozen=True)
@@ -64,18 +67,24 @@ class KernelPlan:
     def linear(self, x: torch.Tensor, w: torch.Tensor,
                b: torch.Tensor | None = None) -> torch.Tensor:
         """x @ w.T + b, with w as `prepare` left it."""
-        if self.packed:
+        if w.is_mkldnn:  # packed by `prepare`
             return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
         return F.linear(x, w, b)
 
     def prepare(self, w: ShardWeights) -> ShardWeights:
-        """The weights in the layout the kernels read (packed: reordered once, here)."""
+        """The weights in the layout the kernels read. Packing reorders them once, here, in
+        place (one matrix at a time, so memory grows by one matrix, not by the model): the
+        plain matrices of `w` are gone afterwards. A tied LM head (a view of the embedding,
+        which the lookup needs plain) stays plain: packing it would copy it."""
         if not self.packed or w.packed:
             return w
-        layers = [dataclasses.replace(
-            layer, qkv=pack(layer.qkv), wo=pack(layer.wo), gate_up=pack(layer.gate_up),
-            w_down=pack(layer.w_down)) for layer in w.layers]
-        return dataclasses.replace(w, layers=layers, lm_head=pack(w.lm_head), packed=True)
+        for layer in w.layers:
+            for name in ("qkv", "wo", "gate_up", "w_down"):
+                setattr(layer, name, pack(getattr(layer, name)))
+        if w.lm_head.untyped_storage().data_ptr() != w.embed.untyped_storage().data_ptr():
+            w.lm_head = pack(w.lm_head)
+        w.packed = True
+        return w
 
 
 def pack(w: torch.Tensor) -> torch.Tensor:
@@ -103,6 +112,7 @@ def choose_kernels(library: str, dtype: torch.dtype,
                          f"({torch.backends.cpu.get_cpu_capability()}); use auto, aten or onednn")
     if library != "auto":
         return KernelPlan(dtype, (library,) * len(BUCKETS))
+    weights = _prefix(weights, PROBE_BYTES)
     candidates: dict[str, Sequence[torch.Tensor]] = {"aten": weights, "onednn": weights}
     if packs(dtype):
         candidates["packed"] = [pack(w) for w in weights]
@@ -111,9 +121,21 @@ def choose_kernels(library: str, dtype: torch.dtype,
     plain = tuple(min(("aten", "onednn"), key=lambda lib: timings[lib][i])
                   for i in range(len(BUCKETS)))
     packed = timings.get("packed")
-    if packed and packed[0] < timings[plain[0]][0] and packed[1] < timings[plain[1]][1]:
+    # Packing must win clearly: its blocked layout can take more memory, and noise must not
+    # decide (float32 packed ties the plain kernels at one token on AVX-512).
+    if packed and all(packed[i] < PACKED_MARGIN * timings[plain[i]][i] for i in (0, 1)):
         return KernelPlan(dtype, ("packed",) * len(BUCKETS), timings)
     return KernelPlan(dtype, plain, timings)
+
+
+def _prefix(weights: Sequence[torch.Tensor], limit: int) -> list[torch.Tensor]:
+    """The first weights that together hold at least `limit` bytes (all, if fewer)."""
+    out: list[torch.Tensor] = []
+    for w in weights:
+        if sum(x.nbytes for x in out) >= limit:
+            break
+        out.append(w)
+    return out
 
 
 def _time(library: str, weights: Sequence[torch.Tensor], tokens: int, rounds: int = 5) -> float:

@@ -101,18 +101,22 @@ class ShardProcess:
         weights = await loop.run_in_executor(None, load_shard_weights, cfg.model_dir,
                                              self.model_config, self.plan,
                                              getattr(torch, cfg.dtype))
-        log.info("weights loaded in %.1f s; forming the mesh", time.monotonic() - t0)
+        log.info("weights loaded in %.1f s; choosing kernels", time.monotonic() - t0)
+        t1 = time.monotonic()
         kernels = await loop.run_in_executor(
             servicer.executor, choose_kernels, cfg.kernels, weights.embed.dtype,
             [layer.gate_up for layer in weights.layers])
-        log.info("%s", kernels.describe())
+        log.info("kernels chosen in %.1f s; forming the mesh; %s", time.monotonic() - t1,
+                 kernels.describe())
         self.mesh = await loop.run_in_executor(None, open_mesh, cfg, self.fingerprint)
         comm: Communicator = self.mesh
+        t1 = time.monotonic()
         model = await loop.run_in_executor(servicer.executor, ShardModel, self.model_config,
                                            self.plan, weights, comm, kernels)
         del weights  # the model holds them in the kernels' layout
         cache = model.new_cache(cfg.kv_capacity_tokens, cfg.kv_page_size)
         await loop.run_in_executor(servicer.executor, warm_up, model, cache)
+        log.info("mesh formed; weights prepared and warmed up in %.1f s", time.monotonic() - t1)
         engine = ShardEngine(model, cache, cfg.max_context)
         servicer.engine = engine
         await self.server.set_serving(True)

@@ -28,7 +28,9 @@ if TYPE_CHECKING:
 # (log line pattern, phase shown): the last pattern found in a child's log names its phase.
 PHASES = [
     (re.compile(r": loading "), "loading weights"),
-    (re.compile(r"weights loaded in ([\d.]+ s)"), r"weights loaded in \1; joining the mesh"),
+    (re.compile(r"weights loaded in ([\d.]+ s)"), r"weights loaded in \1; choosing kernels"),
+    (re.compile(r"kernels chosen in ([\d.]+ s)"), r"kernels chosen in \1; joining the mesh"),
+    (re.compile(r"warmed up in ([\d.]+ s)"), r"mesh formed; warmed up in \1"),
     (re.compile(r"router on port"), "connecting to the tokenizer and shards"),
 ]
 SERVING = health_pb2.HealthCheckResponse.SERVING
