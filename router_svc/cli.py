@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from router_svc.config import RouterConfig
+from router_svc.config import PROMPT_BYTES_PER_TOKEN, RouterConfig
 
 
 def cli_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,6 +26,21 @@ def cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rpc-timeout", type=float, default=d["rpc_timeout_s"].default,
                    help="seconds for Info, Release, Reset, health and tokenizer calls")
     p.add_argument("--max-stop-strings", type=int, default=d["max_stop_strings"].default)
+    p.add_argument("--max-prompt-bytes", type=int, metavar="BYTES",
+                   help="most UTF-8 bytes of a prompt (of a chat: its roles and contents "
+                   "together), refused INVALID_ARGUMENT before tokenizing (default: the "
+                   f"context length x {PROMPT_BYTES_PER_TOKEN})")
+    p.add_argument("--max-chat-messages", type=int, default=d["max_chat_messages"].default,
+                   help="most messages in one chat, refused INVALID_ARGUMENT before tokenizing")
+    p.add_argument("--max-inflight-requests", type=int,
+                   default=d["max_inflight_requests"].default,
+                   help="generation requests (gRPC and HTTP) in the router at once; more get "
+                   "RESOURCE_EXHAUSTED (HTTP 429)")
+    p.add_argument("--max-inflight-bytes", type=int, default=d["max_inflight_bytes"].default,
+                   help="their encoded bytes together; more get RESOURCE_EXHAUSTED (HTTP 429)")
+    p.add_argument("--max-request-bytes", type=int, default=d["max_request_bytes"].default,
+                   help="largest gRPC message (gRPC refuses more, RESOURCE_EXHAUSTED) and HTTP "
+                   "body (413)")
     p.add_argument("--health-listen", help="separate plaintext health address (with TLS)")
     p.add_argument("--http-listen", help="serve the OpenAI-compatible HTTP API, /health, /ready "
                    "and /metrics on HOST:PORT (plain HTTP; off by default)")
@@ -48,7 +63,11 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
         http_listen=args.http_listen, max_waiting=args.max_waiting,
         max_running=args.max_running, prefill_token_budget=args.prefill_token_budget,
         step_timeout_s=args.step_timeout, rpc_timeout_s=args.rpc_timeout,
-        max_stop_strings=args.max_stop_strings, drain_grace_s=args.drain_grace,
+        max_stop_strings=args.max_stop_strings, max_prompt_bytes=args.max_prompt_bytes,
+        max_chat_messages=args.max_chat_messages,
+        max_inflight_requests=args.max_inflight_requests,
+        max_inflight_bytes=args.max_inflight_bytes, max_request_bytes=args.max_request_bytes,
+        drain_grace_s=args.drain_grace,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,
         served_model_name=args.served_model_name)
 

@@ -10,6 +10,11 @@ from pathlib import Path
 # A converted model's cache directory ends in "-" and 12 hex digits of its fingerprint
 # (model_formats/embedded.py): not part of the model's name.
 _CACHE_HASH = re.compile(r"-[0-9a-f]{12}$")
+# The default bound on a prompt's UTF-8 bytes: the context length times this. Generous: English
+# text averages ~4 bytes a token, and a prompt over it could not fit the context anyway unless
+# its tokens averaged more than 32 bytes each (raise --max-prompt-bytes for such prompts).
+PROMPT_BYTES_PER_TOKEN = 32
+MiB = 1024 * 1024
 
 
 def default_served_name(model_name: str) -> str:
@@ -41,6 +46,16 @@ class RouterConfig:
     max_stop_string_chars: int = 256
     max_stop_token_ids: int = 64
     max_request_id_chars: int = 256
+    # Bounds checked before any work: a prompt's UTF-8 bytes (a chat's roles and contents
+    # together; None: the context length x PROMPT_BYTES_PER_TOKEN) and a chat's messages
+    # (INVALID_ARGUMENT, HTTP 400); generation requests in flight and their encoded bytes together
+    # (RESOURCE_EXHAUSTED, HTTP 429); one gRPC message or HTTP body (RESOURCE_EXHAUSTED from gRPC
+    # itself, HTTP 413).
+    max_prompt_bytes: int | None = None
+    max_chat_messages: int = 4096
+    max_inflight_requests: int = 512
+    max_inflight_bytes: int = 256 * MiB
+    max_request_bytes: int = 16 * MiB
     drain_grace_s: float = 10.0
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -63,7 +78,10 @@ class RouterConfig:
         if self.http_listen is not None:
             check_address("http_listen", self.http_listen)
         for name in ("max_waiting", "max_running", "prefill_token_budget", "max_stop_strings",
-                     "max_stop_string_chars", "max_stop_token_ids", "max_request_id_chars"):
+                     "max_stop_string_chars", "max_stop_token_ids", "max_request_id_chars",
+                     "max_chat_messages", "max_inflight_requests", "max_inflight_bytes",
+                     "max_request_bytes", *(["max_prompt_bytes"] if self.max_prompt_bytes
+                                            is not None else [])):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -72,6 +90,10 @@ class RouterConfig:
             value = getattr(self, name)
             if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        if self.max_inflight_bytes < self.max_request_bytes:
+            raise ValueError(f"max_inflight_bytes ({self.max_inflight_bytes}) must be at least "
+                             f"max_request_bytes ({self.max_request_bytes}), or the largest "
+                             "request could never be admitted")
         if self.served_model_name is not None and (
                 not self.served_model_name.strip() or len(self.served_model_name) > 256):
             raise ValueError(f"served_model_name must be 1-256 characters and not blank, got "
@@ -81,3 +103,9 @@ class RouterConfig:
             raise ValueError("TLS needs both tls_cert and tls_key")
         if self.tls_ca is not None and not all(tls):
             raise ValueError("tls_ca (mutual TLS) needs tls_cert and tls_key")
+
+    def prompt_bytes_limit(self, context_length: int) -> int:
+        """The most UTF-8 bytes a prompt (or a chat's roles and contents) may have."""
+        if self.max_prompt_bytes is not None:
+            return self.max_prompt_bytes
+        return context_length * PROMPT_BYTES_PER_TOKEN

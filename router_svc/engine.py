@@ -12,7 +12,7 @@ check stop strings and stream the chunks. Then merge each sequence's candidates 
 A failed step fails every live request with UNAVAILABLE, reports not serving, and `_recover`
 polls the shards (with deadlines) until they are whole and consistent, resets them with a fresh
 step id, and serves again. Adapters (gRPC here; HTTP and metrics later) use `submit`, `model`,
-`serving` and `stats` only.
+`serving`, `stats` and `admission` (the bounds on requests in flight) only.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from router_svc.admission import Admission
 from router_svc.config import RouterConfig
 from router_svc.request import GenerateRequest, check_prompt_length, validate
 from router_svc.sampling import merge
@@ -37,7 +38,7 @@ from router_svc.stats import EngineStats
 from router_svc.stops import Finish, FinishReason
 from router_svc.stream import Stream
 from router_svc.tokenizer_client import TokenizerClient
-from services.errors import CpumeshError, ResourceExhausted, Unavailable
+from services.errors import CpumeshError, Unavailable
 
 log = logging.getLogger("cpumesh.router")
 T = TypeVar("T")
@@ -53,6 +54,8 @@ class Engine:
         self.serving = False
         self.not_serving_reason = "connecting to the shards and the tokenizer"
         self.stats = EngineStats()
+        # Shared by the adapters: a ticket per request, taken before it is parsed.
+        self.admission = Admission(config.max_inflight_requests, config.max_inflight_bytes)
         self.step_id = 0
         self._scheduler: Scheduler | None = None
         self._seqs: dict[int, Sequence] = {}
@@ -69,7 +72,9 @@ class Engine:
     # -- requests -------------------------------------------------------------------------------
 
     async def submit(self, request: GenerateRequest) -> Stream:
-        """Validate, tokenize and queue a request; raise before any chunk when it cannot run."""
+        """Validate, tokenize and queue a request; raise before any chunk when it cannot run.
+        A waiting slot is taken before the prompt goes to the tokenizer (ResourceExhausted when
+        the queue, counting requests being tokenized, is full)."""
         arrival = self.clock()
         model, scheduler = self.model, self._scheduler
         if model is None:
@@ -78,21 +83,26 @@ class Engine:
         validate(request, limits)  # against the last group seen, even while it is not whole
         if scheduler is None or not self.serving:
             raise Unavailable(f"the router is not serving: {self.not_serving_reason}")
-        if scheduler.num_waiting >= self.config.max_waiting:
-            raise ResourceExhausted(f"waiting queue full ({self.config.max_waiting} requests)")
-        prompt_ids = await self.tokenizer.encode(request.prompt, request.messages,
-                                                 self.config.rpc_timeout_s)
-        check_prompt_length(len(prompt_ids), request.max_new_tokens, limits)
-        if scheduler is not self._scheduler or not self.serving:
-            raise Unavailable(f"the router is not serving: {self.not_serving_reason}")
-        max_new, detail = request.max_new_tokens, None
-        if max_new is None:  # until the context (or what the KV cache can ever hold) is full
-            room = min(model.context_length, scheduler.kv_capacity_tokens)
-            max_new, detail = max(1, room - len(prompt_ids)), f"context length {room}"
-        seq = Sequence(next(self._ids), request.request_id or uuid.uuid4().hex, request,
-                       prompt_ids, max_new, model.eos_token_ids, arrival, detail,
-                       model.group.max_top_k)
-        scheduler.submit(seq.seq_id, len(prompt_ids), max_new)
+        scheduler.reserve_waiting()  # before tokenizing: a burst's excess is refused at once
+        queued = False
+        try:
+            prompt_ids = await self.tokenizer.encode(request.prompt, request.messages,
+                                                     self.config.rpc_timeout_s)
+            check_prompt_length(len(prompt_ids), request.max_new_tokens, limits)
+            if scheduler is not self._scheduler or not self.serving:
+                raise Unavailable(f"the router is not serving: {self.not_serving_reason}")
+            max_new, detail = request.max_new_tokens, None
+            if max_new is None:  # until the context (or what the KV cache can ever hold) is full
+                room = min(model.context_length, scheduler.kv_capacity_tokens)
+                max_new, detail = max(1, room - len(prompt_ids)), f"context length {room}"
+            seq = Sequence(next(self._ids), request.request_id or uuid.uuid4().hex, request,
+                           prompt_ids, max_new, model.eos_token_ids, arrival, detail,
+                           model.group.max_top_k)
+            scheduler.submit(seq.seq_id, len(prompt_ids), max_new, reserved=True)
+            queued = True
+        finally:
+            if not queued:  # refused, failed or cancelled while tokenizing: the slot goes back
+                scheduler.unreserve_waiting()
         self._seqs[seq.seq_id] = seq
         self._wake.set()
         return Stream(self, seq)

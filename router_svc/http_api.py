@@ -10,10 +10,17 @@ NotFound 404 (an unknown model: param "model", code "model_not_found"), Resource
 Unavailable 503, anything else 500. The model's name is the router's served name. A client that
 disconnects cancels its handler (`handler_cancellation`), and the `finally` cancels the request.
 Extensions beyond OpenAI's fields, as in vLLM: top_k, ignore_eos, stop_token_ids.
+
+Bounds before work, as over gRPC: each request takes a ticket of the engine's `Admission` when it
+arrives (429 past the requests or bytes in flight); a body larger than `--max-request-bytes`, or
+than any valid request within the model's limits can be in JSON, is 413 without being read; a
+chat's message count is checked before its messages are copied; large bodies are decoded in a
+thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -22,14 +29,25 @@ from typing import Any
 
 from aiohttp import web
 
+from router_svc.admission import Ticket
 from router_svc.engine import Engine
 from router_svc.metrics import CONTENT_TYPE, RouterMetrics
-from router_svc.request import GenerateRequest
+from router_svc.openai_request import chat_request, completion_request, decode, max_body_bytes
+from router_svc.request import GenerateRequest, Limits
 from router_svc.sequence import Chunk, PositionLogprobs
+from router_svc.stream import Stream
 from services.errors import CpumeshError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 
 log = logging.getLogger("cpumesh.router.http")
+PARSE_IN_THREAD_BYTES = 256 * 1024  # bodies larger than this are decoded off the event loop
+
+
+class PayloadTooLarge(InvalidArgument):
+    """A body over the limit, refused before it is read: HTTP 413 (never raised over gRPC)."""
+
+
 STATUS: list[tuple[type[CpumeshError], int, str]] = [
+    (PayloadTooLarge, 413, "invalid_request_error"),
     (InvalidArgument, 400, "invalid_request_error"), (NotFound, 404, "invalid_request_error"),
     (ResourceExhausted, 429, "rate_limit_error"), (Unavailable, 503, "service_unavailable")]
 # The proto field names in `validate`'s messages, as OpenAI's parameter names.
@@ -37,8 +55,8 @@ PARAMS = {"sampling.max_new_tokens": "max_tokens", "sampling.temperature": "temp
           "sampling.top_k": "top_k", "sampling.top_p": "top_p", "sampling.seed": "seed",
           "sampling.stop": "stop", "sampling.stop_token_ids": "stop_token_ids",
           "sampling.top_logprobs": "top_logprobs", "chat": "messages", "prompt": "prompt",
+          "chat.messages": "messages",
           "request_id": "request_id", "input": "messages", "model": "model"}
-COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
 def classify(e: BaseException) -> tuple[int, str]:
@@ -62,74 +80,6 @@ def error_body(message: str, kind: str, status: int) -> dict[str, Any]:
     param = PARAMS.get(head)
     code = "model_not_found" if (status, param) == (404, "model") else status
     return {"message": message, "type": kind, "param": param, "code": code}
-
-
-# -- parsing ------------------------------------------------------------------------------------
-
-def _get(body: dict[str, Any], name: str, kinds: tuple[type, ...], default: Any = None) -> Any:
-    value = body.get(name)
-    if value is None:
-        return default
-    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
-        raise InvalidArgument(f"{name} has the wrong type ({type(value).__name__})")
-    return value
-
-
-def _sampling(body: dict[str, Any], max_tokens: int | None, logprobs: int | None
-              ) -> dict[str, Any]:
-    """The fields both endpoints share, as GenerateRequest keyword arguments."""
-    if _get(body, "n", (int,), 1) != 1 or _get(body, "best_of", (int,), 1) != 1:
-        raise InvalidArgument("n: only n = 1 is supported")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if _get(body, name, (int, float), 0) != 0:
-            raise InvalidArgument(f"{name}: penalties are not supported")
-    stop = _get(body, "stop", (str, list), [])
-    stop = [stop] if isinstance(stop, str) else stop
-    if not all(isinstance(s, str) for s in stop):
-        raise InvalidArgument("stop must be a string or a list of strings")
-    stop_ids = _get(body, "stop_token_ids", (list,), [])
-    if not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids):
-        raise InvalidArgument("stop_token_ids must be a list of integers")
-    temperature = _get(body, "temperature", (int, float))
-    top_p = _get(body, "top_p", (int, float))
-    return dict(max_new_tokens=max_tokens, stop=tuple(stop), stop_token_ids=tuple(stop_ids),
-                temperature=None if temperature is None else float(temperature),
-                top_p=None if top_p is None else float(top_p),
-                top_k=max(0, _get(body, "top_k", (int,), 0)), seed=_get(body, "seed", (int,)),
-                ignore_eos=_get(body, "ignore_eos", (bool,), False),
-                logprobs=logprobs is not None, top_logprobs=logprobs or 0)
-
-
-def completion_request(body: dict[str, Any]) -> GenerateRequest:
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise InvalidArgument("prompt must be one string (batches and token ids are not "
-                              "supported)")
-    if _get(body, "echo", (bool,), False) or _get(body, "suffix", (str,)):
-        raise InvalidArgument("echo: echo and suffix are not supported")
-    max_tokens = _get(body, "max_tokens", (int,), COMPLETIONS_DEFAULT_MAX_TOKENS)
-    return GenerateRequest(prompt=prompt, **_sampling(body, max_tokens,
-                                                      _get(body, "logprobs", (int,))))
-
-
-def chat_request(body: dict[str, Any]) -> GenerateRequest:
-    messages = _get(body, "messages", (list,), [])
-    pairs = []
-    for i, m in enumerate(messages):
-        content = m.get("content") if isinstance(m, dict) else None
-        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-            if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-                raise InvalidArgument(f"messages[{i}].content: only text parts are supported")
-            content = "".join(str(p.get("text", "")) for p in content)
-        if not isinstance(content, str) or not isinstance(m.get("role"), str):
-            raise InvalidArgument(f"messages[{i}] must have a string role and content")
-        pairs.append((m["role"], content))
-    max_tokens = _get(body, "max_completion_tokens", (int,), _get(body, "max_tokens", (int,)))
-    top = _get(body, "top_logprobs", (int,), 0)
-    logprobs = top if _get(body, "logprobs", (bool,), False) else None
-    return GenerateRequest(messages=tuple(pairs), **_sampling(body, max_tokens, logprobs))
 
 
 # -- responses ----------------------------------------------------------------------------------
@@ -157,7 +107,7 @@ def _usage(chunk: Chunk) -> dict[str, int] | None:
 class HttpApi:
     def __init__(self, engine: Engine, metrics: RouterMetrics) -> None:
         self.engine, self.metrics = engine, metrics
-        self.app = web.Application()
+        self.app = web.Application(client_max_size=engine.config.max_request_bytes)
         self.app.add_routes([
             web.post("/v1/completions", self.completions),
             web.post("/v1/chat/completions", self.chat_completions),
@@ -209,22 +159,65 @@ class HttpApi:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, chat_request, "chat.completion", "chatcmpl")
 
-    async def _serve(self, request: web.Request, parse: Callable[[dict[str, Any]], GenerateRequest],
+    async def _serve(self, request: web.Request,
+                     parse: Callable[[dict[str, Any], Limits], GenerateRequest],
                      kind: str, prefix: str) -> web.StreamResponse:
+        ticket: Ticket | None = None
+        stream: Stream | None = None
+        try:
+            ticket, body, generate = await self._read(request, parse)
+            name = self.model_name()
+            stream = await self.engine.submit(generate)
+            return await self._respond(request, stream, body, name, kind, prefix)
+        except Exception as e:
+            return error_response(e)
+        finally:  # however it ends, a client's disconnect included
+            if stream is not None:
+                stream.close()
+            if ticket is not None:
+                ticket.release()
+
+    async def _read(self, request: web.Request,
+                    parse: Callable[[dict[str, Any], Limits], GenerateRequest]
+                    ) -> tuple[Ticket, dict[str, Any], GenerateRequest]:
+        """A ticket, the body (bounded before it is read) and its request (decoded in a thread
+        when big). The ticket is the caller's to release once this returns."""
+        name = self.model_name()
+        model = self.engine.model
+        assert model is not None  # model_name raised otherwise
+        limits = model.limits(self.engine.config)
+        limit = max_body_bytes(limits, self.engine.config.max_request_bytes)
+        too_large = PayloadTooLarge(
+            f"the body is over the limit of {limit} bytes (--max-request-bytes "
+            f"{self.engine.config.max_request_bytes}, or the most a request within "
+            f"--max-prompt-bytes {limits.max_prompt_bytes} and --max-chat-messages "
+            f"{limits.max_chat_messages} can take in JSON)")
+        if request.content_length is not None and request.content_length > limit:
+            raise too_large
+        ticket = self.engine.admission.enter(request.content_length or 0)
         try:
             try:
-                body = await request.json()
-            except ValueError as e:
-                raise InvalidArgument(f"the body is not valid JSON: {e}") from None
-            if not isinstance(body, dict):
-                raise InvalidArgument("the body must be a JSON object")
-            name = self.model_name()
+                raw = await request.read()
+            except web.HTTPRequestEntityTooLarge:  # a chunked body past client_max_size
+                raise too_large from None
+            if len(raw) > limit:
+                raise too_large
+            if request.content_length is None:
+                ticket.grow(len(raw))
+            big = len(raw) > PARSE_IN_THREAD_BYTES
+            body = await asyncio.to_thread(decode, raw) if big else decode(raw)
             if body.get("model") not in (None, name):
                 raise NotFound(f"model: the model {body.get('model')!r} does not exist; this "
                                f"router serves {name!r} (--served-model-name)")
-            stream = await self.engine.submit(parse(body))
-        except Exception as e:
-            return error_response(e)
+            generate = await asyncio.to_thread(parse, body, limits) if big \
+                else parse(body, limits)
+        except BaseException:
+            ticket.release()
+            raise
+        return ticket, body, generate
+
+    async def _respond(self, request: web.Request, stream: Stream, body: dict[str, Any],
+                       name: str, kind: str, prefix: str) -> web.StreamResponse:
         try:
             head = {"id": f"{prefix}-{stream.request_id}", "object": kind,
                     "created": int(time.time()), "model": name}
@@ -253,8 +246,6 @@ class HttpApi:
             return web.json_response({**head, "choices": [choice], "usage": usage})
         except Exception as e:
             return error_response(e)
-        finally:
-            stream.close()
 
     async def _sse(self, request: web.Request, chunks: AsyncIterator[Chunk], head: dict[str, Any],
                    chat: bool, include_usage: bool) -> web.StreamResponse:

@@ -3,7 +3,9 @@
 The servicer copies the protobuf fields into `GenerateRequest` (unset optional fields stay None)
 and `validate` checks every one against the served model's `Limits`, raising `InvalidArgument`
 whose message starts with the field's name in the proto (`sampling.top_p`, `chat.messages[1].role`).
-Nothing here does I/O: the prompt's token count is checked later, once it is tokenized.
+The prompt's UTF-8 bytes and a chat's message count are bounded here, before anything is sent to
+the tokenizer. Nothing here does I/O: the prompt's token count is checked later, once it is
+tokenized.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ class Limits:
     max_stop_string_chars: int = 256
     max_stop_token_ids: int = 64
     max_request_id_chars: int = 256
+    max_prompt_bytes: int = 2**62  # UTF-8 bytes of a prompt, or of a chat's roles and contents
+    max_chat_messages: int = 4096
 
 
 @dataclass(frozen=True)
@@ -94,15 +98,44 @@ def _check_input(r: GenerateRequest, limits: Limits) -> None:
     if r.prompt is not None:
         if not r.prompt:
             raise InvalidArgument("prompt must not be empty")
+        check_prompt_bytes("prompt", utf8_bytes(r.prompt, limits.max_prompt_bytes), limits)
         return
     assert r.messages is not None
     if not limits.has_chat_template:
         raise InvalidArgument("chat: the model has no chat template; send a plain prompt")
     if not r.messages:
         raise InvalidArgument("chat.messages must not be empty")
+    check_chat_messages(len(r.messages), limits)
     for i, (role, _) in enumerate(r.messages):
         if not role:
             raise InvalidArgument(f"chat.messages[{i}].role must not be empty")
+    total = 0
+    for role, content in r.messages:
+        total += utf8_bytes(role, limits.max_prompt_bytes) + utf8_bytes(
+            content, limits.max_prompt_bytes)
+        if total > limits.max_prompt_bytes:
+            break
+    check_prompt_bytes("chat.messages (their roles and contents together)", total, limits)
+
+
+def utf8_bytes(text: str, cap: int) -> int:
+    """`text`'s UTF-8 length when it is at most `cap`, else some number above `cap`: encodes
+    nothing when the characters decide (ASCII, or more characters than `cap`)."""
+    if len(text) > cap or text.isascii():
+        return len(text)
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def check_prompt_bytes(what: str, nbytes: int, limits: Limits) -> None:
+    if nbytes > limits.max_prompt_bytes:
+        raise InvalidArgument(f"{what} is over the limit of {limits.max_prompt_bytes} UTF-8 "
+                              "bytes (--max-prompt-bytes)")
+
+
+def check_chat_messages(count: int, limits: Limits) -> None:
+    if count > limits.max_chat_messages:
+        raise InvalidArgument(f"chat.messages has {count} messages, more than the limit of "
+                              f"{limits.max_chat_messages} (--max-chat-messages)")
 
 
 def _check_stops(r: GenerateRequest, limits: Limits) -> None:
@@ -120,6 +153,16 @@ def _check_stops(r: GenerateRequest, limits: Limits) -> None:
         if not 0 <= t < limits.vocab_size:
             raise InvalidArgument(f"sampling.stop_token_ids[{i}] = {t} is outside the "
                                   f"vocabulary (0 to {limits.vocab_size - 1})")
+
+
+def max_request_size(limits: Limits) -> int:
+    """The most bytes a GenerateRequest within `limits` can have: the prompt's (or the chat's
+    roles and contents), each field's tag and length, stop strings (4 bytes a character at most),
+    stop token ids, request id, and 1 KiB for the fixed-size fields."""
+    framing = 12  # a tag and a length of up to 10 bytes
+    return (limits.max_prompt_bytes + framing * (2 * limits.max_chat_messages + 2)
+            + limits.max_stop_strings * (4 * limits.max_stop_string_chars + framing)
+            + limits.max_stop_token_ids * 11 + 4 * limits.max_request_id_chars + 1024)
 
 
 def check_prompt_length(prompt_tokens: int, max_new_tokens: int | None, limits: Limits) -> None:

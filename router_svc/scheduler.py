@@ -9,6 +9,11 @@ its prompt and all of its max_new_tokens can ever need, so a running sequence ca
 KV cache full mid-generation. Waiting requests reserve nothing. The router's capacity is rounded
 down to whole pages, so it never promises more than a shard holds (a shard rounds up).
 
+The waiting queue's bound counts requests still being tokenized: the engine takes a waiting slot
+with `reserve_waiting` before it sends a prompt to the tokenizer, and `submit(reserved=True)`
+turns it into the queued request (or `unreserve_waiting` gives it back), so a burst's excess is
+refused before any of it is tokenized.
+
 Admission is strictly FIFO: the head of the queue is admitted as soon as its reservation fits and
 no request behind it overtakes it, so a large request cannot be starved by a stream of small ones.
 Every accepted request fits the empty cache (checked at `submit`), and running requests end within
@@ -68,11 +73,26 @@ class Scheduler:
         self._waiting: dict[int, _Request] = {}  # insertion order is FIFO order
         self._running: dict[int, _Request] = {}
         self._reserved_pages = 0
+        self._reserved_waiting = 0  # waiting slots taken by requests being tokenized
 
     # -- requests -------------------------------------------------------------------------------
 
-    def submit(self, request_id: int, prompt_len: int, max_new_tokens: int) -> None:
-        """Queue a request, or refuse it at once (nothing changes on refusal)."""
+    def reserve_waiting(self) -> None:
+        """Take a waiting slot for a request about to be tokenized, or ResourceExhausted."""
+        if len(self._waiting) + self._reserved_waiting >= self.config.max_waiting:
+            raise ResourceExhausted(f"waiting queue full ({self.config.max_waiting} requests)")
+        self._reserved_waiting += 1
+
+    def unreserve_waiting(self) -> None:
+        """Give back a slot of `reserve_waiting` that `submit` did not take."""
+        if self._reserved_waiting < 1:
+            raise ValueError("no waiting slot is reserved")
+        self._reserved_waiting -= 1
+
+    def submit(self, request_id: int, prompt_len: int, max_new_tokens: int,
+               reserved: bool = False) -> None:
+        """Queue a request, or refuse it at once (nothing changes on refusal: a reserved slot
+        stays reserved). `reserved`: it takes a slot of `reserve_waiting`."""
         if prompt_len < 1:
             raise InvalidArgument(f"the prompt must have at least 1 token, got {prompt_len}")
         if max_new_tokens < 1:
@@ -85,9 +105,12 @@ class Scheduler:
                 f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = "
                 f"{prompt_len + max_new_tokens} tokens can never fit the KV cache "
                 f"({self.kv_capacity_tokens} tokens)")
-        if len(self._waiting) >= self.config.max_waiting:
+        if reserved and self._reserved_waiting < 1:
+            raise ValueError("submit(reserved=True) without a reserved waiting slot")
+        if len(self._waiting) + self._reserved_waiting - reserved >= self.config.max_waiting:
             raise ResourceExhausted(f"waiting queue full ({self.config.max_waiting} requests)")
         self._waiting[request_id] = _Request(prompt_len, max_new_tokens, pages)
+        self._reserved_waiting -= reserved
 
     def finish(self, request_id: int) -> bool:
         """Forget a request, waiting or running, and free its reservation. Idempotent: returns
@@ -143,6 +166,11 @@ class Scheduler:
     @property
     def num_waiting(self) -> int:
         return len(self._waiting)
+
+    @property
+    def num_reserved_waiting(self) -> int:
+        """Waiting slots held by requests being tokenized."""
+        return self._reserved_waiting
 
     @property
     def num_running(self) -> int:

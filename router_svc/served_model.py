@@ -38,7 +38,9 @@ class ServedModel:
             max_top_k=self.group.max_top_k, max_stop_strings=config.max_stop_strings,
             max_stop_string_chars=config.max_stop_string_chars,
             max_stop_token_ids=config.max_stop_token_ids,
-            max_request_id_chars=config.max_request_id_chars)
+            max_request_id_chars=config.max_request_id_chars,
+            max_prompt_bytes=config.prompt_bytes_limit(self.context_length),
+            max_chat_messages=config.max_chat_messages)
 
 
 async def probe(shards: ShardGroup, tokenizer: TokenizerClient, timeout: float) -> ServedModel:

@@ -20,7 +20,12 @@ from router_svc.shards import ShardGroup
 from router_svc.tokenizer_client import TokenizerClient
 from services.pb.cpumesh.v1 import router_pb2
 from services.server import bind, create_server
-from services.transport import channel_credentials, channel_options, server_credentials
+from services.transport import (
+    channel_credentials,
+    channel_options,
+    server_credentials,
+    server_options,
+)
 
 log = logging.getLogger("cpumesh.router")
 LIVENESS = "liveness"
@@ -50,8 +55,11 @@ class RouterProcess:
         engine = Engine(cfg, shards, tokenizer)
         service = bind(RouterServicer(engine, cfg.max_running),
                        router_pb2.DESCRIPTOR.services_by_name["RouterService"])
+        # One message over max_request_bytes is refused by gRPC itself (RESOURCE_EXHAUSTED) from
+        # its length prefix, before it is buffered whole.
         server, port = create_server(service, address=cfg.listen, credentials=server_creds,
-                                     health_address=cfg.health_listen)
+                                     health_address=cfg.health_listen, options=server_options(
+                                         max_message_bytes=cfg.max_request_bytes))
         engine.on_serving = server.set_serving
         await server.start(serving=False)
         await server.set_serving(True, LIVENESS)

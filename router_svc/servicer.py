@@ -3,20 +3,30 @@
 A client that cancels, disconnects or runs past its deadline gets `asyncio.CancelledError` at
 the next `await`/`yield` here; the `finally` cancels its request in the engine, which releases
 the sequence on every shard before the next step.
+
+Generate takes the request's bytes (`raw_requests`), so bounds come before any work: a ticket of
+the engine's `Admission` (requests and bytes in flight, RESOURCE_EXHAUSTED), then the bytes'
+size against what a prompt or chat within the limits can make (INVALID_ARGUMENT, unparsed), then
+the chat's message count as soon as it is parsed (before its messages are copied). A large
+request is parsed in a thread, off the event loop that streams everyone's tokens.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
 
 from router_svc.engine import Engine
-from router_svc.request import GenerateRequest
+from router_svc.request import GenerateRequest, Limits, check_chat_messages, max_request_size
 from router_svc.sequence import Chunk, TokenLogprob
 from router_svc.stops import FinishReason
-from services.errors import Unavailable
+from services.errors import InvalidArgument, Unavailable
 from services.pb.cpumesh.v1 import common_pb2, router_pb2
+from services.server import parse
+
+PARSE_IN_THREAD_BYTES = 256 * 1024  # requests larger than this are parsed off the event loop
 
 FINISH_REASONS = {
     FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
@@ -27,21 +37,40 @@ FINISH_REASONS = {
 
 
 class RouterServicer:
+    raw_requests = frozenset({"Generate"})  # services.server.bind hands it the request bytes
+
     def __init__(self, engine: Engine, max_batch_size: int) -> None:
         self.engine = engine
         self.max_batch_size = max_batch_size
 
-    async def Generate(self, request: router_pb2.GenerateRequest,
-                       context: grpc.aio.ServicerContext
+    async def Generate(self, data: bytes, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[router_pb2.GenerateResponse]:
-        stream = await self.engine.submit(from_pb(request))
+        ticket = self.engine.admission.enter(len(data))
         try:
-            async for chunk in stream:
-                yield to_pb(stream.request_id, chunk)
-                if chunk.error is not None:
-                    raise chunk.error  # after the chunk with finish ERROR: the call's status
+            stream = await self.engine.submit(await self._parse(data))
+            try:
+                async for chunk in stream:
+                    yield to_pb(stream.request_id, chunk)
+                    if chunk.error is not None:
+                        raise chunk.error  # after the chunk with finish ERROR: the call's status
+            finally:
+                stream.close()
         finally:
-            stream.close()
+            ticket.release()
+
+    async def _parse(self, data: bytes) -> GenerateRequest:
+        model = self.engine.model
+        if model is None:
+            raise Unavailable(f"the router is not serving: {self.engine.not_serving_reason}")
+        limits = model.limits(self.engine.config)
+        if len(data) > max_request_size(limits):
+            raise InvalidArgument(
+                f"input: the request is {len(data)} bytes, more than any prompt or chat within "
+                f"the limits can make ({limits.max_prompt_bytes} UTF-8 bytes, --max-prompt-bytes; "
+                f"{limits.max_chat_messages} messages, --max-chat-messages)")
+        if len(data) > PARSE_IN_THREAD_BYTES:
+            return await asyncio.to_thread(request_from_bytes, data, limits)
+        return request_from_bytes(data, limits)
 
     async def ModelInfo(self, request: router_pb2.ModelInfoRequest,
                         context: grpc.aio.ServicerContext) -> router_pb2.ModelInfoResponse:
@@ -58,6 +87,15 @@ class RouterServicer:
         if t.bos_token_id is not None:
             response.bos_token_id = t.bos_token_id
         return response
+
+
+def request_from_bytes(data: bytes, limits: Limits) -> GenerateRequest:
+    """Parse a GenerateRequest; a chat's message count is bounded before its messages are
+    copied. (Run in a thread for large requests: it touches nothing shared.)"""
+    r = parse(router_pb2.GenerateRequest, data)
+    if r.WhichOneof("input") == "chat":
+        check_chat_messages(len(r.chat.messages), limits)
+    return from_pb(r)
 
 
 def from_pb(r: router_pb2.GenerateRequest) -> GenerateRequest:

@@ -10,6 +10,8 @@
   bytes itself, so garbage gets INVALID_ARGUMENT instead of UNKNOWN. A servicer is written like a
   generated `*Servicer` (async methods taking the parsed request and the context; server streams
   as async generators). Methods it lacks answer UNIMPLEMENTED.
+  Methods named in the servicer's `raw_requests` get the request bytes, to bound or parse them
+  as they see fit (e.g. in a thread).
 * `ErrorInterceptor` maps `CpumeshError` to its status code with the message as details,
   `NotImplementedError` to UNIMPLEMENTED, anything else to INTERNAL with the traceback logged.
 * The standard `grpc.health.v1` service reports "" and every bound service, optionally also on a
@@ -108,8 +110,9 @@ def bind(servicer: object, service: ServiceDescriptor) -> BoundService:
             continue
         if method.client_streaming:
             raise ValueError(f"{method.full_name}: client streaming is not supported")
-        parsing = functools.partial(_call_parsed, impl,
-                                    message_factory.GetMessageClass(method.input_type))
+        parsing = impl if method.name in getattr(servicer, "raw_requests", ()) else \
+            functools.partial(_call_parsed, impl,
+                              message_factory.GetMessageClass(method.input_type))
         serialize = message_factory.GetMessageClass(method.output_type).SerializeToString
         make = (grpc.unary_stream_rpc_method_handler if method.server_streaming
                 else grpc.unary_unary_rpc_method_handler)
