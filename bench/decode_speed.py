@@ -112,6 +112,33 @@ def targets(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def cpu_name() -> str:
+    """The CPU's model name and the vector extensions that decide the kernels."""
+    import torch
+
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                 if line.startswith("model name")), platform.machine())
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines()
+                  if line.startswith("flags")), [])
+    ext = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16") if f in flags]
+    return f"{name} ({', '.join(ext)}; torch capability {torch.backends.cpu.get_cpu_capability()})"
+
+
+def section(result: dict[str, Any]) -> list[str]:
+    """The BENCHMARKS.md section for bench/results/decode_speed.json."""
+    return ["## Decode speed by precision (the decode-speed issue)", "",
+            f"Machine: {result['machine']}, {result['threads']} threads for every system. "
+            "cpumesh tp 1 with the kernels its shard chose at start (float32 / bfloat16 / "
+            "float16 weights, activations and KV cache) against llama.cpp on GGUF files exported "
+            "from the same weights (F32 for float32, F16 for the half precisions), each point in a "
+            "fresh process, medians of 3 repeats; *ratio* < 1: cpumesh faster. Decode steps are "
+            "measured after a prompt of *context* tokens.", "", report(result["rows"]), "",
+            targets(result["rows"]), "",
+            "Command: `python -m bench.decode_speed --models smollm2 llama1b` "
+            "(llama.cpp from `make bench-env`)", ""]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["smollm2"], choices=["smollm2", "llama1b"])
@@ -129,8 +156,8 @@ def main(argv: list[str] | None = None) -> None:
                 for f in ("F32", "F16")}
         rows += measure(m, gguf, a.threads, a.repeats, full=name == "smollm2")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"machine": platform.processor() or platform.machine(),
-                                   "threads": a.threads, "rows": rows}, indent=1))
+    RESULTS.write_text(json.dumps({"machine": cpu_name(), "threads": a.threads,
+                                   "rows": rows}, indent=1))
     print(report(rows))
     print()
     print(targets(rows))

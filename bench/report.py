@@ -253,6 +253,10 @@ def write(results: Path, out_dir: Path, command: str) -> Path:
         lines += serving_section(sv, plots)
     if ar := _load(results, "allreduce"):
         lines += allreduce_section(ar)
+    if ds := _load(results, "decode_speed"):
+        from bench.decode_speed import section
+
+        lines += section(ds)
     text = "\n".join(lines)
     if out_dir != Path("."):
         text = text.replace("](bench/plots/", "](plots/")
