@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from router_svc.config import PROMPT_BYTES_PER_TOKEN, RouterConfig
+from services.auth import read_token, read_tokens
 
 
 def cli_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,7 +49,15 @@ def cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-cert", type=Path, help="serve TLS with this certificate chain")
     p.add_argument("--tls-key", type=Path)
     p.add_argument("--tls-ca", type=Path, help="require client certificates signed by this CA "
-                   "(and connect to the shards and tokenizer with mutual TLS)")
+                   "and connect to the shards and tokenizer with mutual TLS (needed with "
+                   "--tls-cert: no plaintext to them)")
+    p.add_argument("--internal-token-file", type=Path, metavar="FILE",
+                   help="send the one token in this file on every call to the shards and the "
+                   "tokenizer (their --internal-token-file)")
+    p.add_argument("--api-keys-file", type=Path, metavar="FILE",
+                   help="clients must send 'Authorization: Bearer <key>' with a key from this "
+                   "file (one a line) on Generate, ModelInfo and the HTTP API's /v1/*; health, "
+                   "/health, /ready and /metrics stay open (default: no authentication)")
     p.add_argument("--served-model-name", metavar="NAME",
                    help="the model's name in the APIs: OpenAI's 'model' (others get 404) and "
                    "ModelInfo (default: the shards' model name without its cache hash)")
@@ -69,7 +78,9 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
         max_inflight_bytes=args.max_inflight_bytes, max_request_bytes=args.max_request_bytes,
         drain_grace_s=args.drain_grace,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,
-        served_model_name=args.served_model_name)
+        served_model_name=args.served_model_name,
+        internal_token=read_token(args.internal_token_file) if args.internal_token_file else None,
+        api_keys=read_tokens(args.api_keys_file, "API keys file") if args.api_keys_file else ())
 
 
 def cli_run(args: argparse.Namespace) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # A converted model's cache directory ends in "-" and 12 hex digits of its fingerprint
@@ -63,6 +63,11 @@ class RouterConfig:
     # The model's name in the APIs (OpenAI "model", ModelInfo); None: the shards' model name
     # without its cache hash (default_served_name).
     served_model_name: str | None = None
+    # Sent on every call to the shards and the tokenizer (services/auth.py); None: none sent.
+    internal_token: str | None = field(default=None, repr=False)
+    # Clients must send one of these on Generate, ModelInfo and /v1/* ("Authorization: Bearer
+    # <key>"); empty: no authentication.
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         check_address("tokenizer", self.tokenizer)
@@ -103,6 +108,10 @@ class RouterConfig:
             raise ValueError("TLS needs both tls_cert and tls_key")
         if self.tls_ca is not None and not all(tls):
             raise ValueError("tls_ca (mutual TLS) needs tls_cert and tls_key")
+        if all(tls) and self.tls_ca is None:
+            raise ValueError("TLS with tls_cert and tls_key needs --tls-ca too: without the CA "
+                             "of the shards' and tokenizer's certificates the router would talk "
+                             "to them in plaintext")
 
     def prompt_bytes_limit(self, context_length: int) -> int:
         """The most UTF-8 bytes a prompt (or a chat's roles and contents) may have."""

@@ -24,7 +24,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -36,8 +36,10 @@ from router_svc.openai_request import chat_request, completion_request, decode, 
 from router_svc.request import GenerateRequest, Limits
 from router_svc.sequence import Chunk, PositionLogprobs
 from router_svc.stream import Stream
+from services.auth import TokenCheck
 from services.errors import CpumeshError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 log = logging.getLogger("cpumesh.router.http")
 PARSE_IN_THREAD_BYTES = 256 * 1024  # bodies larger than this are decoded off the event loop
 
@@ -107,12 +109,29 @@ def _usage(chunk: Chunk) -> dict[str, int] | None:
 class HttpApi:
     def __init__(self, engine: Engine, metrics: RouterMetrics) -> None:
         self.engine, self.metrics = engine, metrics
-        self.app = web.Application(client_max_size=engine.config.max_request_bytes)
+        keys = engine.config.api_keys
+        self.keys = TokenCheck(keys) if keys else None
+        self.app = web.Application(client_max_size=engine.config.max_request_bytes,
+                                   middlewares=[self.authorize] if keys else [])
         self.app.add_routes([
             web.post("/v1/completions", self.completions),
             web.post("/v1/chat/completions", self.chat_completions),
             web.get("/v1/models", self.models), web.get("/health", self.health),
             web.get("/ready", self.ready), web.get("/metrics", self.prometheus)])
+
+    @web.middleware
+    async def authorize(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """/v1/* needs "Authorization: Bearer <key>" with one of the router's API keys (401
+        otherwise, before the body is read); /health, /ready and /metrics stay open."""
+        if (self.keys is not None and request.path.startswith("/v1/")
+                and not self.keys.accepts(request.headers.get("Authorization"))):
+            message = ("Incorrect API key provided: send 'Authorization: Bearer <key>' with one "
+                       "of the router's API keys (--api-keys-file)")
+            return web.json_response({"error": {"message": message, "type":
+                                                "invalid_request_error", "param": None,
+                                                "code": "invalid_api_key"}}, status=401,
+                                     headers={"WWW-Authenticate": "Bearer"})
+        return await handler(request)
 
     async def start(self, host: str, port: int, drain_grace_s: float = 10.0
                     ) -> tuple[web.AppRunner, int]:

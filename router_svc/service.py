@@ -18,6 +18,7 @@ from router_svc.engine import Engine
 from router_svc.servicer import RouterServicer
 from router_svc.shards import ShardGroup
 from router_svc.tokenizer_client import TokenizerClient
+from services.auth import AuthInterceptor, TokenCheck
 from services.pb.cpumesh.v1 import router_pb2
 from services.server import bind, create_server
 from services.transport import (
@@ -50,8 +51,9 @@ class RouterProcess:
     async def serve(self) -> int:
         cfg = self.config
         server_creds, client_creds = self._credentials()
-        shards = ShardGroup(cfg.shards, client_creds, channel_options())
-        tokenizer = TokenizerClient(cfg.tokenizer, client_creds, channel_options())
+        shards = ShardGroup(cfg.shards, client_creds, channel_options(), cfg.internal_token)
+        tokenizer = TokenizerClient(cfg.tokenizer, client_creds, channel_options(),
+                                    cfg.internal_token)
         engine = Engine(cfg, shards, tokenizer)
         service = bind(RouterServicer(engine, cfg.max_running),
                        router_pb2.DESCRIPTOR.services_by_name["RouterService"])
@@ -59,7 +61,9 @@ class RouterProcess:
         # its length prefix, before it is buffered whole.
         server, port = create_server(service, address=cfg.listen, credentials=server_creds,
                                      health_address=cfg.health_listen, options=server_options(
-                                         max_message_bytes=cfg.max_request_bytes))
+                                         max_message_bytes=cfg.max_request_bytes),
+                                     auth=AuthInterceptor(TokenCheck(cfg.api_keys), "API key")
+                                     if cfg.api_keys else None)
         engine.on_serving = server.set_serving
         await server.start(serving=False)
         await server.set_serving(True, LIVENESS)

@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from router_svc.sampling import ShardCandidates
 from services.errors import Unavailable
 from services.pb.cpumesh.v1 import shard_pb2, shard_pb2_grpc
+from services.transport import open_channel
 
 T = TypeVar("T")
 RECONNECT_OPTIONS = [  # a restarted shard is reconnected to within a second, not minutes
@@ -110,11 +111,10 @@ class StepResult:
 class ShardGroup:
     def __init__(self, addresses: Sequence[str],
                  credentials: grpc.ChannelCredentials | None = None,
-                 options: Sequence[tuple[str, Any]] = ()) -> None:
+                 options: Sequence[tuple[str, Any]] = (), token: str | None = None) -> None:
         self.addresses = tuple(addresses)
         opts = [*options, *RECONNECT_OPTIONS]
-        self._channels = [grpc.aio.secure_channel(a, credentials, opts) if credentials
-                          else grpc.aio.insecure_channel(a, opts) for a in self.addresses]
+        self._channels = [open_channel(a, credentials, opts, token) for a in self.addresses]
         self._stubs = [shard_pb2_grpc.ShardServiceStub(c) for c in self._channels]
         self._health = [health_pb2_grpc.HealthStub(c) for c in self._channels]
 

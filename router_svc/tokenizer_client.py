@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from router_svc.shards import RECONNECT_OPTIONS
 from services.errors import InvalidArgument, Unavailable
 from services.pb.cpumesh.v1 import common_pb2, tokenizer_pb2, tokenizer_pb2_grpc
+from services.transport import open_channel
 
 MAX_CACHED_TEXTS = 1 << 16  # token texts kept for logprobs
 
@@ -50,11 +51,10 @@ class DetokResult:
 
 class TokenizerClient:
     def __init__(self, address: str, credentials: grpc.ChannelCredentials | None = None,
-                 options: Sequence[tuple[str, Any]] = ()) -> None:
+                 options: Sequence[tuple[str, Any]] = (), token: str | None = None) -> None:
         self.address = address
         opts = [*options, *RECONNECT_OPTIONS]
-        self._channel = (grpc.aio.secure_channel(address, credentials, opts) if credentials
-                         else grpc.aio.insecure_channel(address, opts))
+        self._channel = open_channel(address, credentials, opts, token)
         self._stub = tokenizer_pb2_grpc.TokenizerServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._texts: dict[int, str] = {}

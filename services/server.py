@@ -16,6 +16,8 @@
   `NotImplementedError` to UNIMPLEMENTED, anything else to INTERNAL with the traceback logged.
 * The standard `grpc.health.v1` service reports "" and every bound service, optionally also on a
   separate plaintext port: Kubernetes' gRPC probes speak no TLS.
+* `auth` (a `services.auth.AuthInterceptor`) refuses calls without an accepted bearer token,
+  health and reflection excepted.
 * Reflection is off by default and needs the optional `grpcio-reflection` package.
 * Message limits, keepalive and TLS credentials (`server_options`, `server_credentials` and
   their client halves) are in `services.transport`.
@@ -252,14 +254,17 @@ def create_server(*services: BoundService, address: str = "127.0.0.1:0",
                   credentials: grpc.ServerCredentials | None = None,
                   health_address: str | None = None, reflection: bool = False,
                   options: Sequence[tuple[str, Any]] | None = None,
-                  maximum_concurrent_rpcs: int | None = None) -> tuple[Server, int]:
+                  maximum_concurrent_rpcs: int | None = None,
+                  auth: grpc.aio.ServerInterceptor | None = None) -> tuple[Server, int]:
     """Build (not start) a server for `services` bound to `address`; returns (server, port).
 
     Call it from a running event loop. `credentials` (see `server_credentials`) serve TLS;
-    `health_address` adds a plaintext port that serves only health.
+    `health_address` adds a plaintext port that serves only health; `auth` (first, outermost)
+    refuses unauthenticated calls.
     """
     options = list(options if options is not None else server_options())
-    interceptors = [ErrorInterceptor()]
+    interceptors: list[grpc.aio.ServerInterceptor] = [*([auth] if auth else []),
+                                                      ErrorInterceptor()]
     server = grpc.aio.server(interceptors=interceptors, options=options,
                              maximum_concurrent_rpcs=maximum_concurrent_rpcs)
     server.add_generic_rpc_handlers([s.handler for s in services])

@@ -2,14 +2,18 @@
 
 `server_options` and `channel_options` are the two halves of one keepalive agreement (a client
 pings no more often than the server permits); `server_credentials` and `channel_credentials` are
-the two halves of (mutual) TLS, from PEM files or bytes.
+the two halves of (mutual) TLS, from PEM files or bytes. `open_channel` is the router's channel
+to an internal service: TLS when given credentials, and the internal token on every call.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import grpc
+
+from services.auth import bearer_interceptors
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 Pem = Path | str | bytes  # a PEM file's path, or its contents
@@ -61,3 +65,13 @@ def channel_credentials(ca: Pem, cert: Pem | None = None,
     return grpc.ssl_channel_credentials(root_certificates=_read(ca),
                                         private_key=_read(key) if key is not None else None,
                                         certificate_chain=_read(cert) if cert is not None else None)
+
+
+def open_channel(address: str, credentials: grpc.ChannelCredentials | None,
+                 options: list[tuple[str, Any]], token: str | None = None) -> grpc.aio.Channel:
+    """An asyncio channel to `address` (TLS with `credentials`, plaintext without) that sends
+    `token` as `authorization: Bearer <token>` on every call when given."""
+    interceptors = bearer_interceptors(token)
+    if credentials is not None:
+        return grpc.aio.secure_channel(address, credentials, options, interceptors=interceptors)
+    return grpc.aio.insecure_channel(address, options, interceptors=interceptors)

@@ -7,6 +7,7 @@ import os
 import socket
 from pathlib import Path
 
+from services.auth import read_token
 from shard_svc.config import DTYPES, KERNELS, ShardConfig, rank_from_hostname
 from shard_svc.mesh.config import TRANSPORTS as MESH_TRANSPORTS
 
@@ -48,6 +49,9 @@ def cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-ca", type=Path, help="require client certificates signed by this CA")
     p.add_argument("--curve-secret-key", type=Path, help="this shard's CURVE key pair file")
     p.add_argument("--curve-public-keys", type=Path, help="directory of the peers' public keys")
+    p.add_argument("--internal-token-file", type=Path, metavar="FILE",
+                   help="refuse calls (health excepted) without 'authorization: Bearer <token>' "
+                   "carrying the one token in this file (the router's --internal-token-file)")
     p.add_argument("--log-level", default="INFO")
 
 
@@ -76,7 +80,8 @@ def build_config(args: argparse.Namespace) -> ShardConfig:
         mesh_timeout_s=args.mesh_timeout,
         drain_grace_s=args.drain_grace, tls_cert=args.tls_cert, tls_key=args.tls_key,
         tls_ca=args.tls_ca, curve_secret_key=args.curve_secret_key,
-        curve_public_keys=args.curve_public_keys)
+        curve_public_keys=args.curve_public_keys,
+        internal_token=read_token(args.internal_token_file) if args.internal_token_file else None)
 
 
 def cli_run(args: argparse.Namespace) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from shard_svc.mesh.config import MeshConfig
@@ -36,6 +36,8 @@ class ShardConfig:
     tls_ca: Path | None = None
     curve_secret_key: Path | None = None  # this shard's CURVE key pair (zmq.auth format)
     curve_public_keys: Path | None = None  # directory with every peer's public key
+    # Calls (health excepted) must carry this token (services/auth.py); None: anyone may call.
+    internal_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.tp_size < 1:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from model_formats.checkpoint import load_model_config, model_fingerprint
+from services.auth import internal_auth
 from services.errors import Unavailable
 from services.pb.cpumesh.v1 import shard_pb2
 from services.server import bind, create_server
@@ -92,7 +93,8 @@ class ShardProcess:
         self.servicer = servicer
         service = bind(servicer, shard_pb2.DESCRIPTOR.services_by_name["ShardService"])
         self.server, port = create_server(service, address=cfg.listen, credentials=creds,
-                                          health_address=cfg.health_listen)
+                                          health_address=cfg.health_listen,
+                                          auth=internal_auth(cfg.internal_token))
         await self.server.start(serving=False)  # answers health (NOT_SERVING) while loading
         await self.server.set_serving(True, LIVENESS)
         rss_before = memory_mb()["VmRSS"]

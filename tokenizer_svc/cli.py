@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from services.auth import read_token
 from tokenizer_svc.config import TokenizerConfig
 
 DEFAULTS = TokenizerConfig(model_dir=Path("."))
@@ -28,6 +29,9 @@ def cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-cert", type=Path, help="PEM certificate chain (TLS)")
     p.add_argument("--tls-key", type=Path, help="PEM private key (TLS)")
     p.add_argument("--tls-ca", type=Path, help="require client certificates signed by this CA")
+    p.add_argument("--internal-token-file", type=Path, metavar="FILE",
+                   help="refuse calls (health excepted) without 'authorization: Bearer <token>' "
+                   "carrying the one token in this file (the router's --internal-token-file)")
     p.add_argument("--log-level", default="INFO")
 
 
@@ -43,7 +47,8 @@ def build_config(args: argparse.Namespace) -> TokenizerConfig:
         workers=args.workers,
         chat_roles=tuple(r.strip() for r in args.chat_roles.split(",") if r.strip()),
         reflection=args.reflection, drain_grace_s=args.drain_grace, tls_cert=args.tls_cert,
-        tls_key=args.tls_key, tls_ca=args.tls_ca)
+        tls_key=args.tls_key, tls_ca=args.tls_ca,
+        internal_token=read_token(args.internal_token_file) if args.internal_token_file else None)
 
 
 def cli_run(args: argparse.Namespace) -> int:

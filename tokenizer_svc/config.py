@@ -3,7 +3,7 @@ point and validated here."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tokenizer_svc.chat_template import DEFAULT_ROLES
@@ -24,6 +24,8 @@ class TokenizerConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None  # require client certificates signed by this CA
+    # Calls (health excepted) must carry this token (services/auth.py); None: anyone may call.
+    internal_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.max_text_chars < 1:

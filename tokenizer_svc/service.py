@@ -12,6 +12,7 @@ import time
 
 import grpc
 
+from services.auth import internal_auth
 from services.pb.cpumesh.v1 import tokenizer_pb2
 from services.server import Server, bind, create_server
 from services.transport import server_credentials
@@ -27,10 +28,12 @@ SERVICE = tokenizer_pb2.DESCRIPTOR.services_by_name["TokenizerService"]
 def build_server(servicer: TokenizerServicer, *, address: str = "127.0.0.1:0",
                  credentials: grpc.ServerCredentials | None = None,
                  health_address: str | None = None,
-                 reflection: bool = False) -> tuple[Server, int]:
+                 reflection: bool = False,
+                 internal_token: str | None = None) -> tuple[Server, int]:
     """The (not yet started) server of `servicer` and its port; call inside the event loop."""
     return create_server(bind(servicer, SERVICE), address=address, credentials=credentials,
-                         health_address=health_address, reflection=reflection)
+                         health_address=health_address, reflection=reflection,
+                         auth=internal_auth(internal_token))
 
 
 def load(config: TokenizerConfig) -> Tokenizer:
@@ -45,7 +48,8 @@ async def serve(config: TokenizerConfig) -> int:
     servicer = TokenizerServicer(workers=config.workers)
     server, port = build_server(servicer, address=config.listen, credentials=credentials,
                                 health_address=config.health_listen,
-                                reflection=config.reflection)
+                                reflection=config.reflection,
+                                internal_token=config.internal_token)
     await server.start(serving=False)
     await server.set_serving(True, LIVENESS)
     try:

@@ -6,6 +6,10 @@ launcher shows each one's progress, waits until every one is healthy, prints whe
 then watches them: when one exits, it prints that one's last log lines and stops the others; on
 SIGINT or SIGTERM it drains the router first, then stops the rest and exits 0. A second signal
 skips the grace periods.
+
+Each run makes a random internal token (a file only the user can read, in the log directory,
+removed at exit): the shards and the tokenizer refuse calls without it, and the router sends it,
+so only the router can call them (see SECURITY.md).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 
 from router_svc.config import default_served_name
 from tools.local_ports import Want, addresses, reserve
-from tools.local_procs import Child, stop_all
+from tools.local_procs import Child, stop_all, write_internal_token
 
 POLL_S = 0.2
 SERVICES = ("tokenizer", "shard", "router")
@@ -155,21 +159,26 @@ def plan(config: LocalConfig, environ: Mapping[str, str]) -> tuple[list[Child], 
     limits = [f"--{k.replace('_', '-')}={v}" for k in ("kv_capacity_tokens", "max_context")
               if (v := getattr(config, k)) is not None]
     more_tokenizer, more_shard, more_router = config.extra_args
+    token = ["--internal-token-file", str(internal_token_path(config))]
     children = [Child("tokenizer", tokenizer, [
         "-m", "tokenizer_svc", *model, "--model-name", config.model_name, "--listen", tokenizer,
-        *grace, *more_tokenizer])]
+        *grace, *token, *more_tokenizer])]
     children += [Child(f"shard {r}", a, [
         "-m", "shard_svc", *model, "--tp-size", str(tp), "--tp-rank", str(r), "--peers", peers,
         "--listen", a, "--threads", str(config.threads_per_shard), "--dtype", config.dtype,
-        *limits, *grace, *more_shard]) for r, a in enumerate(shards)]
+        *limits, *grace, *token, *more_shard]) for r, a in enumerate(shards)]
     children.append(Child("router", reach, [
         "-m", "router_svc", "--listen", listen, "--tokenizer", tokenizer,
         "--shards", ",".join(shards), "--http-listen", http_listen,
-        "--served-model-name", config.served_name, *grace, *more_router]))
+        "--served-model-name", config.served_name, *grace, *token, *more_router]))
     for child in children:
         child.log_path = config.log_dir / f"{child.name.replace(' ', '')}.log"
         child.env = env
     return children, reach, f"http://{http_reach}"
+
+
+def internal_token_path(config: LocalConfig) -> Path:
+    return config.log_dir / "internal-token"
 
 
 class Launcher:
@@ -189,6 +198,7 @@ class Launcher:
         cfg = self.config
         children, router, self.http = plan(cfg, self.environ)
         cfg.log_dir.mkdir(parents=True, exist_ok=True)
+        write_internal_token(internal_token_path(cfg))
         say(f"{cfg.served_name}: tokenizer, {cfg.tp} shard(s) with {cfg.threads_per_shard} "
             f"thread(s) each, router; logs in {cfg.log_dir}")
         previous = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -196,6 +206,7 @@ class Launcher:
             return self.supervise(children, router)
         finally:
             stop_all(children, cfg.drain_grace_s + 5.0, lambda: self.signals > 1, say)
+            internal_token_path(cfg).unlink(missing_ok=True)
             for s, handler in previous.items():
                 signal.signal(s, handler)
 

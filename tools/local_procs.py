@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -157,6 +158,14 @@ def _die_with_parent(parent_pid: int) -> Callable[[], None] | None:
             os._exit(1)
 
     return preexec
+
+
+def write_internal_token(path: Path) -> None:
+    """A fresh random internal token in `path`, readable by this user only."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(32) + "\n")
 
 
 def converted_gguf(gguf: Path, cache_dir: Path, progress: Progress | None = None) -> Path:

@@ -100,6 +100,30 @@ def gone(procs: list[psutil.Process], deadline_s: float = 5.0) -> list[psutil.Pr
     return alive
 
 
+def assert_internal_calls_need_the_run_token(procs: list[psutil.Process], logs: Path) -> None:
+    """Every service got the run's token file (this user's only); a shard refuses a Reset
+    without it and the tokenizer an Encode."""
+    import grpc
+
+    from services.pb.cpumesh.v1 import shard_pb2, shard_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
+
+    token = logs / "internal-token"
+    assert token.stat().st_mode & 0o777 == 0o600
+    for p in procs:
+        args = p.cmdline()
+        assert args[args.index("--internal-token-file") + 1] == str(token)
+    listen = {p.cmdline()[2]: p.cmdline()[p.cmdline().index("--listen") + 1] for p in procs}
+    with grpc.insecure_channel(listen["shard_svc"]) as shard, \
+            grpc.insecure_channel(listen["tokenizer_svc"]) as tokenizer:
+        for call in (lambda: shard_pb2_grpc.ShardServiceStub(shard).Reset(
+                         shard_pb2.ResetRequest(next_step_id=0), timeout=10),
+                     lambda: tokenizer_pb2_grpc.TokenizerServiceStub(tokenizer).Encode(
+                         tokenizer_pb2.EncodeRequest(), timeout=10)):
+            with pytest.raises(grpc.RpcError) as e:
+                call()
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+
+
 def test_grpc_and_cli_stream_the_same_text_and_ctrl_c_drains_and_leaves_nothing(
         launch: list[Launcher], smollm2_dir: Path, tmp_path: Path) -> None:
     launcher, router = start(launch, smollm2_dir, 2, tmp_path / "logs")
@@ -109,6 +133,7 @@ def test_grpc_and_cli_stream_the_same_text_and_ctrl_c_drains_and_leaves_nothing(
     procs = launcher.services()
     assert sorted(p.cmdline()[2] for p in procs) == \
         ["router_svc", "shard_svc", "shard_svc", "tokenizer_svc"]
+    assert_internal_calls_need_the_run_token(procs, tmp_path / "logs")
 
     async def through_grpc() -> list[str]:
         async with RouterClient(router) as client:
@@ -166,6 +191,7 @@ def test_grpc_and_cli_stream_the_same_text_and_ctrl_c_drains_and_leaves_nothing(
     assert launcher.proc.wait(60) == 0, launcher.output()
     assert "stopped tokenizer (0), shard 0 (0), shard 1 (0), router (0)" in launcher.output()
     assert gone(procs) == []
+    assert not (tmp_path / "logs" / "internal-token").exists()  # removed with the run
 
 
 def test_a_service_that_dies_is_reported_and_the_rest_are_stopped(
