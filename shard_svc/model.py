@@ -132,20 +132,34 @@ class ShardModel:
         k_cache, v_cache = cache.layer(index)  # [Hkv, P*S, D] each
         k_cache.index_copy_(1, batch.write_slots, k.transpose(0, 1))
         v_cache.index_copy_(1, batch.write_slots, v.transpose(0, 1))
-        group = hq // hkv  # query heads per KV head
+        q = q.reshape(n, hkv, hq // hkv, d)  # [N, Hkv, G, D]: each KV head's query heads
         if batch.padded_slots is not None:  # decode, N == B: one query per sequence
-            b, longest = batch.padded_slots.shape
-            slots = batch.padded_slots.view(-1)
-            ks = k_cache.index_select(1, slots).view(hkv, b, longest, d).transpose(0, 1)
-            vs = v_cache.index_select(1, slots).view(hkv, b, longest, d).transpose(0, 1)
-            o = F.scaled_dot_product_attention(q.view(b, hkv, group, d), ks, vs,  # [B, Hkv, L, D]
-                                               attn_mask=batch.padding_mask, scale=self.scale)
-            return self.kernels.linear(o.reshape(n, -1), w.wo)  # o: [B, Hkv, G, D] → [N, H]
-        out = torch.empty(n, hq, d, dtype=h.dtype)  # [N, Hq, D]
+            o = self.attend_padded(q, k_cache, v_cache, batch)
+        else:
+            o = self.attend_each(index, q, cache, batch)
+        return self.kernels.linear(o.reshape(n, -1), w.wo)  # [N, H]
+
+    def attend_padded(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      batch: Batch) -> torch.Tensor:
+        """A decode batch as one padded batch: q [B, Hkv, G, D] → [B, Hkv, G, D]."""
+        assert batch.padded_slots is not None
+        b, longest = batch.padded_slots.shape
+        hkv, d = k_cache.shape[0], k_cache.shape[2]
+        slots = batch.padded_slots.view(-1)
+        ks = k_cache.index_select(1, slots).view(hkv, b, longest, d).transpose(0, 1)
+        vs = v_cache.index_select(1, slots).view(hkv, b, longest, d).transpose(0, 1)
+        return F.scaled_dot_product_attention(q, ks, vs,  # ks, vs: [B, Hkv, Lmax, D]
+                                              attn_mask=batch.padding_mask, scale=self.scale)
+
+    def attend_each(self, index: int, q: torch.Tensor, cache: KVCache,
+                    batch: Batch) -> torch.Tensor:
+        """Each sequence on its own, its history read as a view of the cache:
+        q [N, Hkv, G, D] → [N, Hkv, G, D]."""
+        _, hkv, group, d = q.shape
+        out = torch.empty_like(q)
         for span in batch.spans:
             t = span.stop - span.start
-            # [T, Hq, D] → [1, Hkv, G*T, D]: each KV head's queries together, its keys read once
-            qs = q[span.start:span.stop].reshape(t, hkv, group, d).permute(1, 2, 0, 3)
+            qs = q[span.start:span.stop].permute(1, 2, 0, 3)  # [Hkv, G, T, D]
             ks, vs = cache.history(index, span.seq_id)  # [Hkv, L, D] each
             mask = None
             if t > 1:  # query i sits at position cached + i and sees keys 0..cached + i
@@ -153,9 +167,8 @@ class ShardModel:
             o = F.scaled_dot_product_attention(
                 qs.reshape(1, hkv, group * t, d), ks.unsqueeze(0), vs.unsqueeze(0),
                 attn_mask=mask, scale=self.scale)  # [1, Hkv, G*T, D]
-            out[span.start:span.stop] = o.view(hkv, group, t, d).permute(2, 0, 1, 3).reshape(
-                t, hq, d)
-        return self.kernels.linear(out.view(n, -1), w.wo)  # [N, H]
+            out[span.start:span.stop] = o.view(hkv, group, t, d).permute(2, 0, 1, 3)
+        return out
 
     def mlp(self, w: LayerWeights, h: torch.Tensor) -> torch.Tensor:
         """SwiGLU on this rank's intermediate slice; returns the down-projection partial,
