@@ -136,25 +136,29 @@ def _refusing(handler: Any, details: str) -> Any:
     return handler._replace(**{field: unary})
 
 
-class _BearerClientInterceptor(grpc.aio.UnaryUnaryClientInterceptor,
-                               grpc.aio.UnaryStreamClientInterceptor):
-    """Adds `authorization: Bearer <token>` to every unary and server-streaming call."""
+def _with_token(details: Any, value: str) -> Any:
+    metadata = grpc.aio.Metadata(*(details.metadata or ()))
+    metadata[AUTHORIZATION] = value
+    return details._replace(metadata=metadata)
 
+
+# Two classes: a channel files an interceptor under the first call kind it implements only.
+class _BearerUnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):
     def __init__(self, token: str) -> None:
         self.value = bearer(token)
 
-    def _with_token(self, details: Any) -> Any:
-        metadata = grpc.aio.Metadata(*(details.metadata or ()))
-        metadata[AUTHORIZATION] = self.value
-        return details._replace(metadata=metadata)
-
     async def intercept_unary_unary(self, continuation: Any, client_call_details: Any,
                                     request: Any) -> Any:
-        return await continuation(self._with_token(client_call_details), request)
+        return await continuation(_with_token(client_call_details, self.value), request)
+
+
+class _BearerUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self.value = bearer(token)
 
     async def intercept_unary_stream(self, continuation: Any, client_call_details: Any,
                                      request: Any) -> Any:
-        return await continuation(self._with_token(client_call_details), request)
+        return await continuation(_with_token(client_call_details, self.value), request)
 
 
 def internal_auth(token: str | None) -> AuthInterceptor | None:
@@ -163,5 +167,6 @@ def internal_auth(token: str | None) -> AuthInterceptor | None:
 
 
 def bearer_interceptors(token: str | None) -> list[grpc.aio.ClientInterceptor]:
-    """Client interceptors sending `token` on every call ([] without one)."""
-    return [] if token is None else [_BearerClientInterceptor(token)]
+    """Client interceptors sending `token` on every unary and server-streaming call ([] without
+    one)."""
+    return [] if token is None else [_BearerUnaryUnary(token), _BearerUnaryStream(token)]
