@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from services.errors import InvalidArgument
 from shard_svc.weights import ShardWeights
 
 LIBRARIES = ("auto", "aten", "onednn", "packed")
@@ -101,15 +102,21 @@ def packs(dtype: torch.dtype) -> bool:
     return True
 
 
+def check_library(library: str, dtype: torch.dtype) -> None:
+    """Refuse a library this CPU cannot run for `dtype` (before any work is done)."""
+    if library not in LIBRARIES:
+        raise InvalidArgument(f"kernel library must be one of {LIBRARIES}, got {library!r}")
+    if library == "packed" and not packs(dtype):
+        raise InvalidArgument(f"kernels 'packed': oneDNN cannot pack {dtype} weights on this "
+                              f"CPU ({torch.backends.cpu.get_cpu_capability()}); use auto, aten "
+                              "or onednn")
+
+
 def choose_kernels(library: str, dtype: torch.dtype,
                    weights: Sequence[torch.Tensor]) -> KernelPlan:
     """The plan for `library`; "auto" times the libraries on `weights` ([out, in] matrices
     of the model, in `dtype`, together larger than the CPU's caches)."""
-    if library not in LIBRARIES:
-        raise ValueError(f"kernel library must be one of {LIBRARIES}, got {library!r}")
-    if library == "packed" and not packs(dtype):
-        raise ValueError(f"kernels 'packed': oneDNN cannot pack {dtype} weights on this CPU "
-                         f"({torch.backends.cpu.get_cpu_capability()}); use auto, aten or onednn")
+    check_library(library, dtype)
     if library != "auto":
         return KernelPlan(dtype, (library,) * len(BUCKETS))
     weights = _prefix(weights, PROBE_BYTES)

@@ -22,7 +22,7 @@ from services.server import bind, create_server
 from services.transport import server_credentials
 from shard_svc.config import ShardConfig
 from shard_svc.engine import ShardEngine
-from shard_svc.kernels import choose_kernels
+from shard_svc.kernels import check_library, choose_kernels
 from shard_svc.kv_cache import KVCache
 from shard_svc.mesh.communicator import Communicator, LocalOnly, MeshError, SingleRank
 from shard_svc.model import ShardModel, make_batch
@@ -83,6 +83,7 @@ class ShardProcess:
     async def serve(self) -> int:
         cfg = self.config
         torch.set_num_threads(cfg.threads)
+        check_library(cfg.kernels, getattr(torch, cfg.dtype))  # before anything starts
         creds = (server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_ca)
                  if cfg.tls_cert and cfg.tls_key else None)
         loop = asyncio.get_running_loop()

@@ -136,3 +136,17 @@ def test_half_precision_under_avx2_emulation(checkpoint: tuple[Path, list[list[i
     # oneDNN packs half-precision weights only with AVX-512 or avx_ne_convert: a clear refusal
     assert "cannot pack torch.bfloat16 weights on this CPU" in result.pop("refused")
     assert all(a >= AGREEMENT for a in result.values()), result
+
+
+def test_shard_refuses_packed_where_onednn_cannot_pack(tmp_path: Path) -> None:
+    """`cpumesh shard --kernels packed` on a CPU without AVX-512 (emulated): one line, exit 1."""
+    path = tiny_checkpoint(tmp_path / "tiny", "llama")
+    cpumesh = Path(sys.executable).parent / "cpumesh"
+    out = subprocess.run(
+        [str(cpumesh), "shard", "--model-dir", str(path), "--kernels", "packed", "--dtype",
+         "bfloat16", "--listen", "127.0.0.1:0", "--peers", "127.0.0.1:45999"],
+        env={**os.environ, **AVX2_ENV}, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [
+        "cpumesh shard: error: kernels 'packed': oneDNN cannot pack torch.bfloat16 weights on "
+        "this CPU (AVX2); use auto, aten or onednn"]
