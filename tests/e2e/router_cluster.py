@@ -1,8 +1,9 @@
 """A whole cpumesh system over real processes on loopback, for the router end-to-end tests.
 
-Cluster runs a tokenizer, a router and `tp` SmolLM2 shards. Shards are limited to a context of
-1024 and a KV cache of 2048 tokens, so that the limits are cheap to reach. The shared running
-cluster is the `cluster_of` fixture in conftest.py.
+Cluster runs a tokenizer, a router and `tp` SmolLM2 shards, all holding one internal token file
+(so that every router test also runs through the token's client and server interceptors). Shards
+are limited to a context of 1024 and a KV cache of 2048 tokens, so that the limits are cheap to
+reach. The shared running cluster is the `cluster_of` fixture in conftest.py.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ PROMPT = "The capital of France is"
 
 CHAT = [("user", "What is the capital of France? Answer in one sentence.")]
 NEW = 20
+INTERNAL_TOKEN = "router-cluster-internal-token"
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
@@ -33,19 +35,22 @@ class Cluster:
         self.shard_addrs = [f"127.0.0.1:{p}" for p in ports[2:2 + tp]]
         peers = ",".join(f"127.0.0.1:{p}" for p in ports[2 + tp:])
         self.log_dir = log_dir
-        self.tokenizer = Service("tokenizer", ["-m", "tokenizer_svc", "--model-dir",
-                                               str(model_dir), "--listen", self.tokenizer_addr],
-                                 log_dir)
+        (log_dir / "internal-token").write_text(INTERNAL_TOKEN + "\n")
+        token = ["--internal-token-file", str(log_dir / "internal-token")]
+        self.tokenizer = Service("tokenizer", [
+            "-m", "tokenizer_svc", "--model-dir", str(model_dir), "--listen", self.tokenizer_addr,
+            *token], log_dir)
         self.shards = [Service(f"shard{r}", [
             "-m", "shard_svc", "--model-dir", str(model_dir), "--tp-size", str(tp),
             "--tp-rank", str(r), "--peers", peers, "--listen", a, "--threads", "1",
             "--kv-capacity-tokens", str(KV), "--kv-page-size", str(PAGE),
-            "--max-context", str(CONTEXT), "--mesh-timeout", "60"], log_dir)
+            "--max-context", str(CONTEXT), "--mesh-timeout", "60", *token], log_dir)
             for r, a in enumerate(self.shard_addrs)]
         self.router = Service("router", [
             "-m", "router_svc", "--tokenizer", self.tokenizer_addr,
             "--shards", ",".join(self.shard_addrs), "--listen", self.router_addr,
-            "--max-waiting", "8", "--max-running", "16", "--max-stop-strings", "4"], log_dir)
+            "--max-waiting", "8", "--max-running", "16", "--max-stop-strings", "4", *token],
+            log_dir)
 
     def start(self) -> Cluster:
         for s in [self.tokenizer, *self.shards, self.router]:
@@ -66,7 +71,8 @@ class Cluster:
         for a in self.shard_addrs:
             async with grpc.aio.insecure_channel(a) as channel:
                 info = await shard_pb2_grpc.ShardServiceStub(channel).Info(
-                    shard_pb2.ShardInfoRequest(), timeout=5)
+                    shard_pb2.ShardInfoRequest(), timeout=5,
+                    metadata=(("authorization", f"Bearer {INTERNAL_TOKEN}"),))
                 used.append(info.kv_capacity_tokens - info.kv_free_tokens)
         return used
 
