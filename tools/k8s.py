@@ -22,7 +22,8 @@ from services.errors import FailedPrecondition, InvalidArgument
 DEFAULT_CHART = Path(__file__).resolve().parent.parent / "k8s"
 DEFAULT_RELEASE = "cpumesh"
 # Apply order: what others refer to first.
-KIND_ORDER = ("ConfigMap", "Service", "PodDisruptionBudget", "Deployment", "StatefulSet")
+KIND_ORDER = ("ConfigMap", "NetworkPolicy", "Service", "PodDisruptionBudget", "Deployment",
+              "StatefulSet")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

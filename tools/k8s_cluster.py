@@ -42,6 +42,7 @@ _APPLY = {
     "ConfigMap": ("CoreV1Api", "patch_namespaced_config_map"),
     "Secret": ("CoreV1Api", "patch_namespaced_secret"),
     "Service": ("CoreV1Api", "patch_namespaced_service"),
+    "NetworkPolicy": ("NetworkingV1Api", "patch_namespaced_network_policy"),
     "PodDisruptionBudget": ("PolicyV1Api", "patch_namespaced_pod_disruption_budget"),
     "Deployment": ("AppsV1Api", "patch_namespaced_deployment"),
     "StatefulSet": ("AppsV1Api", "patch_namespaced_stateful_set"),

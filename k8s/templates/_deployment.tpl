@@ -5,6 +5,8 @@ models). Both are stateless; a ConfigMap checksum rolls them when the settings c
 {{- $v := index $.Values .component -}}
 {{- $name := printf "%s-%s" (include "cpumesh.fullname" $) .component -}}
 {{- $sel := include "cpumesh.selectorLabels" (dict "ctx" $ "component" .component) -}}
+{{- $http := and (eq .component "router") (include "cpumesh.httpEnabled" $) -}}
+{{- $auth := dict "ctx" $ "component" .component -}}
 apiVersion: apps/v1
 kind: Deployment
 metadata:
@@ -28,7 +30,7 @@ spec:
         {{- include "cpumesh.labels" (dict "ctx" $ "component" .component) | nindent 8 }}
       annotations:
         checksum/config: {{ include (print $.Template.BasePath "/configmap.yaml") $ | sha256sum }}
-        {{- if eq .component "router" }}
+        {{- if $http }}
         prometheus.io/scrape: "true"
         prometheus.io/port: {{ $.Values.ports.http | quote }}
         prometheus.io/path: /metrics
@@ -58,6 +60,7 @@ spec:
             {{- if $.Values.tls.enabled }}
             {{- include "cpumesh.tlsArgs" $ | nindent 12 }}
             {{- end }}
+            {{- include "cpumesh.authArgs" $auth | indent 12 }}
             {{- range $v.extraArgs }}
             - {{ . | quote }}
             {{- end }}
@@ -69,7 +72,7 @@ spec:
           ports:
             - name: grpc
               containerPort: {{ $.Values.ports.grpc }}
-            {{- if eq .component "router" }}
+            {{- if $http }}
             - name: http
               containerPort: {{ $.Values.ports.http }}
             {{- end }}
@@ -93,6 +96,7 @@ spec:
             {{- if $.Values.tls.enabled }}
             {{- include "cpumesh.tlsMount" $ | nindent 12 }}
             {{- end }}
+            {{- include "cpumesh.authMounts" $auth | indent 12 }}
       volumes:
         - name: tmp
           emptyDir:
@@ -103,6 +107,7 @@ spec:
         {{- if $.Values.tls.enabled }}
         {{- include "cpumesh.tlsVolume" $ | nindent 8 }}
         {{- end }}
+        {{- include "cpumesh.authVolumes" $auth | indent 8 }}
 ---
 apiVersion: v1
 kind: Service
@@ -120,10 +125,24 @@ spec:
       port: {{ $.Values.ports.grpc }}
       targetPort: {{ $.Values.ports.grpc }}
       appProtocol: grpc
-    {{- if eq .component "router" }}
+{{- if $http }}
+---
+{{- /* The HTTP API on its own Service: it can be exposed (or not) apart from gRPC. */}}
+apiVersion: v1
+kind: Service
+metadata:
+  name: {{ $name }}-http
+  namespace: {{ $.Release.Namespace }}
+  labels:
+    {{- include "cpumesh.labels" (dict "ctx" $ "component" .component) | nindent 4 }}
+spec:
+  type: {{ $v.http.service.type | default "ClusterIP" }}
+  selector:
+    {{- $sel | nindent 4 }}
+  ports:
     - name: http
       port: {{ $.Values.ports.http }}
       targetPort: {{ $.Values.ports.http }}
       appProtocol: http
-    {{- end }}
+{{- end }}
 {{- end -}}

@@ -50,7 +50,7 @@ helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+
 {{/* Everything a shard's behaviour depends on. Its hash labels the shard pods and selects them in
 the headless Service, so pods of two versions never see each other in DNS. */}}
 {{- define "cpumesh.groupRevision" -}}
-{{- $inputs := dict "image" (include "cpumesh.image" .) "tp" .Values.tp "model" .Values.model "shard" .Values.shard "tls" .Values.tls "curve" .Values.curve "ports" .Values.ports "domain" .Values.clusterDomain "security" .Values.podSecurity -}}
+{{- $inputs := dict "image" (include "cpumesh.image" .) "tp" .Values.tp "model" .Values.model "shard" .Values.shard "tls" .Values.tls "curve" .Values.curve "internalToken" .Values.auth.internalToken "ports" .Values.ports "domain" .Values.clusterDomain "security" .Values.podSecurity -}}
 {{- toJson $inputs | sha256sum | trunc 10 -}}
 {{- end -}}
 
@@ -149,6 +149,60 @@ seccompProfile:
     path: {{ .Values.model.volume.hostPath }}
     type: Directory
   {{- end }}
+{{- end -}}
+
+{{/* Whether the router serves its HTTP API: router.http.enabled, where "auto" means only
+without TLS (plain HTTP next to mutual TLS would bypass it). "true" or "". */}}
+{{- define "cpumesh.httpEnabled" -}}
+{{- $on := .Values.router.http.enabled -}}
+{{- if eq (toString $on) "auto" }}{{ if not .Values.tls.enabled }}true{{ end }}{{ else if $on }}true{{ end -}}
+{{- end -}}
+
+{{/* The auth flags, mounts and volumes of a component (pass a dict: ctx, component): the
+internal token on every service, the API keys on the router. */}}
+{{- define "cpumesh.authArgs" -}}
+{{- if .ctx.Values.auth.internalToken.enabled }}
+- --internal-token-file
+- /etc/cpumesh/internal-token/token
+{{- end }}
+{{- if and (eq .component "router") .ctx.Values.auth.apiKeys.enabled }}
+- --api-keys-file
+- /etc/cpumesh/api-keys/keys
+{{- end }}
+{{- end -}}
+
+{{- define "cpumesh.authMounts" -}}
+{{- if .ctx.Values.auth.internalToken.enabled }}
+- name: internal-token
+  mountPath: /etc/cpumesh/internal-token
+  readOnly: true
+{{- end }}
+{{- if and (eq .component "router") .ctx.Values.auth.apiKeys.enabled }}
+- name: api-keys
+  mountPath: /etc/cpumesh/api-keys
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "cpumesh.authVolumes" -}}
+{{- if .ctx.Values.auth.internalToken.enabled }}
+- name: internal-token
+  secret:
+    secretName: {{ .ctx.Values.auth.internalToken.secretName }}
+    defaultMode: 0440
+    items:
+      - key: token
+        path: token
+{{- end }}
+{{- if and (eq .component "router") .ctx.Values.auth.apiKeys.enabled }}
+- name: api-keys
+  secret:
+    secretName: {{ .ctx.Values.auth.apiKeys.secretName }}
+    defaultMode: 0440
+    items:
+      - key: keys
+        path: keys
+{{- end }}
 {{- end -}}
 
 {{- define "cpumesh.tlsVolume" -}}

@@ -22,9 +22,10 @@ DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")  # RFC 1123, at most 
 DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")  # Service names
 PORT_NAME = re.compile(r"^(?=.*[a-z])[a-z0-9]([-a-z0-9]*[a-z0-9])?$")  # IANA_SVC_NAME, at most 15
 TLS_CURVE = {"tls": {"enabled": True}, "curve": {"enabled": True}}
+AUTH = {"auth": {"internalToken": {"enabled": True}, "apiKeys": {"enabled": True}}}
 # (release, values): the sizes the issue names, plus mTLS + CURVE, hostPath and a long name.
 CASES = [("r", {"tp": tp}) for tp in (1, 2, 3, 8)] + [
-    ("prod", {"tp": 3, **TLS_CURVE, "image": {"repository": "reg/cpumesh", "tag": "v1",
+    ("prod", {"tp": 3, **TLS_CURVE, **AUTH, "image": {"repository": "reg/cpumesh", "tag": "v1",
                                               "pullSecrets": ["pull"]}}),
     ("edge", {"tp": 2, "model": {"dir": "Qwen2.5-72B", "volume": {"type": "hostPath",
                                                                  "hostPath": "/srv/models"}},
@@ -126,7 +127,9 @@ class TestRenderedRules:
         for w in workloads(objs):
             assert selected(w["spec"]["selector"]["matchLabels"]) == [w["metadata"]["name"]]
         for svc in by_kind(objs, "Service"):
-            assert selected(svc["spec"]["selector"]) == [svc["metadata"]["name"]]
+            # The router's HTTP API has a Service of its own: <router>-http.
+            assert selected(svc["spec"]["selector"]) == [
+                svc["metadata"]["name"].removesuffix("-http")]
         for pdb in by_kind(objs, "PodDisruptionBudget"):
             assert selected(pdb["spec"]["selector"]["matchLabels"]) == [pdb["metadata"]["name"]]
         (sts,) = by_kind(objs, "StatefulSet")

@@ -198,11 +198,13 @@ def test_apply_server_side_applies_and_waits_until_the_group_is_ready(cluster, c
     out = capsys.readouterr().out
     for name in ("ConfigMap/r-cpumesh-config", "Service/r-cpumesh-shard",
                  "StatefulSet/r-cpumesh-shard", "Deployment/r-cpumesh-router",
-                 "PodDisruptionBudget/r-cpumesh-shard"):
+                 "PodDisruptionBudget/r-cpumesh-shard", "NetworkPolicy/r-cpumesh-shard",
+                 "Service/r-cpumesh-router-http"):
         assert f"applied {name}" in out
     assert "shards 0/3 joined" in out and "ready: 3 shards at revision" in out
     patches = cluster.requests("PATCH", f"/namespaces/{NS}/")
-    assert len(patches) == 10  # 1 ConfigMap, 3 Services, 3 PDBs, 2 Deployments, 1 StatefulSet
+    # 1 ConfigMap, 3 NetworkPolicies, 4 Services, 3 PDBs, 2 Deployments, 1 StatefulSet
+    assert len(patches) == 14
     for r in patches:  # server-side apply, our field manager, conflicts taken over
         assert r.headers["Content-Type"] == "application/apply-patch+yaml"
         assert r.params == {"fieldManager": "cpumesh", "force": "true"}
