@@ -18,13 +18,14 @@ import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.pb.cpumesh.v1 import common_pb2, router_pb2, router_pb2_grpc
-from services.transport import channel_options
+from services.transport import channel_options, open_channel
 
 
 @dataclass
@@ -91,11 +92,12 @@ def generate_request(prompt: str | None = None, *,
 
 
 class RouterClient:
-    def __init__(self, address: str, credentials: grpc.ChannelCredentials | None = None) -> None:
+    def __init__(self, address: str, credentials: grpc.ChannelCredentials | None = None,
+                 api_key: str | None = None) -> None:
+        """A client of the router at `address` (TLS with `credentials`); `api_key` is sent as
+        `authorization: Bearer` on every call (a router started with --api-keys-file)."""
         self.address = address
-        self.channel = (grpc.aio.secure_channel(address, credentials, channel_options())
-                        if credentials is not None
-                        else grpc.aio.insecure_channel(address, channel_options()))
+        self.channel = open_channel(address, credentials, channel_options(), api_key)
         self.stub = router_pb2_grpc.RouterServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
@@ -144,7 +146,8 @@ class RouterClient:
 
 
 async def _main(args: argparse.Namespace) -> int:
-    async with RouterClient(args.router) as client:
+    key = args.api_key_file.read_text().strip() if args.api_key_file else None
+    async with RouterClient(args.router, api_key=key) as client:
         messages = [("user", args.prompt)] if args.chat else None
         try:
             async for r in client.generate(None if args.chat else args.prompt,
@@ -171,6 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--temperature", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--api-key-file", type=Path, help="the router's API key, from this file")
     return asyncio.run(_main(p.parse_args(argv)))
 
 

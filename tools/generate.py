@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 DEFAULT_ROUTER = "127.0.0.1:50051"
@@ -45,6 +46,9 @@ def cli_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--stop-token-id", action="append", type=int, default=[], metavar="ID",
                    help="stop after this token (repeatable)")
     s.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
+    p.add_argument("--api-key-file", type=Path, metavar="FILE",
+                   help="a file holding the API key for a router started with --api-keys-file "
+                   "(default: $CPUMESH_API_KEY)")
     p.add_argument("--timeout", type=float, default=600.0, metavar="S",
                    help="seconds per generation")
     p.add_argument("--json", action="store_true", help="JSON Lines on stdout")
@@ -132,7 +136,7 @@ async def generate(args: argparse.Namespace, router: str, out: Printer) -> int:
     messages = None
     if args.chat or args.system:
         messages = [*([("system", args.system)] if args.system else []), ("user", prompt)]
-    async with RouterClient(router) as client:
+    async with RouterClient(router, api_key=args.api_key) as client:
         try:
             done = await stream(client, out, None if messages else prompt, messages,
                                 sampling(args), args.timeout)
@@ -155,7 +159,7 @@ def chat(args: argparse.Namespace, router: str, out: Printer) -> int:
         print(f"chatting through {router}: /reset clears the conversation, /exit or Ctrl-D "
               "quits, Ctrl-C stops a reply", file=sys.stderr)
     with asyncio.Runner() as runner:
-        client = runner.run(_open(RouterClient, router))
+        client = runner.run(_open(RouterClient, router, args.api_key))
         try:
             while True:
                 if pending is not None:
@@ -198,12 +202,15 @@ def chat(args: argparse.Namespace, router: str, out: Printer) -> int:
     return 1 if failed else 0
 
 
-async def _open(client_class: Any, router: str) -> Any:
-    return client_class(router)  # created inside the runner's loop, which it then belongs to
+async def _open(client_class: Any, router: str, api_key: str | None) -> Any:
+    # created inside the runner's loop, which it then belongs to
+    return client_class(router, api_key=api_key)
 
 
 def cli_run(args: argparse.Namespace) -> int:
     router = args.router or args.environ.get("CPUMESH_ROUTER") or DEFAULT_ROUTER
+    args.api_key = (args.api_key_file.read_text().strip() if args.api_key_file
+                    else args.environ.get("CPUMESH_API_KEY")) or None
     out = Printer(args.json, args.quiet)
     if args.command == "chat":
         return chat(args, router, out)

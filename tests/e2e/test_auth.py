@@ -14,6 +14,7 @@ hold an internal token file and whose router also holds an API keys file.
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import urllib.request
@@ -185,6 +186,26 @@ def test_router_http_needs_an_api_key_and_health_stays_open(
     for path in ("/health", "/ready", "/metrics"):
         with urllib.request.urlopen(f"{group.http}{path}", timeout=10) as response:
             assert response.status == 200, path
+
+
+def test_cpumesh_generate_sends_the_api_key(
+        group: Group, reference: dict[str, tuple[list[int], str]], tmp_path: Path) -> None:
+    """The console script with --api-key-file (or $CPUMESH_API_KEY) streams the reference text;
+    without a key it exits 1 with the router's refusal."""
+    cpumesh = str(Path(sys.executable).parent / "cpumesh")
+    (tmp_path / "key").write_text(KEYS[0] + "\n")
+    base = [cpumesh, "generate", PROMPT, "--router", group.router, "--max-new-tokens", str(NEW),
+            "--temperature", "0", "--quiet"]
+    out = subprocess.run([*base, "--api-key-file", str(tmp_path / "key")], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.rstrip("\n") == reference["prompt"][1]
+    env = {k: v for k, v in os.environ.items() if k != "CPUMESH_API_KEY"}
+    out = subprocess.run(base, capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 1 and "UNAUTHENTICATED" in out.stderr, out.stderr
+    out = subprocess.run(base, capture_output=True, text=True, timeout=120,
+                         env={**env, "CPUMESH_API_KEY": KEYS[1]})
+    assert out.returncode == 0 and out.stdout.rstrip("\n") == reference["prompt"][1]
 
 
 def test_router_tls_without_a_ca_refuses_to_start(tmp_path: Path) -> None:
