@@ -14,8 +14,8 @@ between CPUs is which library serves it best:
 At start, on this shard's own weights (layers' gate/up matrices, 32 MB of them or all, so the
 weights stream from memory as in a real step), each library is timed for a step of one token, of
 eight and of a 128-token prefill; the fastest plain library per bucket, or packed weights for
-all buckets when they win clearly (by 15 %) at both one and eight tokens, is kept, and the choice
-is logged in one line.
+all buckets when they win clearly (by 15 %) at both one and eight tokens (half precision only), is
+kept, and the choice is logged in one line.
 `ShardConfig.kernels` (--kernels) forces one; tests compare each against transformers.
 """
 
@@ -36,7 +36,11 @@ from shard_svc.weights import ShardWeights
 LIBRARIES = ("auto", "aten", "onednn", "packed")
 BUCKETS = (1, 16, 2**31)  # tokens in the step: one sequence's decode, a decode batch, a prefill
 PROBE_TOKENS = (1, 8, 128)
-PACKED_MARGIN = 0.85  # packed weights are kept only when at least 15 % faster at 1 and 8 tokens
+# Packed weights are kept only when at least 15 % faster at 1 and 8 tokens, and never tried for
+# float32 in auto: there they tie the plain kernels at one token (AVX-512 and AMX measured), a
+# loaded machine's noise could still pick them, and repacking a model in place left its process
+# holding ~20 % more memory (freed plain matrices the allocator keeps). --kernels packed forces it.
+PACKED_MARGIN = 0.85
 PROBE_BYTES = 32 * 2**20  # the probe times products over this much of the weights (or all)
 
 
@@ -121,7 +125,7 @@ def choose_kernels(library: str, dtype: torch.dtype,
         return KernelPlan(dtype, (library,) * len(BUCKETS))
     weights = _prefix(weights, PROBE_BYTES)
     candidates: dict[str, Sequence[torch.Tensor]] = {"aten": weights, "onednn": weights}
-    if packs(dtype):
+    if dtype != torch.float32 and packs(dtype):  # see PACKED_MARGIN
         candidates["packed"] = [pack(w) for w in weights]
     timings = {lib: tuple(_time(lib, ws, n) for n in PROBE_TOKENS)
                for lib, ws in candidates.items()}

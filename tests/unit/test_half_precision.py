@@ -104,7 +104,7 @@ def test_float32_kernel_libraries_equal_transformers(
         checkpoint: tuple[Path, list[list[int]]]) -> None:
     path, seqs = checkpoint
     greedy = [t for p, s in zip(PROMPTS, seqs, strict=True) for t in s[len(p):]]
-    for library in ("aten", "onednn"):
+    for library in ("aten", "onednn", "packed"):
         assert cpumesh_top1(path, torch.float32, library, seqs) == greedy
 
 
