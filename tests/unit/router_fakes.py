@@ -8,10 +8,12 @@ LM head, and each rank answers only its local top-k and log-sum-exp.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 from router_svc.sampling import ShardCandidates
 from router_svc.shards import SeqWork, ShardInfo, StepResult
@@ -160,3 +162,18 @@ class FakeTokenizer:
 
     async def token_texts(self, token_ids: Sequence[int], timeout: float) -> dict[int, str]:
         return {t: TEXTS[t] for t in token_ids}
+
+
+@contextlib.asynccontextmanager
+async def run_engine(engine: Any) -> AsyncIterator[None]:
+    """Run `engine` (a router Engine) until the block ends; enter once it is serving (5 s)."""
+    task = asyncio.ensure_future(engine.run())
+    try:
+        async with asyncio.timeout(5):
+            while not engine.serving:
+                await asyncio.sleep(0.001)
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -21,7 +21,7 @@ from router_svc.stops import FinishReason
 from router_svc.stream import Stream
 from router_svc.tokenizer_client import DetokItem, DetokResult
 from services.errors import Unavailable
-from tests.unit.router_fakes import EOS, FakeShards, FakeTokenizer
+from tests.unit.router_fakes import EOS, FakeShards, FakeTokenizer, run_engine
 from tests.unit.test_router_engine import CONFIG, greedy_reference, ids_of, text_of
 
 pytestmark = pytest.mark.asyncio
@@ -70,16 +70,8 @@ async def running(tokenizer: FakeTokenizer | None = None, **shard_args: object
     shards, ends = FakeShards(**shard_args), Ends()  # type: ignore[arg-type]
     engine = Engine(CONFIG, shards, tokenizer or FakeTokenizer())  # type: ignore[arg-type]
     engine.stats.listeners.append(ends)  # type: ignore[arg-type]
-    task = asyncio.ensure_future(engine.run())
-    try:
-        async with asyncio.timeout(5):
-            while not engine.serving:
-                await asyncio.sleep(0.001)
+    async with run_engine(engine):
         yield engine, shards, ends
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def drain(stream: Stream) -> list[Chunk]:

@@ -17,7 +17,15 @@ from router_svc.request import GenerateRequest
 from router_svc.sequence import Chunk
 from router_svc.stops import FinishReason
 from services.errors import InvalidArgument, ResourceExhausted, Unavailable
-from tests.unit.router_fakes import EOS, TEXTS, FakeShards, FakeTokenizer, decode, fake_logits
+from tests.unit.router_fakes import (
+    EOS,
+    TEXTS,
+    FakeShards,
+    FakeTokenizer,
+    decode,
+    fake_logits,
+    run_engine,
+)
 
 pytestmark = pytest.mark.asyncio
 CONFIG = RouterConfig(tokenizer="fake:1", shards=("fake-shard-0:1", "fake-shard-1:1"),
@@ -48,16 +56,8 @@ async def engine_running(config: RouterConfig = CONFIG, **shard_args: object
         serving.append(value)
 
     engine = Engine(config, shards, tokenizer, on_serving)  # type: ignore[arg-type]
-    task = asyncio.ensure_future(engine.run())
-    try:
-        async with asyncio.timeout(5):
-            while not engine.serving:
-                await asyncio.sleep(0.001)
+    async with run_engine(engine):
         yield engine, shards, tokenizer
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
     assert serving[0] is True
 
 
