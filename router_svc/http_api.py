@@ -9,7 +9,8 @@ Errors have OpenAI's shape {"error": {"message", "type", "param", "code"}}: Inva
 NotFound 404 (an unknown model: param "model", code "model_not_found"), ResourceExhausted 429,
 Unavailable 503, anything else 500. The model's name is the router's served name. A client that
 disconnects cancels its handler (`handler_cancellation`), and the `finally` cancels the request.
-Extensions beyond OpenAI's fields, as in vLLM: top_k, ignore_eos, stop_token_ids.
+Extensions beyond OpenAI's fields, as in vLLM: top_k, ignore_eos, stop_token_ids. Listening,
+HTTPS and the API-key check are in `http_server.py`.
 
 Bounds before work, as over gRPC: each request takes a ticket of the engine's `Admission` when it
 arrives (429 past the requests or bytes in flight); a body larger than `--max-request-bytes`, or
@@ -23,14 +24,16 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp import web
 
 from router_svc.admission import Ticket
 from router_svc.engine import Engine
+from router_svc.http_server import api_key_middleware, start_http
 from router_svc.metrics import CONTENT_TYPE, RouterMetrics
 from router_svc.openai_request import chat_request, completion_request, decode, max_body_bytes
 from router_svc.request import GenerateRequest, Limits
@@ -39,7 +42,6 @@ from router_svc.stream import Stream
 from services.auth import TokenCheck
 from services.errors import CpumeshError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 log = logging.getLogger("cpumesh.router.http")
 PARSE_IN_THREAD_BYTES = 256 * 1024  # bodies larger than this are decoded off the event loop
 
@@ -110,40 +112,19 @@ class HttpApi:
     def __init__(self, engine: Engine, metrics: RouterMetrics) -> None:
         self.engine, self.metrics = engine, metrics
         keys = engine.config.api_keys
-        self.keys = TokenCheck(keys) if keys else None
         self.app = web.Application(client_max_size=engine.config.max_request_bytes,
-                                   middlewares=[self.authorize] if keys else [])
+                                   middlewares=[api_key_middleware(TokenCheck(keys))]
+                                   if keys else [])
         self.app.add_routes([
             web.post("/v1/completions", self.completions),
             web.post("/v1/chat/completions", self.chat_completions),
             web.get("/v1/models", self.models), web.get("/health", self.health),
             web.get("/ready", self.ready), web.get("/metrics", self.prometheus)])
 
-    @web.middleware
-    async def authorize(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """/v1/* needs "Authorization: Bearer <key>" with one of the router's API keys (401
-        otherwise, before the body is read); /health, /ready and /metrics stay open."""
-        if (self.keys is not None and request.path.startswith("/v1/")
-                and not self.keys.accepts(request.headers.get("Authorization"))):
-            message = ("Incorrect API key provided: send 'Authorization: Bearer <key>' with one "
-                       "of the router's API keys (--api-keys-file)")
-            return web.json_response({"error": {"message": message, "type":
-                                                "invalid_request_error", "param": None,
-                                                "code": "invalid_api_key"}}, status=401,
-                                     headers={"WWW-Authenticate": "Bearer"})
-        return await handler(request)
-
-    async def start(self, host: str, port: int, drain_grace_s: float = 10.0
-                    ) -> tuple[web.AppRunner, int]:
-        """Listen on host:port (0: any free port); return the runner and port. The runner's
-        `cleanup` stops listening, lets requests in flight finish for up to `drain_grace_s`,
-        then cancels what is left."""
-        runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None,
-                               shutdown_timeout=drain_grace_s)
-        await runner.setup()
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        return runner, int(runner.addresses[0][1])
+    async def start(self, host: str, port: int, drain_grace_s: float = 10.0,
+                    ssl_context: ssl.SSLContext | None = None) -> tuple[web.AppRunner, int]:
+        """Listen on host:port (HTTPS with `ssl_context`); see `http_server.start_http`."""
+        return await start_http(self.app, host, port, drain_grace_s, ssl_context)
 
     def model_name(self) -> str:
         model = self.engine.model

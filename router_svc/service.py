@@ -72,12 +72,17 @@ class RouterProcess:
         http = None
         if cfg.http_listen is not None:  # on this event loop, over the same engine
             from router_svc.http_api import HttpApi
+            from router_svc.http_server import server_ssl_context
             from router_svc.metrics import RouterMetrics
 
+            # HTTPS (mutual TLS, like gRPC) whenever the router has TLS: config requires the CA.
+            tls = server_ssl_context(cfg.tls_cert, cfg.tls_key, cfg.tls_ca) \
+                if cfg.tls_cert and cfg.tls_key and cfg.tls_ca else None
             host, _, http_port = cfg.http_listen.rpartition(":")
             http, bound = await HttpApi(engine, RouterMetrics(engine)).start(
-                host, int(http_port), cfg.drain_grace_s)
-            log.info("router HTTP API (OpenAI-compatible, /metrics) on http://%s:%d", host, bound)
+                host, int(http_port), cfg.drain_grace_s, tls)
+            log.info("router HTTP API (OpenAI-compatible, /metrics) on %s://%s:%d",
+                     "https" if tls else "http", host, bound)
         run = asyncio.ensure_future(engine.run())
         stats = asyncio.ensure_future(_log_stats(engine))
         # On SIGTERM the HTTP API drains alongside gRPC (no new connections, streams in flight

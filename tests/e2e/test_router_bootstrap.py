@@ -1,5 +1,6 @@
 """Routers started on their own, over real processes on loopback: a router without shards is
-alive but not ready and stops on SIGTERM; mTLS between all services.
+alive but not ready and stops on SIGTERM; mTLS between all services, the router's HTTP API
+then HTTPS (with client certificates too), started through the `cpumesh` console script.
 """
 
 from __future__ import annotations
@@ -7,9 +8,15 @@ from __future__ import annotations
 import asyncio
 import shutil
 import signal
+import ssl
+import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import grpc
+import httpx2
+import openai
 import pytest
 from grpc_health.v1 import health_pb2
 
@@ -51,16 +58,18 @@ async def test_mutual_tls_between_all_services(smollm2_dir: Path, tmp_path: Path
     make_certs(tmp_path)
     tls = ["--tls-cert", str(tmp_path / "server.pem"), "--tls-key", str(tmp_path / "server.key"),
            "--tls-ca", str(tmp_path / "ca.pem")]
-    ports = free_ports(7)
-    tok, shard, router, mesh, *health = (f"127.0.0.1:{p}" for p in ports)
+    ports = free_ports(8)
+    tok, shard, router, mesh, http, *health = (f"127.0.0.1:{p}" for p in ports)
+    cpumesh = str(Path(sys.executable).parent / "cpumesh")
     services = [
         Service("tokenizer", ["-m", "tokenizer_svc", "--model-dir", str(smollm2_dir), "--listen",
                               tok, "--health-listen", health[0], *tls], tmp_path),
         Service("shard0", ["-m", "shard_svc", "--model-dir", str(smollm2_dir), "--peers", mesh,
                            "--listen", shard, "--threads", "1", "--kv-capacity-tokens", "512",
                            "--health-listen", health[1], *tls], tmp_path),
-        Service("router", ["-m", "router_svc", "--tokenizer", tok, "--shards", shard,
-                           "--listen", router, "--health-listen", health[2], *tls], tmp_path)]
+        Service("router", [cpumesh, "router", "--tokenizer", tok, "--shards", shard,
+                           "--listen", router, "--health-listen", health[2],
+                           "--http-listen", http, *tls], tmp_path)]
     try:
         for s in services:
             s.start()
@@ -76,6 +85,31 @@ async def test_mutual_tls_between_all_services(smollm2_dir: Path, tmp_path: Path
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 await client.complete(PROMPT, max_new_tokens=4, timeout=10)
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        await asyncio.to_thread(check_https, http, tmp_path)
     finally:
         for s in reversed(services):
             s.stop()
+
+
+def check_https(http: str, certs: Path) -> None:
+    """The HTTP API of a router with TLS: the `openai` client trusting the test CA and showing
+    a client certificate gets a chat completion over https; without a certificate the TLS
+    handshake fails, and plain http gets no answer."""
+    context = ssl.create_default_context(cafile=certs / "ca.pem")
+    context.load_cert_chain(certs / "client.pem", certs / "client.key")
+    with httpx2.Client(verify=context, timeout=60) as session:
+        api = openai.OpenAI(base_url=f"https://{http}/v1", api_key="-", max_retries=0,
+                            http_client=session)
+        done = api.chat.completions.create(
+            model="SmolLM2-135M-Instruct", max_tokens=4, temperature=0,
+            messages=[{"role": "user", "content": "What is the capital of France?"}])
+        assert done.usage is not None and done.usage.completion_tokens == 4
+        assert done.choices[0].message.content
+    no_cert = ssl.create_default_context(cafile=certs / "ca.pem")
+    with httpx2.Client(verify=no_cert, timeout=10) as session:
+        api = openai.OpenAI(base_url=f"https://{http}/v1", api_key="-", max_retries=0,
+                            http_client=session)
+        with pytest.raises(openai.APIConnectionError):
+            api.models.list()
+    with pytest.raises((urllib.error.URLError, ConnectionError)):
+        urllib.request.urlopen(f"http://{http}/health", timeout=10)
