@@ -44,7 +44,7 @@ def cli_arguments(p: argparse.ArgumentParser) -> None:
                    "body (413)")
     p.add_argument("--health-listen", help="separate plaintext health address (with TLS)")
     p.add_argument("--http-listen", help="serve the OpenAI-compatible HTTP API, /health, /ready "
-                   "and /metrics on HOST:PORT (plain HTTP; off by default)")
+                   "and /metrics on HOST:PORT (HTTPS with --tls-cert; off by default)")
     p.add_argument("--drain-grace", type=float, default=d["drain_grace_s"].default)
     p.add_argument("--tls-cert", type=Path, help="serve TLS with this certificate chain")
     p.add_argument("--tls-key", type=Path)
