@@ -34,6 +34,7 @@ spec:
         prometheus.io/scrape: "true"
         prometheus.io/port: {{ $.Values.ports.http | quote }}
         prometheus.io/path: /metrics
+        prometheus.io/scheme: {{ include "cpumesh.httpScheme" $ }}
         {{- end }}
     spec:
       automountServiceAccountToken: false
@@ -73,7 +74,7 @@ spec:
             - name: grpc
               containerPort: {{ $.Values.ports.grpc }}
             {{- if $http }}
-            - name: http
+            - name: {{ include "cpumesh.httpScheme" $ }}
               containerPort: {{ $.Values.ports.http }}
             {{- end }}
             {{- if $.Values.tls.enabled }}
@@ -127,7 +128,8 @@ spec:
       appProtocol: grpc
 {{- if $http }}
 ---
-{{- /* The HTTP API on its own Service: it can be exposed (or not) apart from gRPC. */}}
+{{- /* The HTTP API on its own Service: it can be exposed (or not) apart from gRPC. HTTPS with
+tls.enabled (the router's certificate; clients present one from the CA, as for gRPC). */}}
 apiVersion: v1
 kind: Service
 metadata:
@@ -140,9 +142,9 @@ spec:
   selector:
     {{- $sel | nindent 4 }}
   ports:
-    - name: http
+    - name: {{ include "cpumesh.httpScheme" $ }}
       port: {{ $.Values.ports.http }}
       targetPort: {{ $.Values.ports.http }}
-      appProtocol: http
+      appProtocol: {{ include "cpumesh.httpScheme" $ }}
 {{- end }}
 {{- end -}}

@@ -151,11 +151,16 @@ seccompProfile:
   {{- end }}
 {{- end -}}
 
-{{/* Whether the router serves its HTTP API: router.http.enabled, where "auto" means only
-without TLS (plain HTTP next to mutual TLS would bypass it). "true" or "". */}}
+{{/* Whether the router serves its HTTP API: router.http.enabled ("auto", from older values
+files, means true). With tls.enabled it is HTTPS with mutual TLS, like gRPC. "true" or "". */}}
 {{- define "cpumesh.httpEnabled" -}}
 {{- $on := .Values.router.http.enabled -}}
-{{- if eq (toString $on) "auto" }}{{ if not .Values.tls.enabled }}true{{ end }}{{ else if $on }}true{{ end -}}
+{{- if or (eq (toString $on) "auto") (eq (toString $on) "true") }}true{{ end -}}
+{{- end -}}
+
+{{/* The HTTP API's scheme: "https" with tls.enabled, else "http". */}}
+{{- define "cpumesh.httpScheme" -}}
+{{- if .Values.tls.enabled }}https{{ else }}http{{ end -}}
 {{- end -}}
 
 {{/* The auth flags, mounts and volumes of a component (pass a dict: ctx, component): the

@@ -1,6 +1,6 @@
 """Who may reach what in the chart (SECURITY.md), rendered by Helm's engine: NetworkPolicies that
 admit the shards' and tokenizer's gRPC only from router pods and the mesh only from shard pods;
-the router's HTTP API on a Service of its own, off with TLS unless asked for; the internal token
+the router's HTTP API on a Service of its own, HTTPS with TLS; the internal token
 and API keys mounted from Secrets and passed to exactly the services that take them. Strict
 schema validation of these objects is in test_k8s_validate.py (CASES include auth)."""
 
@@ -65,37 +65,44 @@ def test_only_the_router_reaches_internal_grpc_and_only_shards_the_mesh(release,
         assert admitted(objs, "shard", port) == ["shard"], port
     assert admitted(objs, "tokenizer", 5555) == []
     assert admitted(objs, "router", 50051) is None
-    assert admitted(objs, "router", 8000) == ([] if tls else None)  # HTTP API off with TLS
+    assert admitted(objs, "router", 8000) is None  # the HTTP API (HTTPS with TLS)
 
 
-def test_the_http_api_has_its_own_service_and_is_off_with_tls_unless_asked():
-    def router_view(values: dict[str, Any]) -> tuple[dict[str, list[str]], list[str]]:
+def test_the_http_api_has_its_own_service_and_is_https_with_tls():
+    def router_view(values: dict[str, Any]) -> tuple[dict[str, list[str]], list[str],
+                                                     dict[str, str]]:
         objs = render("r", values)
-        services = {s["metadata"]["name"]: [p["name"] for p in s["spec"]["ports"]]
+        services = {s["metadata"]["name"]: [(p["name"], p.get("appProtocol"))
+                                            for p in s["spec"]["ports"]]
                     for s in by_kind(objs, "Service")}
         (router,) = [w for w in workloads(objs) if component(w) == "router"]
-        return services, argv(objs, router)
+        return services, argv(objs, router), router["spec"]["template"]["metadata"]["annotations"]
 
-    services, args = router_view({})
-    assert services["r-cpumesh-router"] == ["grpc"]
-    assert services["r-cpumesh-router-http"] == ["http"]
+    services, args, notes = router_view({})
+    assert services["r-cpumesh-router"] == [("grpc", "grpc")]
+    assert services["r-cpumesh-router-http"] == [("http", "http")]
     assert args[args.index("--http-listen") + 1] == "0.0.0.0:8000"
+    assert "--tls-cert" not in args and notes["prometheus.io/scheme"] == "http"
 
-    services, args = router_view({"tls": {"enabled": True}})
-    assert "r-cpumesh-router-http" not in services and "--http-listen" not in args
-    assert services["r-cpumesh-router"] == ["grpc"]
+    # With TLS the router serves HTTPS on the same port, from the same certificate flags as gRPC.
+    for enabled in (True, "auto"):
+        services, args, notes = router_view({"tls": {"enabled": True},
+                                             "router": {"http": {"enabled": enabled}}})
+        assert services["r-cpumesh-router-http"] == [("https", "https")]
+        assert args[args.index("--http-listen") + 1] == "0.0.0.0:8000"
+        assert {"--tls-cert", "--tls-key", "--tls-ca"} <= set(args)
+        assert notes["prometheus.io/scheme"] == "https"
+        assert services["r-cpumesh-router"] == [("grpc", "grpc")]
 
-    services, args = router_view({"tls": {"enabled": True}, "router": {"http": {
-        "enabled": True, "service": {"type": "LoadBalancer"}}}})
-    assert services["r-cpumesh-router-http"] == ["http"] and "--http-listen" in args
     objs = render("r", {"tls": {"enabled": True}, "router": {"http": {
         "enabled": True, "service": {"type": "LoadBalancer"}}}})
     types = {s["metadata"]["name"]: s["spec"].get("type") for s in by_kind(objs, "Service")}
     assert types["r-cpumesh-router-http"] == "LoadBalancer"
     assert types["r-cpumesh-router"] == "ClusterIP"
 
-    services, args = router_view({"router": {"http": {"enabled": False}}})
+    services, args, notes = router_view({"router": {"http": {"enabled": False}}})
     assert "r-cpumesh-router-http" not in services and "--http-listen" not in args
+    assert "prometheus.io/scheme" not in notes
 
 
 def mounted_file(w: dict[str, Any], path: str) -> tuple[str, str]:
