@@ -15,7 +15,6 @@ import urllib.request
 from pathlib import Path
 
 import grpc
-import httpx2
 import openai
 import pytest
 from grpc_health.v1 import health_pb2
@@ -97,7 +96,7 @@ def check_https(http: str, certs: Path) -> None:
     handshake fails, and plain http gets no answer."""
     context = ssl.create_default_context(cafile=certs / "ca.pem")
     context.load_cert_chain(certs / "client.pem", certs / "client.key")
-    with httpx2.Client(verify=context, timeout=60) as session:
+    with openai.DefaultHttpxClient(verify=context, timeout=60) as session:
         api = openai.OpenAI(base_url=f"https://{http}/v1", api_key="-", max_retries=0,
                             http_client=session)
         done = api.chat.completions.create(
@@ -106,7 +105,7 @@ def check_https(http: str, certs: Path) -> None:
         assert done.usage is not None and done.usage.completion_tokens == 4
         assert done.choices[0].message.content
     no_cert = ssl.create_default_context(cafile=certs / "ca.pem")
-    with httpx2.Client(verify=no_cert, timeout=10) as session:
+    with openai.DefaultHttpxClient(verify=no_cert, timeout=10) as session:
         api = openai.OpenAI(base_url=f"https://{http}/v1", api_key="-", max_retries=0,
                             http_client=session)
         with pytest.raises(openai.APIConnectionError):
