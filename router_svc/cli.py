@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from router_svc.config import PROMPT_BYTES_PER_TOKEN, RouterConfig
+from router_svc.scheduler import KV_RESERVATIONS
 from services.auth import read_token, read_tokens
 
 
@@ -22,6 +23,15 @@ def cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-token-budget", type=int,
                    default=d["prefill_token_budget"].default,
                    help="prompt tokens prefilled per step (a longer prompt runs alone)")
+    p.add_argument("--default-max-new-tokens", type=int,
+                   default=d["default_max_new_tokens"].default, metavar="N",
+                   help="tokens generated for a request without max_new_tokens (OpenAI: "
+                   "max_tokens); never past the model's context; default: %(default)s")
+    p.add_argument("--kv-reservation", choices=KV_RESERVATIONS,
+                   default=d["kv_reservation"].default,
+                   help="on_demand: KV pages taken as sequences grow, the newest preempted and "
+                   "recomputed when the cache is full; full: prompt + max_new_tokens reserved at "
+                   "admission (the old behaviour, for comparison); default: %(default)s")
     p.add_argument("--step-timeout", type=float, default=d["step_timeout_s"].default,
                    help="seconds one shard step may take before the step fails")
     p.add_argument("--rpc-timeout", type=float, default=d["rpc_timeout_s"].default,
@@ -71,6 +81,7 @@ def build_config(args: argparse.Namespace) -> RouterConfig:
         listen=args.listen, health_listen=args.health_listen,
         http_listen=args.http_listen, max_waiting=args.max_waiting,
         max_running=args.max_running, prefill_token_budget=args.prefill_token_budget,
+        default_max_new_tokens=args.default_max_new_tokens, kv_reservation=args.kv_reservation,
         step_timeout_s=args.step_timeout, rpc_timeout_s=args.rpc_timeout,
         max_stop_strings=args.max_stop_strings, max_prompt_bytes=args.max_prompt_bytes,
         max_chat_messages=args.max_chat_messages,

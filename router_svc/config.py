@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from router_svc.scheduler import KV_RESERVATIONS
+
 # A converted model's cache directory ends in "-" and 12 hex digits of its fingerprint
 # (model_formats/embedded.py): not part of the model's name.
 _CACHE_HASH = re.compile(r"-[0-9a-f]{12}$")
@@ -38,6 +40,12 @@ class RouterConfig:
     max_waiting: int = 256  # queued requests beyond which Generate gets RESOURCE_EXHAUSTED
     max_running: int = 64  # sequences in one batch
     prefill_token_budget: int = 2048  # prompt tokens prefilled per step (one longer one alone)
+    # A request without max_new_tokens (OpenAI: without max_tokens) generates at most this many
+    # tokens, and never past the model's context (TGI's max_new_tokens default, larger).
+    default_max_new_tokens: int = 1024
+    # KV pages: "on_demand" (taken as sequences grow, the newest preempted when full) or "full"
+    # (prompt + max_new_tokens reserved at admission, the behaviour before on-demand pages).
+    kv_reservation: str = "on_demand"
     step_timeout_s: float = 30.0  # one shard step, prefill included
     rpc_timeout_s: float = 5.0  # Info, Release, Reset, health, tokenizer calls
     health_interval_s: float = 2.0  # while idle: how often to check that the group is whole
@@ -82,7 +90,8 @@ class RouterConfig:
             check_address("health_listen", self.health_listen)
         if self.http_listen is not None:
             check_address("http_listen", self.http_listen)
-        for name in ("max_waiting", "max_running", "prefill_token_budget", "max_stop_strings",
+        for name in ("max_waiting", "max_running", "prefill_token_budget",
+                     "default_max_new_tokens", "max_stop_strings",
                      "max_stop_string_chars", "max_stop_token_ids", "max_request_id_chars",
                      "max_chat_messages", "max_inflight_requests", "max_inflight_bytes",
                      "max_request_bytes", *(["max_prompt_bytes"] if self.max_prompt_bytes
@@ -95,6 +104,9 @@ class RouterConfig:
             value = getattr(self, name)
             if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        if self.kv_reservation not in KV_RESERVATIONS:
+            raise ValueError(f"kv_reservation must be one of {KV_RESERVATIONS}, got "
+                             f"{self.kv_reservation!r}")
         if self.max_inflight_bytes < self.max_request_bytes:
             raise ValueError(f"max_inflight_bytes ({self.max_inflight_bytes}) must be at least "
                              f"max_request_bytes ({self.max_request_bytes}), or the largest "

@@ -28,7 +28,12 @@ from typing import TypeVar
 
 from router_svc.admission import Admission
 from router_svc.config import RouterConfig
-from router_svc.request import GenerateRequest, check_prompt_length, validate
+from router_svc.request import (
+    GenerateRequest,
+    check_prompt_length,
+    default_max_new_tokens,
+    validate,
+)
 from router_svc.sampling import merge
 from router_svc.scheduler import Scheduler, SchedulerConfig, StepPlan
 from router_svc.sequence import Chunk, SeqStatus, Sequence
@@ -92,9 +97,10 @@ class Engine:
             if scheduler is not self._scheduler or not self.serving:
                 raise Unavailable(f"the router is not serving: {self.not_serving_reason}")
             max_new, detail = request.max_new_tokens, None
-            if max_new is None:  # until the context (or what the KV cache can ever hold) is full
-                room = min(model.context_length, scheduler.kv_capacity_tokens)
-                max_new, detail = max(1, room - len(prompt_ids)), f"context length {room}"
+            if max_new is None:  # the default cap, within the context and the whole KV cache
+                max_new, detail = default_max_new_tokens(
+                    len(prompt_ids), min(model.context_length, scheduler.kv_capacity_tokens),
+                    self.config.default_max_new_tokens)
             seq = Sequence(next(self._ids), request.request_id or uuid.uuid4().hex, request,
                            prompt_ids, max_new, model.eos_token_ids, arrival, detail,
                            model.group.max_top_k)
@@ -160,6 +166,7 @@ class Engine:
                     await self._release()
                     assert self._scheduler is not None
                     plan = self._scheduler.schedule()
+                    await self._preempt(plan.preempted)
                     if plan.empty:
                         await self._idle()
                         continue
@@ -194,13 +201,25 @@ class Engine:
             ids, self._to_release = sorted(self._to_release), set()
             await self._timed(self.shards.release_all(ids, self.config.rpc_timeout_s), "release")
 
+    async def _preempt(self, seq_ids: tuple[int, ...]) -> None:
+        """The KV cache is full: these sequences leave the shards now and are prefilled again,
+        with every token so far, when pages free up (their streams just wait meanwhile)."""
+        if seq_ids:
+            for seq_id in seq_ids:
+                self._seqs[seq_id].status = SeqStatus.WAITING
+            self._to_release.update(seq_ids)
+            self.stats.preempted(len(seq_ids))
+            await self._release()
+
     async def _step(self, plan: StepPlan) -> StepResult:
         seqs = [self._seqs[i] for i in (*plan.prefill, *plan.decode)]
         work = [s.work() for s in seqs]
         sent = self.clock()
         for s in seqs[: len(plan.prefill)]:
-            s.status, s.joined_step = SeqStatus.RUNNING, self.step_id
-            self.stats.scheduled(s, sent)
+            if not s.prefilled:  # not a recompute after a preemption
+                s.joined_step = self.step_id
+                self.stats.scheduled(s, sent)
+            s.status = SeqStatus.RUNNING
         step = asyncio.ensure_future(self.shards.step_all(self.step_id, work,
                                                           self.config.step_timeout_s))
         try:
@@ -287,7 +306,8 @@ class Engine:
         self._scheduler = Scheduler(SchedulerConfig(
             kv_capacity_tokens=g.kv_capacity_tokens, kv_page_size=g.kv_page_size,
             max_waiting=self.config.max_waiting, max_running=self.config.max_running,
-            prefill_token_budget=self.config.prefill_token_budget))
+            prefill_token_budget=self.config.prefill_token_budget,
+            kv_reservation=self.config.kv_reservation))
         log.info("shard group whole: %s, tp %d, KV %d tokens; serving from step %d",
                  g.model_name, g.tp_size, g.kv_capacity_tokens, next_id)
         await self._set_serving(True, "")

@@ -4,10 +4,10 @@
     body = metrics.exposition()              # text format, for GET /metrics
 
 Request and step events come from the engine's stats listeners (`EngineStats.listeners`); the
-gauges (requests waiting and running, KV tokens used and free, serving) are read from the engine
-when scraped. Time to first token and inter-token latency are measured when tokens are sampled
-(the text follows one step later, after detokenization); queue time runs from arrival until the
-step that prefills the prompt is sent.
+gauges (requests waiting and running, KV tokens and pages used and free, the prefix cache's hit
+rate, serving) are read from the engine when scraped. Time to first token and inter-token
+latency are measured when tokens are sampled (the text follows one step later, after
+detokenization); queue time runs from arrival until the step that prefills the prompt is sent.
 """
 
 from __future__ import annotations
@@ -72,6 +72,18 @@ class RouterMetrics:
                                      registry=r)
         self.generation_tokens = Counter("cpumesh_generation_tokens", "Tokens generated.",
                                          registry=r)
+        self.preemptions = Counter("cpumesh_preemptions", "Running sequences preempted because "
+                                   "the KV cache was full (recomputed later, never failed).",
+                                   registry=r)
+        self.prefix_queried = Counter("cpumesh_prefix_cache_queried_tokens",
+                                      "Tokens prefilled (prompts, and recomputed sequences).",
+                                      registry=r)
+        self.prefix_hits = Counter("cpumesh_prefix_cache_hit_tokens",
+                                   "Of those, tokens whose KV the shards reused from their "
+                                   "prefix cache.", registry=r)
+        Gauge("cpumesh_prefix_cache_hit_rate", "Prefix cache hit tokens / queried tokens since "
+              "the router started.", registry=r).set_function(
+            lambda: engine.stats.cached_tokens / max(1, engine.stats.prefill_tokens))
         for outcome in ("stop", "length", "cancelled", "error"):
             self.finished.labels(outcome)  # present at zero from the start
         for part in ("shard_compute", "allreduce_wait", "router_overhead"):
@@ -79,10 +91,14 @@ class RouterMetrics:
         gauges = {
             "cpumesh_num_requests_waiting": ("Requests queued, not yet prefilled.", "num_waiting"),
             "cpumesh_num_requests_running": ("Requests in the running batch.", "num_running"),
-            "cpumesh_kv_cache_tokens_used": ("KV cache tokens reserved by admitted requests.",
+            "cpumesh_kv_cache_tokens_used": ("KV cache tokens held by running requests (in "
+                                             "whole pages, as if none were shared).",
                                              "kv_tokens_reserved"),
             "cpumesh_kv_cache_tokens_free": ("KV cache tokens free to admit requests.",
                                              "kv_tokens_free"),
+            "cpumesh_kv_cache_pages_used": ("KV cache pages held by running requests.",
+                                            "kv_pages_used"),
+            "cpumesh_kv_cache_pages_free": ("KV cache pages free.", "kv_pages_free"),
         }
         for name, (doc, attr) in gauges.items():
             Gauge(name, doc, registry=r).set_function(self._scheduler_reader(attr))
@@ -104,6 +120,8 @@ class RouterMetrics:
 
     def on_step(self, batch: int, result: StepResult, wall_s: float, overhead_s: float) -> None:
         self.steps.inc()
+        self.prefix_queried.inc(result.prefill_tokens)
+        self.prefix_hits.inc(result.cached_tokens)
         self.step.observe(wall_s)
         self.step_batch.observe(batch)
         self.step_part.labels("shard_compute").observe(result.compute_s)
@@ -131,3 +149,6 @@ class RouterMetrics:
 
     def on_failure(self) -> None:
         self.step_failures.inc()
+
+    def on_preempted(self, count: int) -> None:
+        self.preemptions.inc(count)

@@ -175,3 +175,13 @@ def check_prompt_length(prompt_tokens: int, max_new_tokens: int | None, limits: 
                 if max_new_tokens is not None else f"prompt ({prompt_tokens} tokens) + 1")
         raise InvalidArgument(f"{what} = {total} tokens exceeds the model's context length "
                               f"({limits.context_length} tokens)")
+
+
+def default_max_new_tokens(prompt_tokens: int, room: int, cap: int) -> tuple[int, str]:
+    """max_new_tokens of a request that set none, and the detail of its length finish: `cap`
+    (--default-max-new-tokens), but never past `room` (the context, or what the KV cache can
+    ever hold)."""
+    left = max(1, room - prompt_tokens)
+    if cap < left:
+        return cap, f"default max_new_tokens {cap} reached (--default-max-new-tokens)"
+    return left, f"context length {room}"

@@ -4,20 +4,31 @@ Pure bookkeeping, no I/O: the engine calls `submit` as requests arrive, `schedul
 and `finish` when a sequence ends (stop, length, error or client cancel). Calling `schedule` again
 means the previous plan's step completed, so the requests it prefilled now decode.
 
-KV accounting is by reservation: a request admitted to the running batch reserves the whole pages
-its prompt and all of its max_new_tokens can ever need, so a running sequence can never find the
-KV cache full mid-generation. Waiting requests reserve nothing. The router's capacity is rounded
-down to whole pages, so it never promises more than a shard holds (a shard rounds up).
+KV accounting, in whole pages of one shard (every shard holds every sequence):
+
+* `on_demand` (the default, as vLLM and TGI): a running sequence holds the pages its tokens fill,
+  ceil(length / page), counted as if no page were shared (the shards' prefix cache only ever
+  needs fewer), and gains them as it grows. A waiting request is admitted while its prompt and
+  one more token fit the free pages. When the running sequences' next tokens need more pages than
+  the cache holds, the newest running sequences are preempted: the plan lists them, the engine
+  releases them on the shards, and they go back to the front of the queue to be recomputed from
+  their tokens (prompt and generated so far). No request ever fails for lack of KV.
+* `full` (the behaviour before on-demand pages, kept to measure against): an admitted request
+  reserves the pages of its prompt and all of its max_new_tokens up front; nothing is preempted.
+
+Either way a request whose prompt + max_new_tokens can never fit the whole cache is refused at
+`submit`. The router's capacity is rounded down to whole pages, so it never promises more than a
+shard holds (a shard rounds up).
 
 The waiting queue's bound counts requests still being tokenized: the engine takes a waiting slot
 with `reserve_waiting` before it sends a prompt to the tokenizer, and `submit(reserved=True)`
 turns it into the queued request (or `unreserve_waiting` gives it back), so a burst's excess is
 refused before any of it is tokenized.
 
-Admission is strictly FIFO: the head of the queue is admitted as soon as its reservation fits and
-no request behind it overtakes it, so a large request cannot be starved by a stream of small ones.
-Every accepted request fits the empty cache (checked at `submit`), and running requests end within
-max_new_tokens steps, so the head is always admitted eventually.
+Admission is strictly FIFO: the head of the queue is admitted as soon as it fits and no request
+behind it overtakes it, so a large request cannot be starved by a stream of small ones. Every
+accepted request fits the empty cache (checked at `submit`), and the oldest running request is
+never preempted, so the head is always admitted eventually.
 """
 
 from __future__ import annotations
@@ -25,6 +36,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.errors import InvalidArgument, ResourceExhausted
+
+KV_RESERVATIONS = ("on_demand", "full")
 
 
 @dataclass(frozen=True)
@@ -34,6 +47,7 @@ class SchedulerConfig:
     max_waiting: int = 256  # queued requests beyond which submit fails with RESOURCE_EXHAUSTED
     max_running: int = 64  # sequences in the batch at once
     prefill_token_budget: int = 2048  # prompt tokens prefilled per step (one longer prompt alone)
+    kv_reservation: str = "on_demand"  # or "full": prompt + max_new_tokens reserved at admission
 
     def __post_init__(self) -> None:
         for name in ("kv_capacity_tokens", "kv_page_size", "max_waiting", "max_running",
@@ -44,6 +58,9 @@ class SchedulerConfig:
         if self.kv_capacity_tokens < self.kv_page_size:
             raise ValueError(f"kv_capacity_tokens ({self.kv_capacity_tokens}) must hold at least "
                              f"one page of kv_page_size ({self.kv_page_size}) tokens")
+        if self.kv_reservation not in KV_RESERVATIONS:
+            raise ValueError(f"kv_reservation must be one of {KV_RESERVATIONS}, got "
+                             f"{self.kv_reservation!r}")
 
     @property
     def kv_capacity_pages(self) -> int:
@@ -54,26 +71,32 @@ class SchedulerConfig:
 class StepPlan:
     prefill: tuple[int, ...]  # admitted this step, in FIFO order: run their prompts
     decode: tuple[int, ...]  # running and prefilled: extend by one token
+    preempted: tuple[int, ...] = ()  # were running: release them, then recompute them later
 
     @property
     def empty(self) -> bool:
         return not self.prefill and not self.decode
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Request:
-    prompt_len: int
+    prompt_len: int  # tokens its prefill carries (after a preemption: prompt + generated)
     max_new_tokens: int
-    pages: int  # the KV reservation, in pages
+    reserved: int  # kv_reservation full: the pages reserved at admission
+    length: int = 0  # running: tokens in the shards' cache once the planned step ran
 
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
+        self._on_demand = config.kv_reservation == "on_demand"
+        # On demand, pages kept free when admitting beside running requests, so that their
+        # growth does not preempt a request just admitted (as vLLM's 1 % watermark).
+        self._watermark = config.kv_capacity_pages // 100 if self._on_demand else 0
         self._waiting: dict[int, _Request] = {}  # insertion order is FIFO order
-        self._running: dict[int, _Request] = {}
-        self._reserved_pages = 0
+        self._running: dict[int, _Request] = {}  # insertion order is admission order
         self._reserved_waiting = 0  # waiting slots taken by requests being tokenized
+        self.preemptions = 0  # sequences preempted so far
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -113,48 +136,73 @@ class Scheduler:
         self._reserved_waiting -= reserved
 
     def finish(self, request_id: int) -> bool:
-        """Forget a request, waiting or running, and free its reservation. Idempotent: returns
+        """Forget a request, waiting or running, and free its pages. Idempotent: returns
         whether it was known."""
         if self._waiting.pop(request_id, None) is not None:
             return True
-        request = self._running.pop(request_id, None)
-        if request is None:
-            return False
-        self._reserved_pages -= request.pages
-        return True
+        return self._running.pop(request_id, None) is not None
 
     def abort_all(self) -> list[int]:
         """Forget every request (after a failed step); returns their ids, running ones first."""
         ids = [*self._running, *self._waiting]
         self._running.clear()
         self._waiting.clear()
-        self._reserved_pages = 0
         return ids
 
     # -- steps ----------------------------------------------------------------------------------
 
     def schedule(self) -> StepPlan:
-        """The next step: every running request decodes; waiting ones are admitted in FIFO order
-        while a batch slot, their KV reservation and the prefill token budget allow (the first
+        """The next step: every running request decodes (on demand, the newest are preempted
+        first while their next tokens would not fit); waiting ones are admitted in FIFO order
+        while a batch slot, the free pages and the prefill token budget allow (the first
         admission of a step ignores the budget, so a prompt longer than it still runs alone)."""
+        preempted = self._preempt() if self._on_demand else ()
+        for request in self._running.values():
+            request.length += 1  # each decodes one token in this step
+        used = sum(self._held(r) for r in self._running.values())
         decode = tuple(self._running)
         prefill: list[int] = []
         budget_left = self.config.prefill_token_budget
         while self._waiting:
             request_id, request = next(iter(self._waiting.items()))
-            if not self._can_admit(request, budget_left, first=not prefill):
+            # On demand: its prompt and the token after it, so it decodes at least once.
+            pages = self._pages(request.prompt_len + 1) if self._on_demand else request.reserved
+            if not self._can_admit(request, pages, used, budget_left, first=not prefill):
                 break
             del self._waiting[request_id]
             self._running[request_id] = request
-            self._reserved_pages += request.pages
+            request.length = request.prompt_len
+            used += pages
             budget_left -= request.prompt_len
             prefill.append(request_id)
-        return StepPlan(prefill=tuple(prefill), decode=decode)
+        return StepPlan(prefill=tuple(prefill), decode=decode, preempted=preempted)
 
-    def _can_admit(self, request: _Request, budget_left: int, first: bool) -> bool:
+    def _preempt(self) -> tuple[int, ...]:
+        """Preempt the newest running requests until the others' next tokens fit; they go back
+        to the front of the queue, oldest first, to be prefilled with all their tokens."""
+        need = sum(self._pages(r.length + 1) for r in self._running.values())
+        out: list[tuple[int, _Request]] = []
+        while need > self.config.kv_capacity_pages and len(self._running) > 1:
+            request_id, request = self._running.popitem()  # the newest
+            need -= self._pages(request.length + 1)
+            # Its next prefill carries what its decode would have: every token so far.
+            request.prompt_len, request.length = request.length + 1, 0
+            out.append((request_id, request))
+        if out:
+            self.preemptions += len(out)
+            self._waiting = {**dict(reversed(out)), **self._waiting}
+        return tuple(request_id for request_id, _ in out)
+
+    def _held(self, request: _Request) -> int:
+        """Pages a running request holds once the planned step ran."""
+        return self._pages(request.length) if self._on_demand else request.reserved
+
+    def _can_admit(self, request: _Request, pages: int, used: int, budget_left: int,
+                   first: bool) -> bool:
         if len(self._running) >= self.config.max_running:
             return False
-        if request.pages > self.config.kv_capacity_pages - self._reserved_pages:
+        room = self.config.kv_capacity_pages - (self._watermark if self._running else 0)
+        if used + pages > room:
             return False
         return first or request.prompt_len <= budget_left
 
@@ -183,11 +231,20 @@ class Scheduler:
 
     @property
     def kv_tokens_reserved(self) -> int:
-        return self._reserved_pages * self.config.kv_page_size
+        """Tokens of the pages the running requests hold (as if none were shared)."""
+        return sum(self._held(r) for r in self._running.values()) * self.config.kv_page_size
 
     @property
     def kv_tokens_free(self) -> int:
         return self.kv_capacity_tokens - self.kv_tokens_reserved
+
+    @property
+    def kv_pages_used(self) -> int:
+        return self.kv_tokens_reserved // self.config.kv_page_size
+
+    @property
+    def kv_pages_free(self) -> int:
+        return self.config.kv_capacity_pages - self.kv_pages_used
 
     def __contains__(self, request_id: int) -> bool:
         return request_id in self._waiting or request_id in self._running

@@ -34,7 +34,7 @@ class SeqStatus(Enum):
     """Where a sequence is. The engine sets it: RUNNING when its prompt is sent, FINISHING and
     FINISHED only in `Engine._end`."""
 
-    WAITING = "waiting"  # queued: no step has carried its prompt; the shards hold nothing of it
+    WAITING = "waiting"  # queued (first, or again after a preemption): the shards hold none of it
     RUNNING = "running"  # its prompt was sent: it is in every step; the shards hold its KV
     FINISHING = "finishing"  # stopped at a token (stop, EOS, length): its last text on the way
     FINISHED = "finished"  # its last chunk was pushed; `finish` says how it ended
@@ -115,8 +115,8 @@ class Sequence:
     # -- shard step -----------------------------------------------------------------------------
 
     def work(self) -> SeqWork:
-        if self.status is SeqStatus.WAITING:
-            return SeqWork(self.seq_id, tuple(self.prompt_ids), True, self.top_k,
+        if self.status is SeqStatus.WAITING:  # after a preemption: every token so far
+            return SeqWork(self.seq_id, (*self.prompt_ids, *self.generated), True, self.top_k,
                            self.temperature)
         return SeqWork(self.seq_id, (self.generated[-1],), False, self.top_k, self.temperature)
 

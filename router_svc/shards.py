@@ -106,6 +106,7 @@ class StepResult:
     compute_s: float  # the slowest rank's compute time
     allreduce_s: float  # the slowest rank's time inside allreduce
     prefill_tokens: int  # prompt tokens in the step
+    cached_tokens: int = 0  # of those, the ones found in the shards' prefix cache
 
 
 class ShardGroup:
@@ -160,7 +161,8 @@ class ShardGroup:
                     tuple(r.logits), tuple(r.token_ids), r.logsumexp, r.logsumexp_t))
         return StepResult(candidates, wait_s, max(r.compute_s for r in responses),
                           max(r.allreduce_s for r in responses),
-                          sum(len(p.token_ids) for p in request.prefill))
+                          sum(len(p.token_ids) for p in request.prefill),
+                          sum(r.cached_tokens for r in responses[0].results))
 
     async def info_all(self, timeout: float) -> list[ShardInfo]:
         responses = await self._all("Info", lambda rank: self._stubs[rank].Info(

@@ -23,6 +23,7 @@ class StatsListener(Protocol):
     def on_sampled(self, seq: Sequence, now: float) -> None: ...  # one more token sampled
     def on_ended(self, seq: Sequence, usage: Usage) -> None: ...  # whatever the outcome
     def on_failure(self) -> None: ...  # a step or health check failed the shard group
+    def on_preempted(self, count: int) -> None: ...  # sequences preempted (KV cache full)
 
 
 @dataclass
@@ -30,7 +31,9 @@ class EngineStats:
     steps: int = 0
     step_failures: int = 0
     prefills: int = 0  # sequences prefilled
-    prefill_tokens: int = 0
+    prefill_tokens: int = 0  # tokens the prefills carried (recomputed ones included)
+    cached_tokens: int = 0  # of those, the ones the shards found in their prefix cache
+    preemptions: int = 0  # sequences preempted (and recomputed later) for lack of KV pages
     batch_seqs: int = 0  # sequences per step, summed over steps
     shard_compute_s: float = 0.0  # the slowest shard's compute, summed over steps
     shard_allreduce_s: float = 0.0
@@ -53,6 +56,7 @@ class EngineStats:
         self.steps += 1
         self.prefills += prefills
         self.prefill_tokens += prefill_tokens
+        self.cached_tokens += result.cached_tokens
         self.batch_seqs += batch
         self.shard_compute_s += result.compute_s
         self.shard_allreduce_s += result.allreduce_s
@@ -66,6 +70,11 @@ class EngineStats:
         self.step_failures += 1
         for listener in self.listeners:
             listener.on_failure()
+
+    def preempted(self, count: int) -> None:
+        self.preemptions += count
+        for listener in self.listeners:
+            listener.on_preempted(count)
 
     def scheduled(self, seq: Sequence, now: float) -> None:
         for listener in self.listeners:
@@ -93,7 +102,8 @@ class EngineStats:
         return {
             "steps": self.steps, "step_failures": self.step_failures,
             "mean_batch": self.batch_seqs / n, "prefills": self.prefills,
-            "prefill_tokens": self.prefill_tokens, "finished": dict(self.finished),
+            "prefill_tokens": self.prefill_tokens, "cached_tokens": self.cached_tokens,
+            "preemptions": self.preemptions, "finished": dict(self.finished),
             "overhead_ms": 1e3 * self.overhead_s / n, "overhead_p50_ms": pct(overhead, 0.5),
             "overhead_p99_ms": pct(overhead, 0.99), "step_p50_ms": pct(step, 0.5),
             "wait_ms": {k: 1e3 * v / n for k, v in sorted(self.waits_s.items())},
@@ -107,7 +117,9 @@ class EngineStats:
         recent = sorted(self.recent_overhead_s) or [0.0]
         waits = " ".join(f"{k} {1e3 * v / n:.3f}" for k, v in sorted(self.waits_s.items()))
         return (f"steps {self.steps} failures {self.step_failures} mean_batch "
-                f"{self.batch_seqs / n:.2f} prefills {self.prefills} | per step ms: overhead "
+                f"{self.batch_seqs / n:.2f} prefills {self.prefills} prefix cached "
+                f"{self.cached_tokens}/{self.prefill_tokens} preemptions {self.preemptions}"
+                f" | per step ms: overhead "
                 f"{1e3 * self.overhead_s / n:.3f} overhead_p50 {1e3 * recent[len(recent) // 2]:.3f}"
                 f" overhead_p99 {1e3 * recent[int(0.99 * (len(recent) - 1))]:.3f} waits: {waits}"
                 f" | shard compute {1e3 * self.shard_compute_s / n:.3f} allreduce "

@@ -24,7 +24,8 @@ def pages(tokens: int, page_size: int) -> int:
 
 
 class SchedulerMachine(RuleBasedStateMachine):
-    """Random submit / schedule / finish / abort sequences; a plain model tracks what must hold."""
+    """Random submit / schedule / finish / abort sequences; a plain model tracks what must hold
+    (KV reserved up front: `kv_reservation="full"`; on demand: test_scheduler_kv.py)."""
 
     @initialize(capacity=st.integers(1, 400), page_size=st.sampled_from([1, 4, 16]),
                 max_waiting=st.integers(1, 8), max_running=st.integers(1, 6),
@@ -33,7 +34,8 @@ class SchedulerMachine(RuleBasedStateMachine):
               budget: int) -> None:
         self.cfg = SchedulerConfig(kv_capacity_tokens=max(capacity, page_size),
                                    kv_page_size=page_size, max_waiting=max_waiting,
-                                   max_running=max_running, prefill_token_budget=budget)
+                                   max_running=max_running, prefill_token_budget=budget,
+                                   kv_reservation="full")
         self.sched = Scheduler(self.cfg)
         self.next_id = 0
         self.waiting: dict[int, tuple[int, int]] = {}  # id -> (prompt_len, pages), FIFO
@@ -162,7 +164,7 @@ def run_to_completion(sched: Scheduler, work: dict[int, tuple[int, int]],
 def test_no_starvation_a_large_request_amid_a_stream_of_small_ones(seed: int) -> None:
     rng = random.Random(seed)
     cfg = SchedulerConfig(kv_capacity_tokens=1024, kv_page_size=16, max_waiting=1000,
-                          max_running=8, prefill_token_budget=256)
+                          max_running=8, prefill_token_budget=256, kv_reservation="full")
     work = {rid: (rng.randint(1, 64), rng.randint(1, 32)) for rid in range(300)}
     work[20] = (900, 100)  # nearly the whole cache, and more than the prefill budget
     arrivals: dict[int, list[int]] = {}
@@ -187,7 +189,8 @@ def test_prefill_budget_and_oversized_prompt_runs_alone() -> None:
 
 
 def test_kv_reservation_is_whole_pages_and_finish_frees() -> None:
-    sched = Scheduler(SchedulerConfig(kv_capacity_tokens=100, kv_page_size=16))
+    sched = Scheduler(SchedulerConfig(kv_capacity_tokens=100, kv_page_size=16,
+                                      kv_reservation="full"))
     assert sched.kv_capacity_tokens == 96  # rounded down to whole pages
     sched.submit(1, 10, 7)  # 17 tokens: 2 pages
     sched.submit(2, 30, 30)  # 60 tokens: 4 pages
@@ -244,6 +247,7 @@ def test_refusals_say_the_numbers_and_change_nothing() -> None:
     ("max_running", {"max_running": 1.5}),
     ("prefill_token_budget", {"prefill_token_budget": 0}),
     ("kv_capacity_tokens", {"kv_capacity_tokens": 8, "kv_page_size": 16}),
+    ("kv_reservation", {"kv_reservation": "lazy"}),
 ])
 def test_config_validation_names_the_field(field: str, kwargs: dict[str, object]) -> None:
     args: dict[str, object] = {"kv_capacity_tokens": 1024, **kwargs}
