@@ -33,6 +33,10 @@ def cli_arguments(p: argparse.ArgumentParser) -> None:
                    "logged); default: %(default)s")
     p.add_argument("--kv-capacity-tokens", type=int, default=16384)
     p.add_argument("--kv-page-size", type=int, default=16)
+    p.add_argument("--prefix-cache", default="on", choices=["on", "off"],
+                   help="reuse the KV of full pages of tokens identical to another sequence's "
+                   "(system prompts, earlier chat turns), kept after release until evicted; "
+                   "default: %(default)s")
     p.add_argument("--max-context", type=int, help="default: the model's context length")
     p.add_argument("--mesh-name", default="cpumesh")
     p.add_argument("--mesh-listen",
@@ -74,7 +78,8 @@ def build_config(args: argparse.Namespace) -> ShardConfig:
         peers=tuple(p.strip() for p in args.peers.split(",") if p.strip()),
         listen=args.listen, health_listen=args.health_listen, threads=threads,
         dtype=args.dtype, kernels=args.kernels, kv_capacity_tokens=args.kv_capacity_tokens,
-        kv_page_size=args.kv_page_size, max_context=args.max_context,
+        kv_page_size=args.kv_page_size, prefix_cache=args.prefix_cache == "on",
+        max_context=args.max_context,
         mesh_name=args.mesh_name, mesh_listen=args.mesh_listen,
         mesh_transport=args.mesh_transport, mesh_stream_port=args.mesh_stream_port,
         mesh_timeout_s=args.mesh_timeout,

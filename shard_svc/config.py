@@ -24,6 +24,7 @@ class ShardConfig:
     kernels: str = "auto"  # which library runs the linears (shard_svc.kernels); auto: timed
     kv_capacity_tokens: int = 16384
     kv_page_size: int = 16
+    prefix_cache: bool = True  # reuse the KV pages of identical full blocks of prompts
     max_context: int | None = None  # default: the model's max_position_embeddings
     mesh_name: str = "cpumesh"
     mesh_listen: str | None = None  # bind the mesh here; default: our peers entry

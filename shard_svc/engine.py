@@ -39,6 +39,7 @@ class SeqTopK:
     token_ids: tuple[int, ...]  # their global token ids
     logsumexp: float  # log-sum-exp over this shard's vocabulary slice
     logsumexp_t: float  # the same of logits / temperature
+    cached_tokens: int = 0  # a prefill's first tokens found in the prefix cache
 
 
 @dataclass(frozen=True)
@@ -64,13 +65,14 @@ class ShardEngine:
             batch = make_batch([(w.seq_id, w.token_ids) for w in work], self.cache)
             try:
                 hidden = self.model.forward(batch, self.cache)  # [B, H]
-                results = self._top_k(hidden, work)
+                results = self._top_k(hidden, work, batch.reservation.cached)
             except MeshError as e:
                 batch.reservation.undo()
                 raise Unavailable(f"step {step_id} failed: {e}") from e
             except BaseException:
                 batch.reservation.undo()
                 raise
+            batch.reservation.commit()
             self.next_step_id = step_id + 1
             total = time.perf_counter() - t0
             allreduce = self.model.comm.elapsed_s - ar0
@@ -87,13 +89,14 @@ class ShardEngine:
             if next_step_id is not None:
                 self.next_step_id = next_step_id
 
-    def _top_k(self, hidden: torch.Tensor, work: Sequence[SeqWork]) -> tuple[SeqTopK, ...]:
+    def _top_k(self, hidden: torch.Tensor, work: Sequence[SeqWork],
+               cached: Sequence[int]) -> tuple[SeqTopK, ...]:
         k = max(w.top_k for w in work)
         temperature = torch.tensor([w.temperature or 1.0 for w in work])
         values, ids, lse, lse_t = self.model.top_k(hidden, k, temperature)
         return tuple(
             SeqTopK(w.seq_id, tuple(values[i, :w.top_k].tolist()),
-                    tuple(ids[i, :w.top_k].tolist()), float(lse[i]), float(lse_t[i]))
+                    tuple(ids[i, :w.top_k].tolist()), float(lse[i]), float(lse_t[i]), cached[i])
             for i, w in enumerate(work)
         )
 

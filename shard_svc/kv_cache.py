@@ -12,7 +12,14 @@ its last when that is free; a new sequence starts inside the largest run of free
 room for the sequence before it to grow. Otherwise its pages are gathered, a page at a time.
 
 The cache owns reservations: `reserve` makes room for one step's tokens (all or nothing) and
-returns a `Reservation` whose `undo` puts the cache back as it was, for a step that failed.
+returns a `Reservation` whose `undo` puts the cache back as it was, for a step that failed, and
+whose `commit` (after the step ran) keys the pages it filled in the prefix cache.
+
+Prefix caching (shard_svc/prefix_cache.py, on unless `prefix_cache=False`): a new sequence
+starts with the pages of the full blocks of its tokens that the cache already holds, at most
+(tokens - 1) // S of them (its last token is always computed); pages count their references,
+and a released sequence's keyed pages stay cached, unreferenced, until evicted (least recently
+released first) for a page that is needed. They count as free.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from services.errors import InvalidArgument, NotFound, ResourceExhausted
+from shard_svc.prefix_cache import ROOT, PrefixCache, block_key
 
 
 @dataclass
@@ -31,6 +39,8 @@ class _SeqPages:
     length: int = 0  # tokens written (or reserved by the step in flight)
     first: int | None = None  # its first page while its pages are consecutive, else None
     gather: torch.Tensor | None = None  # int64 [pages], made when first needed
+    tokens: list[int] = field(default_factory=list)  # its token ids, to key its full blocks
+    keys: list[bytes] = field(default_factory=list)  # the keys of its first full blocks
 
 
 @dataclass(frozen=True)
@@ -41,6 +51,12 @@ class Reservation:
     writes: tuple[torch.Tensor, ...]  # int64 [new tokens] per sequence, in step order
     added: tuple[int, ...]  # sequences the step created
     lengths: dict[int, int]  # earlier lengths of the sequences that existed
+    cached: tuple[int, ...]  # per sequence: its first tokens found in the prefix cache
+
+    def commit(self) -> None:
+        """The step ran: key the blocks it filled, for later sequences to reuse."""
+        for seq_id in (*self.added, *self.lengths):
+            self.cache.key_blocks(seq_id)
 
     def undo(self) -> None:
         for seq_id in self.added:
@@ -52,7 +68,7 @@ class Reservation:
 class KVCache:
     def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int,
                  capacity_tokens: int, page_size: int = 16,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, prefix_cache: bool = True) -> None:
         if capacity_tokens < 1:
             raise ValueError(f"capacity_tokens must be >= 1, got {capacity_tokens}")
         if page_size < 1:
@@ -64,7 +80,9 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype)
         self._free = [True] * self.num_pages
         self._free_count = self.num_pages
+        self._refs = [0] * self.num_pages  # sequences holding each page
         self._seqs: dict[int, _SeqPages] = {}
+        self.prefix = PrefixCache() if prefix_cache else None
 
     # -- accounting -------------------------------------------------------------------------
 
@@ -73,8 +91,13 @@ class KVCache:
         return self.num_pages * self.page_size
 
     @property
+    def free_pages(self) -> int:
+        """Pages no sequence holds: free, or cached and evictable."""
+        return self._free_count + (self.prefix.parked if self.prefix else 0)
+
+    @property
     def free_tokens(self) -> int:
-        return self._free_count * self.page_size
+        return self.free_pages * self.page_size
 
     @property
     def nbytes(self) -> int:
@@ -98,8 +121,8 @@ class KVCache:
 
     def check_room(self, requests: Sequence[tuple[int | None, int]]) -> None:
         """Raise ResourceExhausted unless every (seq_id or None, new_tokens) fits at once."""
-        need = sum(self.pages_needed(s, n) for s, n in requests)
-        if need > self._free_count:
+        need = sum(self.pages_needed(s, n) for s, n in requests)  # as if nothing were cached
+        if need > self.free_pages:
             raise ResourceExhausted(
                 f"KV cache full: the step needs {need * self.page_size} more token slots, "
                 f"{self.free_tokens} free of {self.capacity_tokens}"
@@ -112,33 +135,67 @@ class KVCache:
             raise InvalidArgument(f"sequence {seq_id} already exists")
         self._seqs[seq_id] = _SeqPages()
 
-    def reserve(self, steps: Sequence[tuple[int, int]]) -> Reservation:
-        """Room for (seq_id, new tokens) of every sequence of a step, all or nothing; sequences
-        not yet in the cache are added."""
-        self.check_room([(s if s in self._seqs else None, n) for s, n in steps])
+    def reserve(self, steps: Sequence[tuple[int, Sequence[int]]]) -> Reservation:
+        """Room for (seq_id, new token ids) of every sequence of a step, all or nothing;
+        sequences not yet in the cache are added, starting with the pages of their first blocks
+        that the prefix cache holds (`Reservation.cached`: how many tokens those hold)."""
+        self.check_room([(s if s in self._seqs else None, len(ids)) for s, ids in steps])
         added = tuple(s for s, _ in steps if s not in self._seqs)
         lengths = {s: self._seqs[s].length for s, _ in steps if s in self._seqs}
-        for seq_id in added:
-            self.add(seq_id)
-        writes = tuple(self.extend(seq_id, n) for seq_id, n in steps)
-        return Reservation(self, writes, added, lengths)
+        cached = tuple(self._start(s, ids) if s in added else 0 for s, ids in steps)
+        writes = tuple(self.extend(s, ids[c:]) for (s, ids), c in zip(steps, cached, strict=True))
+        return Reservation(self, writes, added, lengths, cached)
 
-    def extend(self, seq_id: int, new_tokens: int) -> torch.Tensor:
-        """Reserve room for `new_tokens` more tokens; return their slots (int64 [new_tokens])."""
+    def _start(self, seq_id: int, tokens: Sequence[int]) -> int:
+        """Add a sequence with the cached pages of its first full blocks; return their tokens."""
+        self.add(seq_id)
+        if self.prefix is None:
+            return 0
+        seq = self._seqs[seq_id]
+        pages, seq.keys = self.prefix.match(tokens, self.page_size,
+                                            (len(tokens) - 1) // self.page_size)
+        for page in pages:
+            if self._refs[page] == 0:
+                self.prefix.take(page)
+            self._refs[page] += 1
+        seq.pages = pages
+        seq.first = pages[0] if pages and pages == list(range(pages[0], pages[-1] + 1)) else None
+        seq.length = len(pages) * self.page_size
+        seq.tokens = list(tokens[:seq.length])
+        return seq.length
+
+    def extend(self, seq_id: int, tokens: Sequence[int]) -> torch.Tensor:
+        """Reserve room for `tokens` (ids) after the sequence's; return their slots (int64)."""
         seq = self._get(seq_id)
-        need = self.pages_needed(seq_id, new_tokens)
-        if need > self._free_count:
+        need = self.pages_needed(seq_id, len(tokens))
+        if need > self.free_pages:
             raise ResourceExhausted(f"KV cache full: {self.free_tokens} tokens free")
         for _ in range(need):
+            if not self._free_count:
+                self._evict()
             self._take(seq, self._next_page(seq, need))
         start = seq.length
-        seq.length += new_tokens
+        seq.length += len(tokens)
+        seq.tokens.extend(tokens)
         return self.slots(seq_id, start, seq.length)
+
+    def key_blocks(self, seq_id: int) -> None:
+        """Key a sequence's full blocks not keyed yet (their KV is computed)."""
+        seq = self._seqs.get(seq_id)
+        if self.prefix is None or seq is None:
+            return
+        s = self.page_size
+        while len(seq.keys) < seq.length // s:
+            b = len(seq.keys)
+            seq.keys.append(block_key(seq.keys[-1] if seq.keys else ROOT,
+                                      seq.tokens[b * s:(b + 1) * s]))
+            self.prefix.insert(seq.keys[-1], seq.pages[b])
 
     def truncate(self, seq_id: int, length: int) -> None:
         """Undo an `extend` (a step that failed): keep the first `length` tokens."""
         seq = self._get(seq_id)
         seq.length = min(seq.length, length)
+        del seq.tokens[seq.length:], seq.keys[seq.length // self.page_size:]
         keep = -(-seq.length // self.page_size)
         while len(seq.pages) > keep:
             self._give_back(seq.pages.pop())
@@ -151,13 +208,17 @@ class KVCache:
         seq = self._seqs.pop(seq_id, None)
         if seq is None:
             return 0
-        for page in seq.pages:
+        for page in reversed(seq.pages):  # the tail is evicted first
             self._give_back(page)
         return len(seq.pages) * self.page_size
 
     def reset(self) -> None:
+        """Free every sequence and forget every cached block."""
         for seq_id in list(self._seqs):
             self.release(seq_id)
+        for page in self.prefix.clear() if self.prefix else ():
+            self._free[page] = True
+            self._free_count += 1
 
     # -- addressing -------------------------------------------------------------------------
 
@@ -213,9 +274,17 @@ class KVCache:
                 run_start = None
         return best, best_len
 
+    def _evict(self) -> None:
+        assert self.prefix is not None
+        page = self.prefix.evict()
+        assert page is not None, "free_pages counted a parked page"
+        self._free[page] = True
+        self._free_count += 1
+
     def _take(self, seq: _SeqPages, page: int) -> None:
         self._free[page] = False
         self._free_count -= 1
+        self._refs[page] = 1
         if not seq.pages:
             seq.first = page
         elif seq.first is not None and page != seq.pages[-1] + 1:
@@ -224,8 +293,16 @@ class KVCache:
         seq.gather = None
 
     def _give_back(self, page: int) -> None:
-        self._free[page] = True
-        self._free_count += 1
+        """A sequence lets a page go: free when no other holds it, unless the prefix cache
+        keeps it."""
+        self._refs[page] -= 1
+        if self._refs[page]:
+            return
+        if self.prefix is not None and self.prefix.holds(page):
+            self.prefix.park(page)
+        else:
+            self._free[page] = True
+            self._free_count += 1
 
     def _get(self, seq_id: int) -> _SeqPages:
         try:

@@ -58,14 +58,16 @@ PADDED_MAX_SLOTS = 4096
 def make_batch(steps: Sequence[tuple[int, Sequence[int]]], cache: KVCache) -> Batch:
     """Reserve cache room for each (seq_id, new token ids) and lay the step out packed.
 
-    The caller has checked the ids and the room; a sequence not in the cache is added.
+    The caller has checked the ids and the room; a sequence not in the cache is added, and only
+    the tokens after its prefix found in the prefix cache are computed (attending to it).
     """
-    reservation = cache.reserve([(seq_id, len(ids)) for seq_id, ids in steps])
+    reservation = cache.reserve(steps)
     tokens: list[int] = []
     positions: list[torch.Tensor] = []
     spans: list[SeqSpan] = []
     n = 0
-    for seq_id, ids in steps:
+    for (seq_id, all_ids), skip in zip(steps, reservation.cached, strict=True):
+        ids = all_ids[skip:]  # [T]
         cached = cache.length(seq_id) - len(ids)
         tokens.extend(ids)
         positions.append(torch.arange(cached, cached + len(ids)))
@@ -102,10 +104,11 @@ class ShardModel:
         self.inv_freq = rope_inv_freq(config)  # float32 [D/2]
         self.scale = 1.0 / math.sqrt(config.head_dim)
 
-    def new_cache(self, capacity_tokens: int, page_size: int = 16) -> KVCache:
+    def new_cache(self, capacity_tokens: int, page_size: int = 16,
+                  prefix_cache: bool = True) -> KVCache:
         return KVCache(num_layers=self.config.num_layers, num_kv_heads=self.plan.num_kv_heads,
                        head_dim=self.config.head_dim, capacity_tokens=capacity_tokens,
-                       page_size=page_size, dtype=self.dtype)
+                       page_size=page_size, dtype=self.dtype, prefix_cache=prefix_cache)
 
     @torch.inference_mode()
     def forward(self, batch: Batch, cache: KVCache) -> torch.Tensor:

@@ -117,7 +117,7 @@ class ShardProcess:
         model = await loop.run_in_executor(servicer.executor, ShardModel, self.model_config,
                                            self.plan, weights, comm, kernels)
         del weights  # the model holds them in the kernels' layout
-        cache = model.new_cache(cfg.kv_capacity_tokens, cfg.kv_page_size)
+        cache = model.new_cache(cfg.kv_capacity_tokens, cfg.kv_page_size, cfg.prefix_cache)
         await loop.run_in_executor(servicer.executor, warm_up, model, cache)
         log.info("mesh formed; weights prepared and warmed up in %.1f s", time.monotonic() - t1)
         engine = ShardEngine(model, cache, cfg.max_context)

@@ -76,7 +76,8 @@ class ShardServicer:
         return shard_pb2.StepResponse(
             step_id=out.step_id, compute_s=out.compute_s, allreduce_s=out.allreduce_s,
             results=[shard_pb2.SeqTopK(seq_id=r.seq_id, logits=r.logits, token_ids=r.token_ids,
-                                       logsumexp=r.logsumexp, logsumexp_t=r.logsumexp_t)
+                                       logsumexp=r.logsumexp, logsumexp_t=r.logsumexp_t,
+                                       cached_tokens=r.cached_tokens)
                      for r in out.results])
 
     def _step(self, engine: ShardEngine, formation: int, step_id: int, work: list[SeqWork]

@@ -25,7 +25,7 @@ def cache(pages: int = 16, page_size: int = 4) -> KVCache:
 
 def fill(c: KVCache, seq_id: int, n: int) -> None:
     """Extend a sequence by n tokens and write each token's slot number into its K and V."""
-    slots = c.reserve([(seq_id, n)]).writes[0]
+    slots = c.reserve([(seq_id, [seq_id] * n)]).writes[0]
     for layer in range(2):
         k, v = c.layer(layer)
         k[:, slots] = slots.view(1, -1, 1).float()
@@ -68,9 +68,9 @@ def test_reservation_is_all_or_nothing_and_undone_exactly() -> None:
     fill(c, 1, 6)
     free = c.free_tokens
     with pytest.raises(ResourceExhausted, match="KV cache full"):
-        c.reserve([(1, 3), (2, 9)])
+        c.reserve([(1, [1] * 3), (2, [2] * 9)])
     assert c.free_tokens == free and c.seq_ids() == [1] and c.length(1) == 6
-    r = c.reserve([(1, 2), (2, 5)])
+    r = c.reserve([(1, [1] * 2), (2, [2] * 5)])
     assert c.length(1) == 8 and c.length(2) == 5 and c.free_tokens == 0
     r.undo()
     assert c.free_tokens == free and c.seq_ids() == [1] and c.length(1) == 6
