@@ -17,6 +17,10 @@ eight and of a 128-token prefill; the fastest plain library per bucket, or packe
 all buckets when they win clearly (by 15 %) at both one and eight tokens (half precision only), is
 kept, and the choice is logged in one line.
 `ShardConfig.kernels` (--kernels) forces one; tests compare each against transformers.
+
+int8 / int4 weights (shard_svc.quant) have their own two methods, weight-only kernels or
+dequantize-per-call, timed the same way per bucket (shard_svc.quant_linear); float matrices
+beside them (the LM head) go through oneDNN.
 """
 
 from __future__ import annotations
@@ -26,11 +30,14 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 
 from services.errors import InvalidArgument
+from shard_svc.quant import INT4, Int4Weight, Int8Weight, Matrix
+from shard_svc.quant_linear import DEQUANTIZE, WEIGHT_ONLY, quant_linear
 from shard_svc.weights import ShardWeights
 
 LIBRARIES = ("auto", "aten", "onednn", "packed")
@@ -41,14 +48,24 @@ PROBE_TOKENS = (1, 8, 128)
 # loaded machine's noise could still pick them, and repacking a model in place left its process
 # holding ~20 % more memory (freed plain matrices the allocator keeps). --kernels packed forces it.
 PACKED_MARGIN = 0.85
+T = TypeVar("T", bound=torch.Tensor | Int8Weight | Int4Weight)
 PROBE_BYTES = 32 * 2**20  # the probe times products over this much of the weights (or all)
+QUANT_DTYPES = (torch.int8, INT4)
+# --kernels for int8 / int4: aten = ATen's weight-only kernels, onednn = dequantize per call
+QUANT_METHODS = {"aten": WEIGHT_ONLY, "onednn": DEQUANTIZE}
 
 
 @dataclass(frozen=True)
 class KernelPlan:
     dtype: torch.dtype
-    libraries: tuple[str, ...]  # per bucket: "aten", "onednn" or "packed" (then all are)
+    libraries: tuple[str, ...]  # per bucket: "aten", "onednn" or "packed" (then all are);
+    # with int8 / int4 weights: WEIGHT_ONLY or DEQUANTIZE
     timings_us: dict[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)
+    bucket: list[int] = dataclasses.field(default_factory=lambda: [0])  # the step's, for_step's
+
+    @property
+    def quantized(self) -> bool:
+        return self.libraries[0] in (WEIGHT_ONLY, DEQUANTIZE)
 
     @property
     def packed(self) -> bool:
@@ -59,19 +76,22 @@ class KernelPlan:
         parts = [f"{n}: {lib}" for n, lib in zip(names, self.libraries, strict=True)]
         timed = "; ".join(f"{lib} " + "/".join(f"{t:.0f}" for t in times)
                           for lib, times in self.timings_us.items())
-        return (f"kernels for {str(self.dtype).removeprefix('torch.')} on "
+        return (f"kernels for {str(self.dtype).removeprefix('torch.')} weights on "
                 f"{torch.backends.cpu.get_cpu_capability()}: " + ", ".join(parts)
                 + (f" (us for 1/8/128 tokens: {timed})" if timed else ""))
 
     def for_step(self, tokens: int) -> None:
         """Set oneDNN on or off for a step of `tokens` tokens (plain weights only)."""
         bucket = next(i for i, limit in enumerate(BUCKETS) if tokens <= limit)
+        self.bucket[0] = bucket
         if torch.backends.mkldnn.is_available():
             torch._C._set_mkldnn_enabled(self.libraries[bucket] != "aten")
 
-    def linear(self, x: torch.Tensor, w: torch.Tensor,
+    def linear(self, x: torch.Tensor, w: Matrix,
                b: torch.Tensor | None = None) -> torch.Tensor:
         """x @ w.T + b, with w as `prepare` left it."""
+        if isinstance(w, (Int8Weight, Int4Weight)):
+            return quant_linear(x, w, b, self.libraries[self.bucket[0]])
         if w.is_mkldnn:  # packed by `prepare`
             return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
         return F.linear(x, w, b)
@@ -81,7 +101,7 @@ class KernelPlan:
         place (one matrix at a time, so memory grows by one matrix, not by the model): the
         plain matrices of `w` are gone afterwards. A tied LM head (a view of the embedding,
         which the lookup needs plain) stays plain: packing it would copy it."""
-        if not self.packed or w.packed:
+        if not self.packed or w.packed or self.quantized:
             return w
         for layer in w.layers:
             for name in ("qkv", "wo", "gate_up", "w_down"):
@@ -110,23 +130,29 @@ def check_library(library: str, dtype: torch.dtype) -> None:
     """Refuse a library this CPU cannot run for `dtype` (before any work is done)."""
     if library not in LIBRARIES:
         raise InvalidArgument(f"kernel library must be one of {LIBRARIES}, got {library!r}")
+    if dtype in QUANT_DTYPES:
+        if library == "packed":
+            raise InvalidArgument(f"kernels 'packed' is for float weights; with {dtype} use "
+                                  "auto, aten (weight-only kernels) or onednn (dequantize)")
+        return
     if library == "packed" and not packs(dtype):
         raise InvalidArgument(f"kernels 'packed': oneDNN cannot pack {dtype} weights on this "
                               f"CPU ({torch.backends.cpu.get_cpu_capability()}); use auto, aten "
                               "or onednn")
 
 
-def choose_kernels(library: str, dtype: torch.dtype,
-                   weights: Sequence[torch.Tensor]) -> KernelPlan:
+def choose_kernels(library: str, dtype: torch.dtype, weights: Sequence[Matrix]) -> KernelPlan:
     """The plan for `library`; "auto" times the libraries on `weights` ([out, in] matrices
     of the model, in `dtype`, together larger than the CPU's caches)."""
+    if any(isinstance(w, (Int8Weight, Int4Weight)) for w in weights):
+        return choose_quant(library, weights)
     check_library(library, dtype)
     if library != "auto":
         return KernelPlan(dtype, (library,) * len(BUCKETS))
-    weights = _prefix(weights, PROBE_BYTES)
-    candidates: dict[str, Sequence[torch.Tensor]] = {"aten": weights, "onednn": weights}
+    probe = _prefix([w for w in weights if isinstance(w, torch.Tensor)], PROBE_BYTES)
+    candidates: dict[str, Sequence[torch.Tensor]] = {"aten": probe, "onednn": probe}
     if dtype != torch.float32 and packs(dtype):  # see PACKED_MARGIN
-        candidates["packed"] = [pack(w) for w in weights]
+        candidates["packed"] = [pack(w) for w in probe]
     timings = {lib: tuple(_time(lib, ws, n) for n in PROBE_TOKENS)
                for lib, ws in candidates.items()}
     plain = tuple(min(("aten", "onednn"), key=lambda lib: timings[lib][i])
@@ -139,9 +165,31 @@ def choose_kernels(library: str, dtype: torch.dtype,
     return KernelPlan(dtype, plain, timings)
 
 
-def _prefix(weights: Sequence[torch.Tensor], limit: int) -> list[torch.Tensor]:
+def choose_quant(library: str, weights: Sequence[Matrix]) -> KernelPlan:
+    """The plan for int8 / int4 weights: weight-only kernels or dequantize-per-call per bucket."""
+    quant = [w for w in weights if isinstance(w, (Int8Weight, Int4Weight))]
+    dtype = torch.int8 if isinstance(quant[0], Int8Weight) else INT4
+    check_library(library, dtype)
+    if library != "auto":
+        return KernelPlan(dtype, (QUANT_METHODS[library],) * len(BUCKETS))
+    probe = _prefix(quant, PROBE_BYTES)
+    timings = {m: tuple(_time_quant(m, probe, n) for n in PROBE_TOKENS)
+               for m in (WEIGHT_ONLY, DEQUANTIZE)}
+    best = tuple(min(timings, key=lambda m: timings[m][i]) for i in range(len(BUCKETS)))
+    return KernelPlan(dtype, best, timings)
+
+
+def _time_quant(method: str, weights: Sequence[Int8Weight | Int4Weight], tokens: int,
+                rounds: int = 5) -> float:
+    x = torch.randn(tokens, weights[0].shape[1]).to(weights[0].dtype)
+    quant_linear(x, weights[0], None, method)  # first-call costs (the scratch) untimed
+    return statistics.median(_once(lambda: [quant_linear(x, w, None, method) for w in weights])
+                             for _ in range(rounds))
+
+
+def _prefix(weights: Sequence[T], limit: int) -> list[T]:
     """The first weights that together hold at least `limit` bytes (all, if fewer)."""
-    out: list[torch.Tensor] = []
+    out: list[T] = []
     for w in weights:
         if sum(x.nbytes for x in out) >= limit:
             break

@@ -1,23 +1,44 @@
-"""Loading one rank's slice of a safetensors checkpoint, and nothing more.
+"""Loading one rank's slice of a safetensors checkpoint (or a linked GGUF file), and nothing more.
 
 Each tensor is memory-mapped on its own, only the plan's rows or columns are copied out, and the
 map is dropped before the next tensor: the process never holds more than its slice plus one
 mapped tensor. Sharded checkpoints (`model.safetensors.index.json`) are supported.
+
+With dtype torch.int8 / torch.int4 the layers' matrices are quantized slice by slice, right
+after each is read (shard_svc.quant; a GGUF's Q4 blocks are taken as they are), so at most one
+fused matrix is ever in float; norms, the embedding and the LM head stay in the activations'
+dtype (bfloat16 where the CPU runs it, shard_svc.quant.activations_dtype).
 """
 
 from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from services.config import ModelConfig
 from services.errors import CheckpointError
+from shard_svc.quant import (
+    INT4,
+    INT4_GROUP,
+    Codes,
+    Int4Codes,
+    Matrix,
+    activations_dtype,
+    cat_codes,
+    finish,
+    quantize,
+    quantize_int8,
+)
 from shard_svc.sharding import Range, ShardPlan
+
+QUANT = {torch.int8: "int8", INT4: "int4"}
 
 # safetensors dtype → (numpy dtype of the same width, torch dtype it really is)
 _DTYPES: dict[str, tuple[type[np.generic], torch.dtype]] = {
@@ -50,6 +71,7 @@ class SafetensorsReader:
         if not files:
             raise CheckpointError(f"no *.safetensors files in {model_dir}")
         self.entries: dict[str, _Entry] = {}
+        self.served: dict[str, str] = {}  # name → how it was quantized
         for f in files:
             self.entries.update(_read_header(f))
 
@@ -69,6 +91,13 @@ class SafetensorsReader:
         out = torch.from_numpy(np.array(part)).view(torch_dtype)  # np.array copies
         del part, mapped  # the last reference: the file is unmapped here, not at some later GC
         return out.to(dtype)
+
+    def read_codes(self, name: str, kind: str, group: int, rows: Range | None = None,
+                   cols: Range | None = None) -> Codes:
+        e = self.entries.get(name)
+        self.served[name] = f"{e.dtype if e else '?'} -> {kind}" + (
+            f" g{group}" if kind == "int4" else "")
+        return quantize(self.read(name, torch.float32, rows, cols), kind, group)
 
 
 def _read_header(path: Path) -> dict[str, _Entry]:
@@ -103,25 +132,26 @@ class LayerWeights:
     each is one matrix product; the properties name their parts."""
 
     input_norm: torch.Tensor  # [H]
-    qkv: torch.Tensor  # [(Hq_local + 2 Hkv_local) * D, H]: Q rows, then K, then V
+    qkv: Matrix  # [(Hq_local + 2 Hkv_local) * D, H]: Q rows, then K, then V
     qkv_bias: torch.Tensor | None  # [(Hq_local + 2 Hkv_local) * D]
-    wo: torch.Tensor  # [H, Hq_local * D]
+    wo: Matrix  # [H, Hq_local * D]
     post_norm: torch.Tensor  # [H]
-    gate_up: torch.Tensor  # [2 I_local, H]: gate rows, then up rows
-    w_down: torch.Tensor  # [H, I_local]
+    gate_up: Matrix  # [2 I_local, H]: gate rows, then up rows
+    w_down: Matrix  # [H, I_local]
     qkv_split: tuple[int, int, int]  # rows of Q, K and V in `qkv`
 
+    # The parts, as views (float weights only)
     @property
     def wq(self) -> torch.Tensor:
-        return self.qkv[:self.qkv_split[0]]
+        return _float(self.qkv)[:self.qkv_split[0]]
 
     @property
     def wk(self) -> torch.Tensor:
-        return self.qkv[self.qkv_split[0]:self.qkv_split[0] + self.qkv_split[1]]
+        return _float(self.qkv)[self.qkv_split[0]:self.qkv_split[0] + self.qkv_split[1]]
 
     @property
     def wv(self) -> torch.Tensor:
-        return self.qkv[self.qkv_split[0] + self.qkv_split[1]:]
+        return _float(self.qkv)[self.qkv_split[0] + self.qkv_split[1]:]
 
     @property
     def bk(self) -> torch.Tensor | None:
@@ -131,11 +161,17 @@ class LayerWeights:
 
     @property
     def w_gate(self) -> torch.Tensor:
-        return self.gate_up[:self.gate_up.shape[0] // 2]
+        return _float(self.gate_up)[:self.gate_up.shape[0] // 2]
 
     @property
     def w_up(self) -> torch.Tensor:
-        return self.gate_up[self.gate_up.shape[0] // 2:]
+        return _float(self.gate_up)[self.gate_up.shape[0] // 2:]
+
+
+def _float(w: Matrix) -> torch.Tensor:
+    if not isinstance(w, torch.Tensor):
+        raise TypeError("the parts of a quantized matrix are not views")
+    return w
 
 
 @dataclass
@@ -145,12 +181,28 @@ class ShardWeights:
     final_norm: torch.Tensor  # [H]
     lm_head: torch.Tensor  # [V_local, H] (a view of `embed` when tied)
     packed: bool = False  # matrices reordered for oneDNN (shard_svc.kernels); views unusable
+    served: str = ""  # what precision each kind of tensor is served at, for the log
+
+
+def open_reader(model_dir: Path) -> Any:
+    """The model directory's tensors: a linked GGUF file (convert_gguf's `link`) or
+    safetensors."""
+    from model_formats.gguf.convert import GGUF_LINK
+
+    if (Path(model_dir) / GGUF_LINK).exists():
+        from model_formats.gguf.tensors import GGUFTensors
+
+        return GGUFTensors(Path(model_dir) / GGUF_LINK)
+    return SafetensorsReader(model_dir)
 
 
 def load_shard_weights(model_dir: Path, config: ModelConfig, plan: ShardPlan,
                        dtype: torch.dtype = torch.float32) -> ShardWeights:
-    """Read exactly this rank's slice; fail if the checkpoint lacks any tensor we need."""
-    reader = SafetensorsReader(model_dir)
+    """Read exactly this rank's slice; fail if the checkpoint lacks any tensor we need.
+    torch.int8 / torch.int4: the layers' matrices quantized (see the module's docstring)."""
+    reader = open_reader(model_dir)
+    kind = QUANT.get(dtype)
+    act = activations_dtype() if kind else dtype
     d = config.head_dim
     q_rows = (plan.q_head_range[0] * d, plan.q_head_range[1] * d)
     kv_rows = (plan.kv_head_range[0] * d, plan.kv_head_range[1] * d)
@@ -159,24 +211,46 @@ def load_shard_weights(model_dir: Path, config: ModelConfig, plan: ShardPlan,
 
     def get(name: str, rows: Range | None = None, cols: Range | None = None) -> torch.Tensor:
         used.add(name)
-        return reader.read(name, dtype, rows, cols)
+        return reader.read(name, act, rows, cols)
 
-    def fuse(parts: list[tuple[str, Range]]) -> torch.Tensor:
-        """Row slices of several tensors, stacked: each checked before it is joined."""
-        out = []
-        for name, rows in parts:
-            x = get(name, rows)
-            want = (rows[1] - rows[0], *([config.hidden_size] if x.dim() == 2 else []))
-            if tuple(x.shape) != want:
-                raise CheckpointError(f"{name}: slice shape {tuple(x.shape)} does not match "
-                                      f"config {want}")
+    def checked(name: str, x: torch.Tensor, rows: Range | None, cols: Range | None) -> None:
+        want: tuple[int, ...] = (rows[1] - rows[0],) if rows else (x.shape[0],)
+        if x.dim() == 2:
+            want += (cols[1] - cols[0],) if cols else (config.hidden_size,)
+        if tuple(x.shape) != want:
+            raise CheckpointError(f"{name}: slice shape {tuple(x.shape)} does not match "
+                                  f"config {want}")
+
+    def matrix(parts: Sequence[tuple[str, Range | None, Range | None]]) -> Matrix:
+        """Slices of several tensors stacked by rows (each checked), quantized when asked:
+        each part as soon as it is read."""
+        k = parts[0][2][1] - parts[0][2][0] if parts[0][2] else config.hidden_size
+        how = _kind_for(kind, k) if kind else None
+        out: list[Any] = []
+        for name, rows, cols in parts:
+            used.add(name)
+            if how is None:
+                x = reader.read(name, act, rows, cols)
+            else:
+                x = reader.read_codes(name, how[0], how[1], rows, cols)
+            checked(name, x.q if how else x, rows, cols)
             out.append(x)
-        return torch.cat(out)
+        if how is None:
+            return torch.cat(out)
+        codes = cat_codes(out)
+        if isinstance(codes, Int4Codes) and codes.q.shape[0] % 16:  # the int4 kernel's rule
+            codes = quantize_int8(codes.dequantize())
+            for name, _, _ in parts:
+                reader.served[name] += " -> int8 (int4 needs rows in 16s)"
+        return finish(codes, act)
 
-    def qkv(p: str, part: str) -> torch.Tensor:
+    def qkv(p: str, part: str) -> Any:
         rows = (q_rows, kv_rows, kv_rows)
-        return fuse([(f"{p}self_attn.{x}_proj.{part}", r)
-                     for x, r in zip("qkv", rows, strict=True)])
+        parts = [(f"{p}self_attn.{x}_proj.{part}", r, None) for x, r in zip("qkv", rows,
+                                                                             strict=True)]
+        if part == "bias":
+            return torch.cat([get(name, r) for name, r, _ in parts])
+        return matrix(parts)
 
     split = (q_rows[1] - q_rows[0], kv_rows[1] - kv_rows[0], kv_rows[1] - kv_rows[0])
     layers = []
@@ -186,17 +260,19 @@ def load_shard_weights(model_dir: Path, config: ModelConfig, plan: ShardPlan,
             input_norm=get(p + "input_layernorm.weight"),
             qkv=qkv(p, "weight"),
             qkv_bias=qkv(p, "bias") if config.attention_bias else None,
-            wo=get(p + "self_attn.o_proj.weight", cols=q_rows),
+            wo=matrix([(p + "self_attn.o_proj.weight", None, q_rows)]),
             post_norm=get(p + "post_attention_layernorm.weight"),
-            gate_up=fuse([(p + "mlp.gate_proj.weight", inter), (p + "mlp.up_proj.weight", inter)]),
-            w_down=get(p + "mlp.down_proj.weight", cols=inter),
+            gate_up=matrix([(p + "mlp.gate_proj.weight", inter, None),
+                            (p + "mlp.up_proj.weight", inter, None)]),
+            w_down=matrix([(p + "mlp.down_proj.weight", None, inter)]),
             qkv_split=split,
         ))
     embed = get("model.embed_tokens.weight")
     vocab = plan.vocab_range
     tied = config.tie_word_embeddings or "lm_head.weight" not in reader.entries
     lm_head = embed[vocab[0]:vocab[1]] if tied else get("lm_head.weight", vocab)
-    weights = ShardWeights(embed, layers, get("model.norm.weight"), lm_head)
+    weights = ShardWeights(embed, layers, get("model.norm.weight"), lm_head,
+                           served=_served(reader.served, act))
     _check_shapes(weights, config, plan)
     unused = {n for n in reader.entries if n not in used and "rotary_emb" not in n}
     if unused - {"lm_head.weight"}:
@@ -204,19 +280,37 @@ def load_shard_weights(model_dir: Path, config: ModelConfig, plan: ShardPlan,
     return weights
 
 
+def _kind_for(kind: str, k: int) -> tuple[str, int]:
+    """(kind, int4 group) for a matrix of `k` inputs: int4 needs a group (64, else 32) that
+    divides k, else the matrix is int8."""
+    if kind == "int4":
+        for group in (INT4_GROUP, 32):
+            if k % group == 0:
+                return ("int4", group)
+    return ("int8", 0)
+
+
+def _served(served: dict[str, str], act: torch.dtype) -> str:
+    """'how: count' over the quantized tensors, and the float ones' dtype."""
+    counts: dict[str, int] = {}
+    for how in served.values():
+        counts[how] = counts.get(how, 0) + 1
+    parts = [f"{how} x{n}" for how, n in sorted(counts.items())]
+    return "; ".join([*parts, f"activations, norms, embedding, LM head {str(act)[6:]}"])
+
+
 def _check_shapes(w: ShardWeights, config: ModelConfig, plan: ShardPlan) -> None:
     h, d = config.hidden_size, config.head_dim
     i_local = plan.intermediate_range[1] - plan.intermediate_range[0]
     v_local = plan.vocab_range[1] - plan.vocab_range[0]
-    expect = [("embed", w.embed, (config.vocab_size, h)), ("lm_head", w.lm_head, (v_local, h))]
+    expect: list[tuple[str, Any, tuple[int, ...]]] = [
+        ("embed", w.embed, (config.vocab_size, h)), ("lm_head", w.lm_head, (v_local, h))]
+    qkv_rows = (plan.num_q_heads + 2 * plan.num_kv_heads) * d
     for n, layer in enumerate(w.layers):
         expect += [
-            (f"layer {n} q_proj", layer.wq, (plan.num_q_heads * d, h)),
-            (f"layer {n} k_proj", layer.wk, (plan.num_kv_heads * d, h)),
+            (f"layer {n} qkv_proj", layer.qkv, (qkv_rows, h)),
             (f"layer {n} o_proj", layer.wo, (h, plan.num_q_heads * d)),
-            (f"layer {n} v_proj", layer.wv, (plan.num_kv_heads * d, h)),
-            (f"layer {n} gate_proj", layer.w_gate, (i_local, h)),
-            (f"layer {n} up_proj", layer.w_up, (i_local, h)),
+            (f"layer {n} gate_up_proj", layer.gate_up, (2 * i_local, h)),
             (f"layer {n} down_proj", layer.w_down, (h, i_local)),
         ]
     for name, t, shape in expect:

@@ -39,6 +39,7 @@ Weight = tuple[str, tuple[int, ...], Callable[[], np.ndarray]]  # (name, shape, 
 # output dtype → (safetensors dtype name, numpy dtype of the stored bits)
 DTYPES: dict[str, tuple[str, type[np.generic]]] = {
     "float32": ("F32", np.float32), "float16": ("F16", np.float16), "bfloat16": ("BF16", np.uint16)}
+GGUF_LINK = "model.gguf"  # in a linked model directory: the GGUF file the weights are read from
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
                  "output": "lm_head"}
 _LAYER_NAMES = {
@@ -50,8 +51,11 @@ _LAYER_NAMES = {
 
 def convert_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
                  dtype: str = "float32", progress: Progress | None = None,
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, link: bool = False) -> Path:
     """Write the Hugging Face form of `gguf_path` to `out_dir`; return `out_dir`.
+
+    With `link`, no weights are converted: `model.gguf` is a symbolic link to the (absolute)
+    GGUF file, which the shard reads directly at its own precision (model_formats.gguf.tensors).
 
     Raises `CheckpointError` for a missing, corrupt, truncated or unsupported file, and
     `FileExistsError` when `out_dir` exists, is not empty and `overwrite` is false.
@@ -75,7 +79,10 @@ def convert_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[s
     tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
     tmp.mkdir()  # not mkdtemp: the published directory keeps the umask's usual permissions
     try:
-        _write_safetensors(tmp / "model.safetensors", tensors, dtype, src, progress)
+        if link:
+            os.symlink(src.resolve(), tmp / GGUF_LINK)
+        else:
+            _write_safetensors(tmp / "model.safetensors", tensors, dtype, src, progress)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         tokenizer.save(str(tmp / "tokenizer.json"))
         (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
@@ -103,6 +110,14 @@ def _read(src: Path) -> tuple[Any, dict[str, Any]]:
 
 def _plan(src: Path, tensors: list[Any], config: dict[str, Any]) -> list[Weight]:
     """(Hugging Face name, shape, loader) for every weight, each checked against the config."""
+    return [(hf, shape, functools.partial(_load, src, t, shape, heads))
+            for hf, (t, shape, heads) in hf_tensors(src, tensors, config).items()]
+
+
+def hf_tensors(src: Path, tensors: list[Any], config: dict[str, Any]
+               ) -> dict[str, tuple[Any, tuple[int, ...], int | None]]:
+    """Hugging Face name → (GGUF tensor, Hugging Face shape, heads whose Q/K rows llama.cpp
+    permuted or None), every tensor checked against the config and its type readable."""
     hidden, inter = config["hidden_size"], config["intermediate_size"]
     q_rows = config["num_attention_heads"] * config["head_dim"]
     kv_rows = config["num_key_value_heads"] * config["head_dim"]
@@ -113,7 +128,7 @@ def _plan(src: Path, tensors: list[Any], config: dict[str, Any]) -> list[Weight]
               "attn_output": (hidden, q_rows), "ffn_gate": (inter, hidden),
               "ffn_up": (inter, hidden), "ffn_down": (hidden, inter)}
     permute = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
-    plan: list[Weight] = []
+    plan: dict[str, tuple[Any, tuple[int, ...], int | None]] = {}
     for t in tensors:
         if t.name == "rope_freqs.weight":
             continue  # already folded into the config's rope parameters
@@ -133,10 +148,10 @@ def _plan(src: Path, tensors: list[Any], config: dict[str, Any]) -> list[Weight]
                                   f"expected {list(shape)} from the metadata")
         _check_type(src, t)
         heads = permute.get(kind) if config["model_type"] == "llama" else None
-        plan.append((hf, shape, functools.partial(_load, src, t, shape, heads)))
+        plan[hf] = (t, shape, heads)
     expected = {f"model.layers.{i}.{n}.weight" for i in range(config["num_hidden_layers"])
                 for n in _LAYER_NAMES.values()} | {"model.embed_tokens.weight", "model.norm.weight"}
-    if missing := sorted(expected - {name for name, _, _ in plan}):
+    if missing := sorted(expected - set(plan)):
         raise CheckpointError(f"{src}: {len(missing)} tensors missing, first {missing[0]}")
     return plan
 

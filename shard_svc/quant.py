@@ -1,0 +1,193 @@
+"""Weight-only int8 and int4 matrices: made per rank slice at load, multiplied by the kernels.
+
+A matrix is first held as *codes* (one byte per weight, easy to slice and stack row-wise, as the
+fused QKV and gate/up matrices need), then *finished* into the layout the kernels read:
+
+  int8  symmetric, one scale per output row:   w[n, k] ≈ q[n, k] * s[n]          (q in -127..127)
+        served by `aten._weight_int8pack_mm(x, q [N, K], s [N])`
+  int4  asymmetric, groups of `group` inputs:  w[n, k] ≈ (q[n, k] - 8) * s[n, g] + z[n, g]
+        (q in 0..15, g = k // group): the layout of `aten._weight_int4pack_mm_for_cpu`, whose
+        packed weight is `_convert_weight_to_int4pack_for_cpu(q)` and scales-and-zeros
+        [K / group, N, 2]. GGUF Q4_0 (z = 0), Q4_1 (z = m + 8 d) and Q4_K (s = d·sc,
+        z = 8 s - dmin·m) map onto it exactly at group 32.
+
+Scales (and zeros) are stored in the activations' dtype, as the kernels require.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+INT4_GROUP = 64  # default group for int4 made from float weights (GGUF Q4 blocks keep 32)
+INT4_GROUPS = (32, 64, 128, 256)  # the group sizes the int4 kernel takes
+
+
+@dataclass
+class Int8Codes:
+    q: torch.Tensor  # int8 [N, K]
+    scales: torch.Tensor  # float32 [N]
+
+    def dequantize(self) -> torch.Tensor:
+        return self.q.float() * self.scales[:, None]
+
+
+@dataclass
+class Int4Codes:
+    q: torch.Tensor  # uint8 [N, K], values 0..15
+    scales: torch.Tensor  # float32 [N, K / group]
+    zeros: torch.Tensor  # float32 [N, K / group]
+
+    @property
+    def group(self) -> int:
+        return self.q.shape[1] // self.scales.shape[1]
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.q.shape
+        q = self.q.float().view(n, -1, self.group) - 8
+        return (q * self.scales[..., None] + self.zeros[..., None]).view(n, k)
+
+
+Codes = Int8Codes | Int4Codes
+
+
+def quantize_int8(w: torch.Tensor) -> Int8Codes:
+    """Symmetric per-row int8 of a float matrix [N, K]."""
+    w = w.float()
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return Int8Codes(q, scales)
+
+
+def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP) -> Int4Codes:
+    """Asymmetric (min/max) int4 of a float matrix [N, K] in groups of `group` inputs."""
+    n, k = w.shape
+    if group not in INT4_GROUPS or k % group:
+        raise ValueError(f"int4 group must be one of {INT4_GROUPS} and divide {k}, got {group}")
+    g = w.float().view(n, k // group, group)
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+    scales = ((hi - lo) / 15).clamp(min=1e-12)
+    q = torch.round((g - lo[..., None]) / scales[..., None]).clamp(0, 15).to(torch.uint8)
+    return Int4Codes(q.view(n, k), scales, lo + 8 * scales)
+
+
+def quantize(w: torch.Tensor, kind: str, group: int = INT4_GROUP) -> Codes:
+    return quantize_int8(w) if kind == "int8" else quantize_int4(w, group)
+
+
+def cat_codes(parts: list[Codes]) -> Codes:
+    """Row slices stacked (all of one kind; int4 of one group)."""
+    if all(isinstance(p, Int8Codes) for p in parts):
+        return Int8Codes(torch.cat([p.q for p in parts]),  # type: ignore[union-attr]
+                         torch.cat([p.scales for p in parts]))
+    if len({p.group for p in parts if isinstance(p, Int4Codes)}) != 1:
+        raise ValueError("int4 parts of different kinds or groups cannot be stacked")
+    return Int4Codes(*(torch.cat([getattr(p, f) for p in parts]) for f in ("q", "scales", "zeros")))
+
+
+@dataclass
+class Int8Weight:
+    """What `KernelPlan.linear` multiplies by: x @ (q * s[:, None]).T"""
+
+    q: torch.Tensor  # int8 [N, K]
+    scales: torch.Tensor  # [N], the activations' dtype
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.q.shape[0], self.q.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + self.scales.nbytes
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.scales.dtype
+
+    def dequantize_rows(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """Rows start:stop as integers in `out`'s dtype (exact); scales are applied after."""
+        return out[:stop - start].copy_(self.q[start:stop])
+
+
+@dataclass
+class Int4Weight:
+    packed: torch.Tensor  # `_convert_weight_to_int4pack_for_cpu` of the codes
+    scale_zeros: torch.Tensor  # [K / group, N, 2], the activations' dtype
+    group: int
+    k: int
+    block_n: int | None  # rows per block of the packed layout, when known (see `unpack`)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.scale_zeros.shape[1], self.k)
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.nbytes + self.scale_zeros.nbytes
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.scale_zeros.dtype
+
+    def dequantize_rows(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """Rows start:stop (multiples of `block_n`) dequantized into `out`."""
+        assert self.block_n is not None
+        n, k, b, g = stop - start, self.k, self.block_n, self.group
+        p = self.packed[start:stop].view(n // b, k, b // 2)
+        codes = torch.cat((p & 15, p >> 4), dim=2).transpose(1, 2).contiguous()  # [n/b, b, K]
+        w = out[:n].view(n, k // g, g)
+        w.view(n // b, b, k).copy_(codes)
+        sz = self.scale_zeros[:, start:stop].transpose(0, 1)  # [n, K / group, 2]
+        w.mul_(sz[..., :1]).add_(sz[..., 1:] - 8 * sz[..., :1])
+        return out[:n]
+
+
+QuantWeight = Int8Weight | Int4Weight
+Matrix = torch.Tensor | Int8Weight | Int4Weight  # what the model multiplies by
+INT4: torch.dtype = torch.int4  # type: ignore[attr-defined]  # (missing from torch's stubs)
+
+
+def finish(codes: Codes, dtype: torch.dtype) -> QuantWeight:
+    """Codes in the kernels' layout, scales in `dtype` (the activations')."""
+    if isinstance(codes, Int8Codes):
+        return Int8Weight(codes.q.contiguous(), codes.scales.to(dtype))
+    n, k = codes.q.shape
+    if n % 16:
+        raise ValueError(f"int4 needs output rows in multiples of 16, got {n}")
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.q.to(torch.int32), 1)
+    scale_zeros = torch.stack((codes.scales, codes.zeros), dim=-1).transpose(0, 1).contiguous()
+    block = int4_block_n()
+    return Int4Weight(packed, scale_zeros.to(dtype), codes.group, k,
+                      block if block and n % block == 0 else None)
+
+
+_BLOCK_N: list[int | None] = []
+
+
+def int4_block_n() -> int | None:
+    """Rows per block of the int4 kernel's packed layout on this CPU, found by packing a probe
+    (64 rows with AVX-512, 32 with AVX2, where each byte holds row r of a block in its low
+    nibble and row r + block/2 in its high one); None when the layout is none of those."""
+    if not _BLOCK_N:
+        n, k = 128, 64
+        q = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(0))
+        p = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+        found = None
+        for b in (64, 32, 16):
+            v = p.view(n // b, k, b // 2)
+            if torch.equal(torch.cat((v & 15, v >> 4), 2).transpose(1, 2).reshape(n, k), q):
+                found = b
+                break
+        _BLOCK_N.append(found)
+    return _BLOCK_N[0]
+
+
+def activations_dtype() -> torch.dtype:
+    """bfloat16 where the CPU runs the weight-only kernels' bf16 paths (AVX-512), else float32.
+
+    Measured (H=2048, N=8192 int8, one token): bf16 activations read the weights at ~30 GB/s on
+    AVX-512 BF16, float32 activations at 2.7 GB/s; under AVX2 the bf16 paths are emulated."""
+    if torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return torch.bfloat16
+    return torch.float32
