@@ -1,12 +1,14 @@
 """The router's bounds before work, against a real router process (issue 16, items 3 and 5).
 
-    python -m bench.router_bounds [--model-dir DIR] [--max-waiting 8] [--big-mb 60]
+    python -m bench.router_bounds [--model-dir DIR] [--max-waiting 8] [--big-mb 60] [--only-burst]
 
 Real processes on loopback: a tokenizer, one SmolLM2 shard and a router with its defaults but
 `--max-waiting` (and `--http-listen`). Measured from the client:
 
-* a burst of 4 x max-waiting concurrent requests: how many are refused (RESOURCE_EXHAUSTED), how
-  long each refusal took, and that the admitted ones complete;
+* bursts of 4 x max-waiting concurrent requests: how many are refused (RESOURCE_EXHAUSTED), how
+  long each refusal took (median, p99, max, from its call's start to its status), and that the
+  admitted ones complete; against the same bursts to a bare grpc.aio server that refuses every
+  call at once (the floor: gRPC's own cost per call in Python, client and server);
 * one over-long prompt (300 kB) at a time: the refusal's latency, for comparison;
 * a chat of 1,000,000 empty messages (serialized beforehand, ~8 MB): the refusal's latency;
 * six concurrent oversized prompts while a greedy stream runs: over gRPC at `--big-mb` MB (over
@@ -27,6 +29,7 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -38,6 +41,7 @@ from tools.client import RouterClient, generate_request
 
 MB = 1024 * 1024
 STREAM_TOKENS = 48
+BURST_ROUNDS = 5
 
 
 class RssSampler:
@@ -99,16 +103,70 @@ def _stream_process(router: str, started: object, out: object) -> None:
     out.put(asyncio.run(run()))  # type: ignore[attr-defined]
 
 
-async def burst(client: RouterClient, n: int) -> dict[str, object]:
+async def burst(client: RouterClient, n: int, rounds: int = BURST_ROUNDS) -> dict[str, object]:
+    """`rounds` bursts of `n` concurrent requests (1 s apart); every refusal's latency, measured
+    from its call's start to its status at the client, pooled."""
     async def one(i: int) -> tuple[str, float]:
         return await raw_generate(client, generate_request(
             f"Request {i}: say something.", max_new_tokens=8).SerializeToString())
 
-    results = await asyncio.gather(*(one(i) for i in range(n)))
+    results: list[tuple[str, float]] = []
+    for _ in range(rounds):
+        results += await asyncio.gather(*(one(i) for i in range(n)))
+        await asyncio.sleep(1.0)
     refused = [t for code, t in results if code == "RESOURCE_EXHAUSTED"]
-    return {"sent": n, "refused": len(refused), "completed": sum(c == "OK" for c, _ in results),
+    return {"sent": n * rounds, "refused": len(refused),
+            "completed": sum(c == "OK" for c, _ in results),
             "other": sorted({c for c, _ in results} - {"OK", "RESOURCE_EXHAUSTED"}),
             "refusal_ms": [1e3 * t for t in refused]}
+
+
+def _refusing_server(port: object) -> None:
+    """The floor for comparison: a bare grpc.aio server (a process of its own, no interceptors)
+    that refuses every Generate at once with RESOURCE_EXHAUSTED. Runs until terminated."""
+    async def refuse(data: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "waiting queue full")
+        yield b""
+
+    async def run() -> None:
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+            "cpumesh.v1.RouterService",
+            {"Generate": grpc.unary_stream_rpc_method_handler(refuse)})])
+        port.value = server.add_insecure_port("127.0.0.1:0")  # type: ignore[attr-defined]
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(run())
+
+
+async def burst_floor(n: int, rounds: int = BURST_ROUNDS) -> list[float]:
+    """Refusal latencies (ms) of the same bursts against `_refusing_server`."""
+    mp = multiprocessing.get_context("spawn")
+    port = mp.Value("i", 0)
+    server = mp.Process(target=_refusing_server, args=(port,), daemon=True)
+    server.start()
+    try:
+        deadline = time.monotonic() + 60
+        while port.value == 0:
+            if time.monotonic() > deadline or not server.is_alive():
+                raise RuntimeError("the refusing server did not start within 60 s")
+            await asyncio.sleep(0.05)
+        async with RouterClient(f"127.0.0.1:{port.value}") as client:
+            b = await burst(client, n, rounds)
+    finally:
+        server.terminate()
+        server.join(10)
+    floor = b["refusal_ms"]
+    assert isinstance(floor, list) and b["refused"] == n * rounds, b
+    return floor
+
+
+def percentiles(ms: list[float]) -> str:
+    if not ms:
+        return "no refusals"
+    q = statistics.quantiles(ms, n=100, method="inclusive") if len(ms) > 1 else ms * 99
+    return f"median {statistics.median(ms):.1f}, p99 {q[98]:.1f}, max {max(ms):.1f}"
 
 
 async def flood(client: RouterClient, http: str, sampler: RssSampler, kind: str, size: int
@@ -150,11 +208,15 @@ async def flood(client: RouterClient, http: str, sampler: RssSampler, kind: str,
             "max_gap_ms": 1e3 * max(gaps)}
 
 
-async def measure(router_addr: str, http: str, pid: int, max_waiting: int, big: int
+async def measure(router_addr: str, http: str, pid: int, max_waiting: int, big: int,
+                  only_burst: bool = False
                   ) -> tuple[dict[str, object], float, list[dict[str, object]], list[float]]:
     async with RouterClient(router_addr) as client:
         await stream_gaps(client)  # warm up
         b = await burst(client, 4 * max_waiting)
+        b["floor_ms"] = await burst_floor(4 * max_waiting)
+        if only_burst:
+            return b, float("nan"), [], []
         chat = generate_request(messages=[("user", "")] * 1_000_000).SerializeToString()
         code, chat_s = await raw_generate(client, chat)
         assert code == "INVALID_ARGUMENT", code
@@ -174,6 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model-dir", type=Path)
     p.add_argument("--max-waiting", type=int, default=8)
     p.add_argument("--big-mb", type=int, default=60)
+    p.add_argument("--only-burst", action="store_true", help="measure the bursts alone")
     args = p.parse_args(argv)
     model_dir = args.model_dir
     if model_dir is None:
@@ -196,18 +259,24 @@ def main(argv: list[str] | None = None) -> None:
         wait_serving(router, services[2], deadline_s=180)
         pid = services[2].proc.pid  # type: ignore[union-attr]
         b, chat_ms, rows, alone = asyncio.run(measure(router, f"http://{http}", pid,
-                                                      args.max_waiting, args.big_mb))
+                                                      args.max_waiting, args.big_mb,
+                                                      args.only_burst))
     finally:
         for s in reversed(services):
             s.stop()
-    ms = b["refusal_ms"]
-    assert isinstance(ms, list)
+    ms, floor = b["refusal_ms"], b["floor_ms"]
+    assert isinstance(ms, list) and isinstance(floor, list)
     print(f"\nrouter bounds (SmolLM2, tp 1; router defaults, --max-waiting {args.max_waiting}; "
           f"logs in {log_dir})\n")
-    print(f"burst of {b['sent']}: {b['refused']} refused RESOURCE_EXHAUSTED, {b['completed']} "
-          f"completed, other {b['other'] or 'none'}; refusal ms median "
-          f"{statistics.median(ms) if ms else float('nan'):.1f}, max "
-          f"{max(ms) if ms else float('nan'):.1f}")
+    print(f"{BURST_ROUNDS} bursts of {4 * args.max_waiting}: {b['refused']} of {b['sent']} "
+          f"refused RESOURCE_EXHAUSTED, {b['completed']} completed, other {b['other'] or 'none'}")
+    print(f"  refusal ms, router:               {percentiles(ms)}")
+    print(f"  refusal ms, bare grpc.aio server: {percentiles(floor)} (refuses every call at "
+          "once: gRPC's own floor in Python)")
+    if ms and floor:
+        print(f"  router / floor, median: {statistics.median(ms) / statistics.median(floor):.2f}")
+    if args.only_burst:
+        return
     print(f"one 300 kB prompt at a time (x20): INVALID_ARGUMENT in {b['single_ms']:.1f} ms "
           "(median)")
     print(f"chat of 1,000,000 empty messages: INVALID_ARGUMENT in {chat_ms:.1f} ms")

@@ -9,11 +9,29 @@ back when its response ends, however it ends: at most `max_requests` requests, a
 `max_bytes` bytes of their encoded requests together, are in the router at once. A request over
 either bound is refused at once with RESOURCE_EXHAUSTED (HTTP 429), before it is parsed.
 Pure bookkeeping on the event loop: no locks, no I/O.
+
+`refuse_if_queue_full` is the queue's bound seen from the same place: a request that the
+scheduler's waiting queue (`--max-waiting`) would refuse anyway is refused before it is read,
+parsed or validated, so that a burst's excess costs the router next to nothing (issue 16).
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from services.errors import ResourceExhausted
+
+if TYPE_CHECKING:
+    from router_svc.scheduler import Scheduler
+
+
+def refuse_if_queue_full(scheduler: Scheduler | None) -> None:
+    """ResourceExhausted when the waiting queue has no room for one more request (the rule of
+    `Scheduler.reserve_waiting`, which still takes the slot once the request is parsed; a
+    router not yet serving has no scheduler and answers later, UNAVAILABLE)."""
+    if scheduler is not None and (scheduler.num_waiting + scheduler.num_reserved_waiting
+                                  >= scheduler.config.max_waiting):
+        raise ResourceExhausted(f"waiting queue full ({scheduler.config.max_waiting} requests)")
 
 
 class Admission:

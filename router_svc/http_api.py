@@ -12,11 +12,11 @@ disconnects cancels its handler (`handler_cancellation`), and the `finally` canc
 Extensions beyond OpenAI's fields, as in vLLM: top_k, ignore_eos, stop_token_ids. Listening,
 HTTPS and the API-key check are in `http_server.py`.
 
-Bounds before work, as over gRPC: each request takes a ticket of the engine's `Admission` when it
-arrives (429 past the requests or bytes in flight); a body larger than `--max-request-bytes`, or
-than any valid request within the model's limits can be in JSON, is 413 without being read; a
-chat's message count is checked before its messages are copied; large bodies are decoded in a
-thread.
+Bounds before work, as over gRPC: a full waiting queue is 429 before the body is read; each
+request takes a ticket of the engine's `Admission` when it arrives (429 past the requests or
+bytes in flight); a body larger than `--max-request-bytes`, or than any valid request within the
+model's limits can be in JSON, is 413 without being read; a chat's message count is checked
+before its messages are copied; large bodies are decoded in a thread.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any
 
 from aiohttp import web
 
-from router_svc.admission import Ticket
+from router_svc.admission import Ticket, refuse_if_queue_full
 from router_svc.engine import Engine
 from router_svc.http_server import api_key_middleware, start_http
 from router_svc.metrics import CONTENT_TYPE, RouterMetrics
@@ -194,6 +194,7 @@ class HttpApi:
             f"{limits.max_chat_messages} can take in JSON)")
         if request.content_length is not None and request.content_length > limit:
             raise too_large
+        refuse_if_queue_full(self.engine.scheduler)  # 429 before the body is read
         ticket = self.engine.admission.enter(request.content_length or 0)
         try:
             try:

@@ -4,11 +4,12 @@ A client that cancels, disconnects or runs past its deadline gets `asyncio.Cance
 the next `await`/`yield` here; the `finally` cancels its request in the engine, which releases
 the sequence on every shard before the next step.
 
-Generate takes the request's bytes (`raw_requests`), so bounds come before any work: a ticket of
-the engine's `Admission` (requests and bytes in flight, RESOURCE_EXHAUSTED), then the bytes'
-size against what a prompt or chat within the limits can make (INVALID_ARGUMENT, unparsed), then
-the chat's message count as soon as it is parsed (before its messages are copied). A large
-request is parsed in a thread, off the event loop that streams everyone's tokens.
+Generate takes the request's bytes (`raw_requests`), so bounds come before any work: a full
+waiting queue refuses it at once (RESOURCE_EXHAUSTED, unparsed), then a ticket of the engine's
+`Admission` (requests and bytes in flight, RESOURCE_EXHAUSTED), then the bytes' size against
+what a prompt or chat within the limits can make (INVALID_ARGUMENT, unparsed), then the chat's
+message count as soon as it is parsed (before its messages are copied). A large request is
+parsed in a thread, off the event loop that streams everyone's tokens.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from router_svc.admission import refuse_if_queue_full
 from router_svc.engine import Engine
 from router_svc.request import GenerateRequest, Limits, check_chat_messages, max_request_size
 from router_svc.sequence import Chunk, TokenLogprob
@@ -45,6 +47,7 @@ class RouterServicer:
 
     async def Generate(self, data: bytes, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[router_pb2.GenerateResponse]:
+        refuse_if_queue_full(self.engine.scheduler)  # before anything is parsed or created
         ticket = self.engine.admission.enter(len(data))
         try:
             stream = await self.engine.submit(await self._parse(data))

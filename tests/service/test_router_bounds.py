@@ -4,8 +4,9 @@ API on port 0, driven by the gRPC client and the official `openai` client.
 
 What is checked is what reaches the tokenizer: an over-long prompt or chat never does; of a burst
 of 4 x max-waiting requests exactly the excess is refused and only the admitted ones are
-tokenized (and complete); the (cap+1)-th concurrent request is refused; a body over the limit is
-413 unread.
+tokenized (and complete), and while the queue is full a request is refused before it is read
+(garbage bytes, an HTTP body: RESOURCE_EXHAUSTED, 429) without changing the queue; the
+(cap+1)-th concurrent request is refused; a body over the limit is 413 unread.
 """
 
 from __future__ import annotations
@@ -145,14 +146,31 @@ async def test_a_burst_of_four_times_max_waiting_refuses_exactly_the_excess() ->
         assert all(isinstance(e, grpc.aio.AioRpcError)
                    and e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for e in refused), refused
         assert r.tokenizer.encodes == CONFIG.max_waiting
+        s = r.engine.scheduler
+        assert s is not None and (s.num_waiting, s.num_reserved_waiting) == (0, CONFIG.max_waiting)
+        # While the queue is full a request is refused before it is read: bytes that are no
+        # request at all, and an HTTP body, get RESOURCE_EXHAUSTED / 429 too.
+        garbage = client.channel.unary_stream("/cpumesh.v1.RouterService/Generate")
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            async for _ in garbage(b"\xff not a GenerateRequest", timeout=DEADLINE):
+                pass
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert e.value.details() == f"waiting queue full ({CONFIG.max_waiting} requests)"
+        async with r.openai() as oa:
+            with pytest.raises(openai.RateLimitError) as limited:
+                await oa.completions.create(model="fake-model", prompt="burst", max_tokens=2)
+            assert "waiting queue full" in limited.value.message
+        assert (s.num_waiting, s.num_reserved_waiting) == (0, CONFIG.max_waiting)  # unchanged
+        assert r.engine.admission.requests == CONFIG.max_waiting
+        assert r.tokenizer.encodes == CONFIG.max_waiting
         r.tokenizer.release.set()
         async with asyncio.timeout(DEADLINE):
             admitted = await asyncio.gather(*[c for c in calls if not c.done()])
         assert len(admitted) == CONFIG.max_waiting
         assert all(a.finish_name == "length" and len(a.token_ids) == 4 for a in admitted)
         assert r.tokenizer.encodes == CONFIG.max_waiting
-        s = r.engine.scheduler
-        assert s is not None and (s.num_waiting, s.num_reserved_waiting) == (0, 0)
+        assert (s.num_waiting, s.num_reserved_waiting) == (0, 0)
+        assert (r.engine.admission.requests, r.engine.admission.bytes) == (0, 0)
 
 
 async def test_the_in_flight_caps_refuse_the_next_request() -> None:
