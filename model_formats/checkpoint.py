@@ -34,6 +34,6 @@ def model_fingerprint(model_dir: Path) -> str:
     """
     model_dir = Path(model_dir)
     h = hashlib.sha256((model_dir / "config.json").read_bytes())
-    for f in sorted(model_dir.glob("*.safetensors")):
+    for f in sorted([*model_dir.glob("*.safetensors"), *model_dir.glob("*.gguf")]):
         h.update(f"{f.name}:{f.stat().st_size}".encode())
     return h.hexdigest()[:16]

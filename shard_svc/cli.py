@@ -26,11 +26,14 @@ def cli_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch threads, or 'auto' for the CPUs this process may use")
     p.add_argument("--dtype", default="float32", choices=DTYPES,
                    help="weights, activations and KV cache (norms and softmax accumulate in "
-                   "float32); default: %(default)s")
+                   "float32); int8 / int4: the layers' weights quantized at load (a linked "
+                   "GGUF's Q4 blocks served as they are), activations, KV cache, embedding and "
+                   "LM head in bfloat16 (float32 on CPUs without AVX-512); default: %(default)s")
     p.add_argument("--kernels", default="auto", choices=KERNELS,
                    help="library for the matrix products: aten, onednn, packed (oneDNN with "
                    "weights reordered at load), or auto (timed at start on this CPU, the choice "
-                   "logged); default: %(default)s")
+                   "logged); with int8/int4, aten = weight-only kernels, onednn = dequantize "
+                   "per call; default: %(default)s")
     p.add_argument("--kv-capacity-tokens", type=int, default=16384)
     p.add_argument("--kv-page-size", type=int, default=16)
     p.add_argument("--prefix-cache", default="on", choices=["on", "off"],

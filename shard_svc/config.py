@@ -7,7 +7,7 @@ from pathlib import Path
 
 from shard_svc.mesh.config import MeshConfig
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "int8", "int4")  # int8/int4: weight-only
 KERNELS = ("auto", "aten", "onednn", "packed")
 
 

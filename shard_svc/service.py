@@ -104,7 +104,8 @@ class ShardProcess:
         weights = await loop.run_in_executor(None, load_shard_weights, cfg.model_dir,
                                              self.model_config, self.plan,
                                              getattr(torch, cfg.dtype))
-        log.info("weights loaded in %.1f s; choosing kernels", time.monotonic() - t0)
+        log.info("weights loaded in %.1f s (%s); choosing kernels", time.monotonic() - t0,
+                 weights.served or cfg.dtype)
         t1 = time.monotonic()
         kernels = await loop.run_in_executor(
             servicer.executor, choose_kernels, cfg.kernels, weights.embed.dtype,

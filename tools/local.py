@@ -84,8 +84,11 @@ def cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=50051, help="router port (0: any free port)")
     p.add_argument("--http-port", type=int, default=8000,
                    help="router HTTP port: OpenAI-compatible API and /metrics (0: any free port)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="weights, activations and KV cache in the shards (default: %(default)s)")
+    p.add_argument("--dtype", default="float32",
+                   choices=["float32", "bfloat16", "float16", "int8", "int4"],
+                   help="weights, activations and KV cache in the shards; int8 / int4: weights "
+                   "quantized, a GGUF (or the embedded model) read at its own precision "
+                   "(default: %(default)s)")
     p.add_argument("--kv-capacity-tokens", type=int, metavar="N",
                    help="KV cache per shard, in tokens (default: the shard's, 16384)")
     p.add_argument("--max-context", type=int, metavar="N",
@@ -109,8 +112,15 @@ def build_config(args: argparse.Namespace) -> LocalConfig:
     from model_formats.gguf.convert import stderr_progress
 
     cache_dir = args.cache_dir or default_cache_dir(args.environ)
+    quantized = args.dtype in ("int8", "int4")  # a GGUF is then read as it is, not converted
     if args.model_dir is not None:
         model_dir, name = args.model_dir, args.model_dir.resolve().name
+    elif quantized:
+        from model_formats.embedded import embedded_gguf_path
+        from model_formats.gguf.link import linked_model_dir
+        gguf = args.gguf or embedded_gguf_path()
+        model_dir = linked_model_dir(gguf, cache_dir)
+        name = args.gguf.stem if args.gguf else MODEL_NAME
     elif args.gguf is not None:
         from tools.local_procs import converted_gguf
         say(f"preparing {args.gguf} (converted once, then cached)")
