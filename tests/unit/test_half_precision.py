@@ -62,7 +62,7 @@ def cpumesh_top1(model_dir: Path, dtype: torch.dtype, library: str, seqs: list[l
         cache = model.new_cache(capacity_tokens=1024, page_size=4)
         steps = [(i, p) for i, p in enumerate(PROMPTS)]
         top = []
-        for t in range(NEW_TOKENS):
+        for t in range(tokens):
             local = model.local_logits(model.forward(make_batch(steps, cache), cache))
             assert torch.isfinite(local).all()
             top.append(gather_vocab(comm, local, plan.vocab_range, config.vocab_size).argmax(-1))
@@ -70,8 +70,9 @@ def cpumesh_top1(model_dir: Path, dtype: torch.dtype, library: str, seqs: list[l
             steps = [(i, [s[len(p) + t]]) for i, (p, s) in pairs]
         return top
 
-    top = run_ranks(tp, rank)[0]  # [NEW_TOKENS] of [B]
-    return [int(top[t][i]) for i in range(len(PROMPTS)) for t in range(NEW_TOKENS)]
+    tokens = len(seqs[0]) - len(PROMPTS[0])  # NEW_TOKENS for `continuations`
+    top = run_ranks(tp, rank)[0]  # [tokens] of [B]
+    return [int(top[t][i]) for i in range(len(PROMPTS)) for t in range(tokens)]
 
 
 def agreement(a: list[int], b: list[int]) -> float:
