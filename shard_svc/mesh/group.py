@@ -34,7 +34,8 @@ from shard_svc.mesh.algorithms import Recvs, Sends, direct, ring, scatter
 from shard_svc.mesh.communicator import MeshError
 from shard_svc.mesh.config import MeshConfig
 from shard_svc.mesh.direct import DirectOnStreams
-from shard_svc.mesh.handshake import Formation, Handshake, Hello, local_hello
+from shard_svc.mesh.handshake import Formation, Handshake
+from shard_svc.mesh.hello import Hello, local_hello
 from shard_svc.mesh.inbox import Inbox
 from shard_svc.mesh.links import Links, create_curve_keys
 from shard_svc.mesh.shm import SharedSlots, stores_are_ordered

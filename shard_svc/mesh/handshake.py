@@ -1,7 +1,7 @@
 """Forming the mesh: every rank says who it is, checks every peer, and agrees on one formation.
 
-Phase 1: each rank sends HELLO (mesh name, rank, world size, fingerprint, algorithm settings,
-a fresh nonce, its host and shared-memory segment) to every peer, again every
+Phase 1: each rank sends HELLO (hello.py: mesh name, rank, world size, fingerprint, algorithm
+settings, a fresh nonce, its host and shared-memory segment) to every peer, again every
 `hello_interval_s` until that peer has answered, and answers every valid HELLO with its own,
 carrying `ack` = the nonce it accepted. A peer with another mesh name, world size, fingerprint,
 settings or CURVE key, or whose rank is claimed by a second live process, is refused: its nonce is
@@ -14,8 +14,6 @@ peer has sent its READY, so no rank is left waiting for one that has already ret
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -25,22 +23,11 @@ import zmq
 
 from shard_svc.mesh.communicator import MeshError
 from shard_svc.mesh.config import MeshConfig
+from shard_svc.mesh.hello import Hello, parse_hello, refusal, settings
 from shard_svc.mesh.links import Links
-from shard_svc.mesh.wire import WIRE_VERSION, Header, Kind, control, formation_id, parse_body
+from shard_svc.mesh.wire import Header, Kind, control, formation_id, parse_body
 
 DUPLICATE_AFTER_S = 0.5  # two nonces still alternating this long after both appeared: duplicate
-
-
-@dataclass(frozen=True)
-class Hello:
-    rank: int
-    nonce: str
-    host: str
-    pid: int
-    host_id: str  # equal on ranks that can share memory
-    shm: str | None  # path of the rank's shared-memory segment
-    address: str = ""  # its own entry in its peers list
-    stream: str = ""  # "host:port" of its tcp data listener ("" when it offers none)
 
 
 @dataclass(frozen=True)
@@ -49,26 +36,6 @@ class Formation:
     hellos: tuple[Hello, ...]  # by rank, ours included
     shm: bool  # every rank mapped every other's shared memory
     streams: bool = False  # no shared memory, and every rank offered a tcp data listener
-
-
-def settings(config: MeshConfig) -> dict[str, object]:
-    """What must be equal on all ranks besides the fingerprint."""
-    return {"v": WIRE_VERSION, "mesh": config.mesh_name, "size": config.tp_size,
-            "fingerprint": config.fingerprint, "algorithm": config.algorithm,
-            "ring_min_bytes": config.ring_min_bytes,
-            "shm_ring_min_bytes": config.shm_ring_min_bytes,
-            "shm_slot_bytes": config.shm_slot_bytes, "transport": config.transport}
-
-
-def local_hello(nonce: str, shm: str | None, shm_dir: str, stream: str = "") -> Hello:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-        st = os.stat(shm_dir)
-        host_id = f"{boot}/{st.st_dev}/{st.st_ino}"
-    except OSError:
-        host_id = f"{socket.gethostname()}/{os.getpid()}"  # unique: never shares memory
-    return Hello(-1, nonce, socket.gethostname(), os.getpid(), host_id, shm, stream=stream)
 
 
 class Handshake:
@@ -164,17 +131,12 @@ class Handshake:
             self.links.skip_rest()
 
     def _hello(self, body: dict[str, object], user: str | None) -> None:
-        try:
-            h = Hello(**{k: body[k] for k in Hello.__dataclass_fields__})  # type: ignore[arg-type]
-            if not isinstance(h.rank, int) or not isinstance(h.nonce, str):
-                raise TypeError
-        except (KeyError, TypeError):
-            return
-        if h.nonce in self.banned:
+        h = parse_hello(body)
+        if h is None or h.nonce in self.banned:
             return
         now = time.monotonic()
         self.first_seen.setdefault(h.nonce, now)
-        reason = self._check(h, body, user)
+        reason = refusal(self.cfg, self.settings, h, body, user, self.keys, self.me)
         if reason is None and h.rank in self.last_nonce:
             prev = self.last_nonce[h.rank]
             if prev.nonce != h.nonce and now - self.first_seen[h.nonce] > DUPLICATE_AFTER_S \
@@ -210,25 +172,6 @@ class Handshake:
             self.links.send(h.rank, frames)
         elif isinstance(h.address, str) and h.address.rpartition(":")[2].isdigit():
             self.links.send_to(h.address, frames, self.links.public_keys.get(h.rank))
-
-    def _check(self, h: Hello, body: dict[str, object], user: str | None) -> str | None:
-        """Why this hello is refused, or None."""
-        for key, ours in self.settings.items():
-            if body.get(key) != ours:
-                return f"rank {h.rank} (pid {h.pid} on {h.host}) has {key} {body.get(key)!r}, " \
-                       f"ours is {ours!r}"
-        if h.rank == self.cfg.tp_rank:
-            return (f"duplicate rank {h.rank}: pid {h.pid} on {h.host} claims our own rank "
-                    f"(we are pid {self.me.pid} on {self.me.host})")
-        if h.rank not in self.links.others:
-            return f"a peer (pid {h.pid} on {h.host}) claims rank {h.rank}, outside the mesh"
-        if h.address != self.cfg.peers[h.rank]:
-            return (f"duplicate rank {h.rank}: pid {h.pid} on {h.host} claims it at "
-                    f"{h.address}, our peers list has rank {h.rank} at {self.cfg.peers[h.rank]}")
-        if self.cfg.curve and self.keys.get(user or "") != h.rank:
-            return (f"rank {h.rank} (pid {h.pid} on {h.host}) presented the CURVE key of "
-                    f"rank {self.keys.get(user or '')}")
-        return None
 
     def _enter_phase_two(self) -> None:
         hellos = [self.hellos.get(r, self.me) for r in range(self.cfg.tp_size)]

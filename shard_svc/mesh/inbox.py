@@ -15,6 +15,7 @@ import torch
 
 from shard_svc.mesh.communicator import MeshError
 from shard_svc.mesh.handshake import Formation
+from shard_svc.mesh.hello import parse_hello, refusal, settings
 from shard_svc.mesh.links import Links, PeerEvent
 from shard_svc.mesh.wire import CODE_DTYPES, Header, Kind, parse_body
 
@@ -31,6 +32,9 @@ class Inbox:
         self.me = links.me
         self.formation = formation
         self.nonces = {h.rank: h.nonce for h in formation.hellos}
+        self.settings = settings(links.config)
+        self.keys = {k.decode(): r for r, k in links.public_keys.items()}  # z85: the User-Id
+        self.strangers = 0  # HELLOs ignored: not from a peer of this mesh (see `_hello`)
         self.timeout_s = recv_timeout_s
         self.stash: dict[Key, tuple[Header, torch.Tensor]] = {
             (h.seq, h.sender, h.step): (h, buf) for h, buf in early}
@@ -160,18 +164,17 @@ class Inbox:
                 self.gone[event.peer] = event.describe().removeprefix(f"rank {event.peer} ")
 
     def _control(self, header: Header | None) -> None:
-        """ABORT ends the collective, BYE marks its sender gone, a peer's HELLO with a nonce
-        other than the one it formed with (it is forming a new mesh: restarted, or it saw this
-        one break) ends it too; the rest is noise (a stranger's HELLO, a late one of ours)."""
+        """ABORT ends the collective, BYE marks its sender gone, a peer's HELLO may end it too
+        (see `_hello`); the rest is noise (a late HELLO of ours, an earlier formation's)."""
         if header is None or not self.links.pull or not self.links.pull.rcvmore:
             self.links.skip_rest()
+            return
+        if header.kind == Kind.HELLO:
+            self._hello(header)
             return
         body = parse_body(self.links.recv_body()) or {}
         self.links.skip_rest()
         sender = header.sender
-        if header.kind == Kind.HELLO and body.get("rank") == sender != self.me \
-                and sender in self.nonces and body.get("nonce") != self.nonces[sender]:
-            raise MeshError(f"rank {self.me}: rank {sender} is forming a new mesh", sender)
         if header.formation != self.formation.formation:
             return
         if header.kind == Kind.ABORT:
@@ -181,6 +184,25 @@ class Inbox:
                             f"{body.get('reason')}", culprit)
         if header.kind == Kind.BYE:
             self.gone[sender] = "closed the mesh"
+
+    def _hello(self, header: Header) -> None:
+        """A peer forming a new mesh (restarted, or it saw this one break) ends this one: a
+        HELLO that forming would accept (hello.refusal: our settings, its rank at its address
+        in our peers list, that rank's CURVE key) with a nonce other than the one that rank
+        formed with. Any other HELLO is a stranger's (another group's shard, anyone who reached
+        the port, a rank claiming ours): counted and ignored, the formation goes on."""
+        frame = self.links.recv_frame()
+        user = str(frame.get("User-Id")) if self.links.config.curve else None
+        self.links.skip_rest()
+        body = parse_body(frame.bytes) or {}
+        h = parse_hello(body)
+        if h is not None and h.rank == header.sender and h.nonce == self.nonces.get(h.rank):
+            return  # a late HELLO of this formation
+        if h is None or h.rank != header.sender or \
+                refusal(self.links.config, self.settings, h, body, user, self.keys) is not None:
+            self.strangers += 1
+            return
+        raise MeshError(f"rank {self.me}: rank {h.rank} is forming a new mesh", h.rank)
 
     def buffer(self, nbytes: int) -> torch.Tensor:
         free = self.pool.get(nbytes)
