@@ -101,7 +101,7 @@ def _int4_codes(qtype: str, raw: np.ndarray, cols: Range) -> Int4Codes:
     half = lambda a: a.copy().view(np.float16).astype(np.float32)[..., 0]  # noqa: E731
     if qtype in ("Q4_0", "Q4_1"):
         d = half(b[..., 0:2])
-        m = half(b[..., 2:4]) if qtype == "Q4_1" else np.zeros_like(d)
+        m = half(b[..., 2:4]) if qtype == "Q4_1" else -8 * d  # Q4_0: w = d (q - 8)
         qs = b[..., 4:] if qtype == "Q4_1" else b[..., 2:]  # [r, n, 16]: element j low, j+16 high
         q = np.concatenate((qs & 15, qs >> 4), axis=-1)  # [r, n, 32]
         scales, zeros = d, m + 8 * d
