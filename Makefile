@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: all install protos test lint typecheck serve bench bench-quick bench-env clean
+.PHONY: all install protos test test-ipex lint typecheck serve bench bench-quick bench-env clean
 
 all: test
 
@@ -42,6 +42,33 @@ lint: $(STAMP)
 
 typecheck: protos
 	$(VENV)/bin/mypy
+
+# The IPEX backend (shard_svc/ipex_backend.py) on the real Intel Extension for PyTorch, outside
+# `make test`: IPEX 2.8 (its last release) needs torch 2.8, so it lives in its own environment.
+# The package index's torch 2.8 is the CUDA build: with its nvidia-* wheels the environment takes
+# ~7.8 GB and 4-7 min to build on 2 cores from a local mirror; the tests then take ~2 min. Where
+# the PyTorch CPU index is reachable, IPEX_TORCH_ARGS='--index-url
+# https://download.pytorch.org/whl/cpu' takes its CPU build instead (~200 MB).
+# CPUMESH_REQUIRE_IPEX=1 turns the ipex tests' skip (IPEX unusable) into a failure.
+IPEX_VENV := build/ipex-venv
+IPEX_PY   := $(IPEX_VENV)/bin/python
+IPEX_TORCH_ARGS ?=
+$(IPEX_VENV)/.ipex-stamp: pyproject.toml
+	@echo "cpumesh test-ipex: building $(IPEX_VENV): torch 2.8 + intel-extension-for-pytorch 2.8 (4-7 min, ~7.8 GB)..."
+	python3 -m venv $(IPEX_VENV)
+	$(IPEX_PY) -m pip install --quiet --upgrade pip
+	$(IPEX_PY) -m pip install --quiet $(IPEX_TORCH_ARGS) torch==2.8.0
+	$(IPEX_PY) -m pip install --quiet 'intel-extension-for-pytorch==2.8.*'
+	@echo "cpumesh test-ipex: cpumesh's dependencies and test tools, all but torch (~1 min)..."
+	$(IPEX_PY) -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
+	  print("\n".join(d for d in p["dependencies"] + p["optional-dependencies"]["test"] \
+	                  if not d.startswith("torch")))' > $(IPEX_VENV)/requirements.txt
+	$(IPEX_PY) -m pip install --quiet -r $(IPEX_VENV)/requirements.txt
+	touch $@
+
+test-ipex: $(IPEX_VENV)/.ipex-stamp
+	CPUMESH_REQUIRE_IPEX=1 $(IPEX_PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS) \
+	  tests/unit/test_ipex_real.py tests/unit/test_ipex_fake.py
 
 # The embedded SmolLM2 (or any model: SERVE_ARGS="--model-dir DIR --tp 4") on this machine:
 # tokenizer, shards and router as separate processes until Ctrl-C. See `cpumesh local --help`.

@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from shard_svc.ipex_detect import IpexStatus
+from services.errors import InvalidArgument
+from shard_svc.ipex_detect import IpexStatus, select_backend
 from shard_svc.kernels import KernelPlan
 from shard_svc.weights import ShardWeights
 
@@ -139,6 +140,20 @@ class IpexPlan:
             out, query, paged[0], paged[1], head_mapping, scale, tables, lengths, page_size,
             int(lengths.max()), None)
         return out.view(b, hkv, group, d)
+
+
+def with_ipex(library: str, plain: KernelPlan, quantize: bool = False) -> KernelPlan | IpexPlan:
+    """The shard's kernels: for --kernels auto, IPEX around `plain` where it is usable, else
+    `plain`; for ipex, IPEX or a clear refusal; any other library forces the plain kernels.
+    Logs one line saying which (`ipex_detect.select_backend`)."""
+    if library not in ("auto", "ipex"):
+        return plain
+    status = select_backend()
+    if status.usable:
+        return IpexPlan(status, plain, quantize)
+    if library == "ipex":
+        raise InvalidArgument(f"kernels 'ipex': {status.reason}")
+    return plain
 
 
 def block_tables(cache: Any, seq_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,8 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from services.errors import InvalidArgument
 from shard_svc import ipex_detect
-from shard_svc.ipex_backend import MATRICES, IpexLinear, IpexPlan, quantize_int8_rows
+from shard_svc.ipex_backend import MATRICES, IpexLinear, IpexPlan, quantize_int8_rows, with_ipex
 from shard_svc.ipex_detect import MODULE, IpexStatus, cpu_flags, detect_ipex, select_backend
 from shard_svc.kernels import choose_kernels
 from shard_svc.weights import ShardWeights
@@ -98,6 +99,19 @@ def test_matching_module_is_used_and_logged(monkeypatch: pytest.MonkeyPatch,
     line = caplog.records[0].getMessage()
     assert line.startswith(f"kernel backend: IPEX {version} on torch {torch.__version__}")
     assert ("its weight-only linear" in line) == status.fast_linear
+
+
+def test_kernels_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    plain = choose_kernels("onednn", torch.float32, [])
+    monkeypatch.setitem(sys.modules, MODULE, None)
+    assert with_ipex("auto", plain) is plain
+    with pytest.raises(InvalidArgument, match=f"kernels 'ipex': {MODULE} is not installed"):
+        with_ipex("ipex", plain)
+    fake = fake_ipex.install(monkeypatch)
+    for library in ("auto", "ipex"):
+        chosen = with_ipex(library, plain)
+        assert isinstance(chosen, IpexPlan) and chosen.ipex is fake and chosen.fallback is plain
+    assert with_ipex("aten", plain) is plain
 
 
 def test_cpu_flags(tmp_path: Path) -> None:
