@@ -3,6 +3,10 @@ and whole tiny models (tp 1 and 2) against transformers running the dequantized 
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +19,7 @@ from shard_svc.quant import INT4, finish, quantize_int4, quantize_int8
 from shard_svc.quant_linear import DEQUANTIZE, WEIGHT_ONLY, quant_linear
 from tests.checkpoints import tiny_checkpoint
 from tests.unit.test_half_precision import (
+    AVX2_ENV,
     agreement,
     continuations,
     cpumesh_top1,
@@ -146,3 +151,34 @@ def test_kinds_fall_back_where_int4_cannot_go(tmp_path: Path) -> None:
     assert type(layer.w_down).__name__ == "Int8Weight"  # K 100
     assert type(layer.qkv).__name__ == "Int4Weight"  # K 96, rows 48: group 32
     assert "-> int8" in w.served and "int4 g32" in w.served
+
+
+AVX2_SCRIPT = """
+import json, sys, torch
+from pathlib import Path
+from tests.unit.test_half_precision import cpumesh_top1, agreement
+from shard_svc.quant import INT4, activations_dtype, int4_block_n
+torch.set_num_threads(2)
+path, seqs, theirs = Path(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
+out = {f"{d}-{lib}": agreement(cpumesh_top1(path, dt, lib, seqs), theirs[d])
+       for d, dt in (("int8", torch.int8), ("int4", INT4)) for lib in ("aten", "onednn")}
+print(json.dumps({"capability": torch.backends.cpu.get_cpu_capability(),
+                  "activations": str(activations_dtype()), "block": int4_block_n(), **out}))
+"""
+
+
+def test_quantized_under_avx2_emulation(checkpoint: tuple[Path, list[list[int]]],
+                                        tmp_path: Path) -> None:
+    """Without AVX-512 the activations are float32 (the kernels' bf16 paths are emulated there),
+    the int4 layout is found by its probe, and both methods still compute the model."""
+    path, seqs = checkpoint
+    theirs = {k: transformers_top1(dequantized_checkpoint(path, tmp_path / k, k), torch.float32,
+                                   seqs) for k in ("int8", "int4")}
+    out = subprocess.run(
+        [sys.executable, "-c", AVX2_SCRIPT, str(path), json.dumps(seqs), json.dumps(theirs)],
+        env={**os.environ, **AVX2_ENV}, capture_output=True, text=True, timeout=300,
+        cwd=Path(__file__).resolve().parents[2], check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (result.pop("capability"), result.pop("activations")) == ("AVX2", "torch.float32")
+    assert result.pop("block") == 32
+    assert all(a >= TINY_AGREEMENT for a in result.values()), result
