@@ -28,9 +28,11 @@ Modules:
 | group         | `MeshGroup`: the mesh between processes (forms, reduces, aborts, re-forms)  |
 | config        | `MeshConfig`, validated once                                               |
 | wire          | the 32-byte header and control messages                                    |
+| hello         | HELLO: who a rank says it is, and the one judgement of it (`refusal`)      |
 | handshake     | forming: HELLO / READY, one formation id                                   |
 | links         | the ZeroMQ control sockets (PULL, PUSH per peer, monitors), CURVE keys     |
-| inbox         | receiving DATA and control on the ZeroMQ path                              |
+| inbox         | receiving DATA and control on the ZeroMQ path; strangers' HELLOs ignored   |
+| passing       | collectives by message passing (zmq, ipc, tcp): algorithm choice, swap     |
 | tcp, tcp_open | the plain-TCP data path and opening it                                     |
 | direct        | the lean decode-size allreduce on the tcp path                             |
 | shm           | the shared-memory data path (one host)                                     |

@@ -12,6 +12,7 @@ reduced then holds undefined values. Between collectives `watch()` notices the s
 without waiting (and a peer forming a new mesh: its HELLO carries a new nonce). `close()` says
 BYE.
 
+Data paths: shared memory (shm.py), else message passing (passing.py: ZeroMQ or tcp streams).
 Summation order (algorithms): direct, scatter and shm give `sum_in_rank_order` bit for bit. The
 message-passing ring sums chunk c as ((p[c+1] + p[c+2]) + …) + p[c], the same on every rank
 because only its owner computes it. bfloat16 is accumulated in float32 and rounded once.
@@ -19,32 +20,27 @@ because only its owner computes it. bfloat16 is accumulated in float32 and round
 
 from __future__ import annotations
 
-import contextlib
 import secrets
 import threading
 import time
-from collections.abc import Callable
-from functools import partial
 from types import TracebackType
 
 import torch
 import zmq
 
-from shard_svc.mesh.algorithms import Recvs, Sends, direct, ring, scatter
 from shard_svc.mesh.communicator import MeshError
 from shard_svc.mesh.config import MeshConfig
-from shard_svc.mesh.direct import DirectOnStreams
 from shard_svc.mesh.handshake import Formation, Handshake
 from shard_svc.mesh.hello import Hello, local_hello
 from shard_svc.mesh.inbox import Inbox
 from shard_svc.mesh.links import Links, create_curve_keys
+from shard_svc.mesh.passing import MessagePassing
 from shard_svc.mesh.shm import SharedSlots, stores_are_ordered
 from shard_svc.mesh.tcp import Streams
 from shard_svc.mesh.tcp_open import listen
-from shard_svc.mesh.wire import DTYPE_CODES, Algo, Kind, control, data_header
+from shard_svc.mesh.wire import DTYPE_CODES, Kind, control
 
 __all__ = ["MeshConfig", "MeshError", "MeshGroup", "create_curve_keys"]
-ALGORITHMS = {"direct": direct, "ring": ring, "scatter": scatter}  # message passing, by name
 
 
 class MeshGroup:
@@ -54,12 +50,10 @@ class MeshGroup:
         self._links: Links | None = None
         self._shm: SharedSlots | None = None
         self._streams: Streams | None = None
-        self._direct: DirectOnStreams | None = None
+        self._passing: MessagePassing | None = None  # the data path without shared memory
         self._inbox: Inbox | None = None
         self._formation: Formation | None = None
         self._seq = 0
-        self._scratch = torch.empty(0, dtype=torch.float32)
-        self._trackers: list[tuple[int, zmq.MessageTracker | None]] = []  # zero-copy sends
         self._broken: MeshError | None = MeshError("the mesh has not been formed")
         self._interrupted = threading.Event()
         if form:
@@ -144,9 +138,9 @@ class MeshGroup:
                 self._shm.close()
                 self._shm = None
         self._inbox = Inbox(self._links, self._formation, cfg.recv_timeout_s, handshake.early)
-        if self._streams is not None:
-            self._direct = DirectOnStreams(self._streams, cfg.tp_rank, cfg.tp_size,
-                                           self._formation.formation, self._inbox.service)
+        if self._shm is None:
+            self._passing = MessagePassing(cfg, self._links, self._inbox,
+                                           self._formation.formation, self._streams)
         self._seq = 0
         self._broken = None
 
@@ -175,14 +169,8 @@ class MeshGroup:
                 use_ring = self._use_ring(nbytes, self.config.shm_ring_min_bytes)
                 self._seq += self._shm.all_reduce(flat, self._seq, use_ring, self._inbox.service)
             else:
-                algorithm = self._algorithm(nbytes)
-                scratch = self._scratch_f32(flat.numel()) if flat.dtype != torch.float32 \
-                    else self._scratch
-                if algorithm is direct and self._direct is not None:  # the decode path
-                    self._direct(flat, self._seq, scratch)
-                else:
-                    algorithm(flat, self.tp_rank, self.tp_size, partial(self._swap, flat),
-                              self._wait_sent, self._inbox.release, scratch)
+                assert self._passing is not None
+                self._passing.all_reduce(flat, self._seq)
                 self._seq += 1
         except MeshError as e:
             self._fail(e)
@@ -215,65 +203,6 @@ class MeshGroup:
         algorithm = self.config.algorithm
         return algorithm in ("ring", "scatter") or (algorithm == "auto" and nbytes >= threshold)
 
-    def _algorithm(self, nbytes: int) -> Callable[..., None]:
-        """Message passing: as configured; auto: direct below ring_min_bytes, else scatter."""
-        chosen = self.config.algorithm
-        if chosen == "auto":
-            chosen = "scatter" if nbytes >= self.config.ring_min_bytes else "direct"
-        return ALGORITHMS[chosen]
-
-    def _header(self, flat: torch.Tensor, step: int, algo: Algo, nbytes: int,
-                sender: int | None = None) -> bytes:
-        """The DATA header of message `step` of this collective from `sender` (default: us)."""
-        assert self._formation is not None
-        return data_header(flat.dtype, self.tp_rank if sender is None else sender, step, algo,
-                           self._formation.formation, self._seq, flat.numel(), nbytes)
-
-    def _swap(self, flat: torch.Tensor, algo: Algo, step: int, sends: Sends, recvs: Recvs
-              ) -> dict[int, torch.Tensor]:
-        """Send each (peer, uint8 payload) and receive message `step` of this collective from
-        each (peer, nbytes, destination or None: a pooled buffer to `release`). Over ZeroMQ, a
-        large send may still be in flight: see `_wait_sent`."""
-        inbox = self._inbox
-        assert inbox is not None
-        out = [(p, self._header(flat, step, algo, x.numel()), x.numpy().data)
-               for p, x in sends]
-        if self._streams is not None:
-            bufs = {p: dest if dest is not None else inbox.buffer(nb) for p, nb, dest in recvs}
-            self._streams.exchange(out, [
-                (p, bufs[p].numpy().data, self._header(flat, step, algo, nb, sender=p))
-                for p, nb, _ in recvs], inbox.service,
-                scratch=all(dest is None for _, _, dest in recvs))
-            return bufs
-        links = self._links
-        assert links is not None
-        self._trackers += [(p, links.send_data(p, header, data)) for p, header, data in out]
-        expect = (flat.numel(), DTYPE_CODES[flat.dtype], algo)
-        return {p: inbox.take(self._seq, [p], step, nb, expect, dest)[1]
-                for p, nb, dest in recvs}
-
-    def _wait_sent(self) -> None:
-        """Until libzmq has let go of every zero-copy send (a send to a peer that has gone since,
-        e.g. closed after taking all it needed, is not waited for)."""
-        assert self._inbox is not None
-        trackers, self._trackers = self._trackers, []
-        deadline = time.monotonic() + self.config.recv_timeout_s
-        for peer, tracker in trackers:
-            while tracker is not None and not tracker.done:
-                self._inbox.service([])
-                if peer in self._inbox.gone:  # it will never be sent; pyzmq keeps the memory
-                    break
-                if time.monotonic() > deadline:
-                    raise MeshError(f"rank {self.tp_rank}: a send did not leave within "
-                                    f"{self.config.recv_timeout_s:g}s")
-                with contextlib.suppress(zmq.NotDone):
-                    tracker.wait(0.01)
-
-    def _scratch_f32(self, numel: int) -> torch.Tensor:
-        if self._scratch.numel() < numel:
-            self._scratch = torch.empty(numel, dtype=torch.float32)
-        return self._scratch[:numel]
-
     def _fail(self, error: MeshError) -> None:
         """Mark the mesh broken and tell every other rank to abandon this collective (the
         failed one too: it may be alive, e.g. late, and would otherwise wait for our data)."""
@@ -292,8 +221,7 @@ class MeshGroup:
         if self._streams is not None:
             self._streams.close()
         self._links = self._shm = self._inbox = self._formation = self._streams = None
-        self._direct = None
-        self._trackers = []  # sends of closed sockets: nothing left to wait for
+        self._passing = None  # with its sends of closed sockets: nothing left to wait for
         self._broken = MeshError("the mesh has not been formed")
 
     def interrupt(self) -> None:

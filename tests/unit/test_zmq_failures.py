@@ -80,8 +80,8 @@ def test_a_rank_that_never_calls_allreduce_is_named_after_the_receive_deadline()
 
 @pytest.mark.timeout(90)
 def test_forged_messages_are_never_summed() -> None:
-    """DATA of another formation, garbage frames and a fake restart HELLO from a stranger's
-    socket hit rank 0 throughout; every sum stays exact (HELLO ends a collective at most)."""
+    """DATA of another formation and garbage frames from a stranger's socket hit rank 0
+    throughout; every sum stays exact (strangers' HELLOs: test_zmq_watch.py)."""
     mesh_ports = ports(2)
     stop = threading.Event()
 
