@@ -29,7 +29,8 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 class Cluster:
-    def __init__(self, model_dir: Path, tp: int, log_dir: Path) -> None:
+    def __init__(self, model_dir: Path, tp: int, log_dir: Path, kv: int = KV,
+                 shard_args: tuple[str, ...] = (), router_args: tuple[str, ...] = ()) -> None:
         ports = free_ports(2 + 2 * tp)
         self.tokenizer_addr, self.router_addr = (f"127.0.0.1:{p}" for p in ports[:2])
         self.shard_addrs = [f"127.0.0.1:{p}" for p in ports[2:2 + tp]]
@@ -43,14 +44,14 @@ class Cluster:
         self.shards = [Service(f"shard{r}", [
             "-m", "shard_svc", "--model-dir", str(model_dir), "--tp-size", str(tp),
             "--tp-rank", str(r), "--peers", peers, "--listen", a, "--threads", "1",
-            "--kv-capacity-tokens", str(KV), "--kv-page-size", str(PAGE),
-            "--max-context", str(CONTEXT), "--mesh-timeout", "60", *token], log_dir)
+            "--kv-capacity-tokens", str(kv), "--kv-page-size", str(PAGE),
+            "--max-context", str(CONTEXT), "--mesh-timeout", "60", *token, *shard_args], log_dir)
             for r, a in enumerate(self.shard_addrs)]
         self.router = Service("router", [
             "-m", "router_svc", "--tokenizer", self.tokenizer_addr,
             "--shards", ",".join(self.shard_addrs), "--listen", self.router_addr,
-            "--max-waiting", "8", "--max-running", "16", "--max-stop-strings", "4", *token],
-            log_dir)
+            "--max-waiting", "8", "--max-running", "16", "--max-stop-strings", "4", *token,
+            *router_args], log_dir)
 
     def start(self) -> Cluster:
         for s in [self.tokenizer, *self.shards, self.router]:

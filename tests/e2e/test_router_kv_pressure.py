@@ -1,0 +1,84 @@
+"""A SmolLM2 cluster whose KV cache holds 160 tokens (10 pages), less than its batch needs,
+at tp 1 and tp 2, with the shards' prefix cache on: greedy output equals transformers' (which
+caches nothing) for requests run alone (sharing a system prompt, so reusing its blocks), run
+together (so that sequences are preempted and recomputed, some cancelled meanwhile); KV is all
+free on every shard after the requests end or are cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.router_cluster import Cluster, complete, until_kv_free
+from tests.procs import free_ports
+
+pytestmark = pytest.mark.asyncio
+KV_TINY = 160
+NEW_TOKENS = 24
+SYSTEM = ("You are a careful assistant for a small town library. Answer every question briefly, "
+          "in plain words, and never invent facts. ")  # 26 tokens; with a question 34
+QUESTIONS = ["Question: what is a book? Answer:", "Question: why do people read? Answer:",
+             "Question: where is the library? Answer:", "Question: how do I borrow? Answer:"]
+PROMPTS = [SYSTEM + q for q in QUESTIONS]
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_dir: Path) -> list[list[int]]:
+    """transformers' greedy ids, NEW_TOKENS of them whatever they are (EOS included)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None  # as ignore_eos: EOS is a token like any other
+    ids = torch.tensor([tok(p).input_ids for p in PROMPTS])  # all 34 tokens: one batch
+    with torch.no_grad():
+        gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS)
+    return gen[:, ids.shape[1]:].tolist()
+
+
+@pytest.fixture(params=[1, 2], ids=["tp1", "tp2"])
+def tiny(request: pytest.FixtureRequest, smollm2_dir: Path,
+         tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, str]]:
+    (http,) = free_ports(1)
+    c = Cluster(smollm2_dir, request.param, tmp_path_factory.mktemp("kv-tiny"), kv=KV_TINY,
+                router_args=("--http-listen", f"127.0.0.1:{http}")).start()
+    try:
+        yield c, f"http://127.0.0.1:{http}/metrics"
+    finally:
+        c.stop()
+
+
+def metric(url: str, name: str) -> float:
+    body = urllib.request.urlopen(url, timeout=5).read().decode()
+    match = re.search(rf"^{name} (\S+)$", body, re.MULTILINE)
+    assert match, name
+    return float(match[1])
+
+
+async def test_greedy_output_survives_preemption_and_prefix_reuse(
+        tiny: tuple[Cluster, str], reference: list[list[int]]) -> None:
+    c, metrics = tiny
+    params = dict(max_new_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+    for prompt, ids in zip(PROMPTS, reference, strict=True):  # alone: the system prompt reused
+        assert (await complete(c, prompt, **params)).token_ids == ids  # type: ignore[arg-type]
+    await until_kv_free(c)
+    assert metric(metrics, "cpumesh_prefix_cache_hit_tokens_total") >= 3 * 16
+    assert metric(metrics, "cpumesh_preemptions_total") == 0
+    # Together (3 pages each to start, 4 to end: 16 pages in 10), and two more cancelled early.
+    tasks = [asyncio.ensure_future(complete(c, p, **params))  # type: ignore[arg-type]
+             for p in [*PROMPTS, *PROMPTS[:2]]]
+    await asyncio.sleep(1.0)
+    for t in tasks[4:]:
+        t.cancel()
+    together = await asyncio.gather(*tasks[:4])
+    assert [t.token_ids for t in together] == reference
+    assert metric(metrics, "cpumesh_preemptions_total") > 0
+    await until_kv_free(c, timeout=10)
