@@ -281,12 +281,10 @@ def load_shard_weights(model_dir: Path, config: ModelConfig, plan: ShardPlan,
 
 
 def _kind_for(kind: str, k: int) -> tuple[str, int]:
-    """(kind, int4 group) for a matrix of `k` inputs: int4 needs a group (64, else 32) that
-    divides k, else the matrix is int8."""
-    if kind == "int4":
-        for group in (INT4_GROUP, 32):
-            if k % group == 0:
-                return ("int4", group)
+    """(kind, int4 group) for a matrix of `k` inputs: int4 needs its group to divide k, else
+    the matrix is int8."""
+    if kind == "int4" and k % INT4_GROUP == 0:
+        return ("int4", INT4_GROUP)
     return ("int8", 0)
 
 

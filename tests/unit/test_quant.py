@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from shard_svc.quant import INT4, finish, quantize_int4, quantize_int8
+from shard_svc.quant import INT4, INT4_GROUP, finish, quantize_int4, quantize_int8
 from shard_svc.quant_linear import DEQUANTIZE, WEIGHT_ONLY, quant_linear
 from tests.checkpoints import tiny_checkpoint
 from tests.unit.test_half_precision import (
@@ -97,7 +97,7 @@ def dequantized_checkpoint(src: Path, dst: Path, kind: str) -> Path:
     tensors = load_file(src / "model.safetensors")
     for name, t in tensors.items():
         if any(f"{n}.weight" in name for n in LINEARS):
-            codes = quantize_int8(t) if kind == "int8" else quantize_int4(t, 64)
+            codes = quantize_int8(t) if kind == "int8" else quantize_int4(t, INT4_GROUP)
             tensors[name] = codes.dequantize().to(t.dtype)
     save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
     return dst
@@ -157,7 +157,7 @@ AVX2_SCRIPT = """
 import json, sys, torch
 from pathlib import Path
 from tests.unit.test_half_precision import cpumesh_top1, agreement
-from shard_svc.quant import INT4, activations_dtype, int4_block_n
+from shard_svc.quant import INT4, INT4_GROUP, activations_dtype, int4_block_n
 torch.set_num_threads(2)
 path, seqs, theirs = Path(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
 out = {f"{d}-{lib}": agreement(cpumesh_top1(path, dt, lib, seqs), theirs[d])
