@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32",
+                   choices=["float32", "bfloat16", "float16", "int8", "int4"])
     p.add_argument("--kernels", default="auto", help="cpumesh only: shard_svc.kernels library")
     a = p.parse_args(argv)
     import torch

@@ -87,6 +87,14 @@ class KernelPlan:
         if torch.backends.mkldnn.is_available():
             torch._C._set_mkldnn_enabled(self.libraries[bucket] != "aten")
 
+    def embedding(self, tokens: torch.Tensor, table: Matrix) -> torch.Tensor:
+        """The rows of `tokens` (int8 tables expanded row by row, in the scales' dtype)."""
+        if isinstance(table, Int8Weight):
+            return table.q[tokens].to(table.dtype) * table.scales[tokens, None]
+        if isinstance(table, Int4Weight):
+            raise TypeError("int4 embedding tables are not supported")
+        return F.embedding(tokens, table)
+
     def linear(self, x: torch.Tensor, w: Matrix,
                b: torch.Tensor | None = None) -> torch.Tensor:
         """x @ w.T + b, with w as `prepare` left it."""
@@ -106,6 +114,7 @@ class KernelPlan:
         for layer in w.layers:
             for name in ("qkv", "wo", "gate_up", "w_down"):
                 setattr(layer, name, pack(getattr(layer, name)))
+        assert isinstance(w.lm_head, torch.Tensor) and isinstance(w.embed, torch.Tensor)
         if w.lm_head.untyped_storage().data_ptr() != w.embed.untyped_storage().data_ptr():
             w.lm_head = pack(w.lm_head)
         w.packed = True

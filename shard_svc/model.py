@@ -114,7 +114,7 @@ class ShardModel:
     def forward(self, batch: Batch, cache: KVCache) -> torch.Tensor:
         """Run the step; return each sequence's last hidden state after the final norm, [B, H]."""
         self.kernels.for_step(len(batch.tokens))
-        x = F.embedding(batch.tokens, self.w.embed)  # [N, H]
+        x = self.kernels.embedding(batch.tokens, self.w.embed)  # [N, H]
         cos, sin = rope_cos_sin(self.inv_freq, batch.positions, self.dtype)  # [N, D] each
         for i, layer in enumerate(self.w.layers):
             h = rms_norm(x, layer.input_norm, self.config.rms_norm_eps)

@@ -6,8 +6,9 @@ mapped tensor. Sharded checkpoints (`model.safetensors.index.json`) are supporte
 
 With dtype torch.int8 / torch.int4 the layers' matrices are quantized slice by slice, right
 after each is read (shard_svc.quant; a GGUF's Q4 blocks are taken as they are), so at most one
-fused matrix is ever in float; norms, the embedding and the LM head stay in the activations'
-dtype (bfloat16 where the CPU runs it, shard_svc.quant.activations_dtype).
+fused matrix (or the embedding table) is ever in float; the embedding is int8 per row (a tied
+LM head is its view), norms and activations in bfloat16 where the CPU runs it, else float32
+(shard_svc.quant.activations_dtype).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from shard_svc.quant import (
     INT4_GROUP,
     Codes,
     Int4Codes,
+    Int8Weight,
     Matrix,
     activations_dtype,
     cat_codes,
@@ -176,10 +178,10 @@ def _float(w: Matrix) -> torch.Tensor:
 
 @dataclass
 class ShardWeights:
-    embed: torch.Tensor  # [V, H], the whole table on every rank
+    embed: Matrix  # [V, H], the whole table on every rank (int8 per row with int8 / int4)
     layers: list[LayerWeights]
     final_norm: torch.Tensor  # [H]
-    lm_head: torch.Tensor  # [V_local, H] (a view of `embed` when tied)
+    lm_head: Matrix  # [V_local, H] (a view of `embed` when tied)
     packed: bool = False  # matrices reordered for oneDNN (shard_svc.kernels); views unusable
     served: str = ""  # what precision each kind of tensor is served at, for the log
 
@@ -221,11 +223,12 @@ def load_shard_weights(model_dir: Path, config: ModelConfig, plan: ShardPlan,
             raise CheckpointError(f"{name}: slice shape {tuple(x.shape)} does not match "
                                   f"config {want}")
 
-    def matrix(parts: Sequence[tuple[str, Range | None, Range | None]]) -> Matrix:
+    def matrix(parts: Sequence[tuple[str, Range | None, Range | None]],
+               as_kind: str | None = None) -> Matrix:
         """Slices of several tensors stacked by rows (each checked), quantized when asked:
         each part as soon as it is read."""
         k = parts[0][2][1] - parts[0][2][0] if parts[0][2] else config.hidden_size
-        how = _kind_for(kind, k) if kind else None
+        how = _kind_for(as_kind or kind, k) if kind else None
         out: list[Any] = []
         for name, rows, cols in parts:
             used.add(name)
@@ -267,10 +270,18 @@ def load_shard_weights(model_dir: Path, config: ModelConfig, plan: ShardPlan,
             w_down=matrix([(p + "mlp.down_proj.weight", None, inter)]),
             qkv_split=split,
         ))
-    embed = get("model.embed_tokens.weight")
     vocab = plan.vocab_range
     tied = config.tie_word_embeddings or "lm_head.weight" not in reader.entries
-    lm_head = embed[vocab[0]:vocab[1]] if tied else get("lm_head.weight", vocab)
+    embed: Matrix
+    if kind:  # int8 per row: the lookup expands the step's rows, the LM head reads it as is
+        used.add("model.embed_tokens.weight")
+        embed = finish(reader.read_codes("model.embed_tokens.weight", "int8", 0), act)
+        assert isinstance(embed, Int8Weight)
+        lm_head: Matrix = (Int8Weight(embed.q[vocab[0]:vocab[1]], embed.scales[vocab[0]:vocab[1]])
+                           if tied else matrix([("lm_head.weight", vocab, None)], "int8"))
+    else:
+        embed = get("model.embed_tokens.weight")
+        lm_head = embed[vocab[0]:vocab[1]] if tied else get("lm_head.weight", vocab)
     weights = ShardWeights(embed, layers, get("model.norm.weight"), lm_head,
                            served=_served(reader.served, act))
     _check_shapes(weights, config, plan)
@@ -294,7 +305,8 @@ def _served(served: dict[str, str], act: torch.dtype) -> str:
     for how in served.values():
         counts[how] = counts.get(how, 0) + 1
     parts = [f"{how} x{n}" for how, n in sorted(counts.items())]
-    return "; ".join([*parts, f"activations, norms, embedding, LM head {str(act)[6:]}"])
+    rest = "activations and norms" if parts else "activations, norms, embedding, LM head"
+    return "; ".join([*parts, f"{rest} {str(act)[6:]}"])
 
 
 def _check_shapes(w: ShardWeights, config: ModelConfig, plan: ShardPlan) -> None:

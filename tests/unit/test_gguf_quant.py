@@ -75,8 +75,10 @@ def test_served_at_its_own_precision_agrees_with_the_float_expansion(linked: Pat
     tokens = [t[:12] for t in greedy_tp(linked, 1)[0]]  # float32's greedy continuations
     seqs = [p + t for p, t in zip(PROMPTS, tokens, strict=True)]
     greedy = [x for t in tokens for x in t]
-    # int4: the blocks exactly, bf16 activations only; int8 rounds the 4-bit grid again per row
-    for dtype, least in ((INT4, 0.9), (torch.int8, 0.85)):
+    # int4: the layers' blocks exactly; int8 rounds their 4-bit grid again per row; both with
+    # bf16 activations and the Q8_0 embedding requantized per row. This random model decides
+    # many tokens by rounding (bf16 alone: 0.958); a fault lands near chance (1/301).
+    for dtype, least in ((INT4, 0.8), (torch.int8, 0.8)):
         for tp in (1, 2):
             ours = cpumesh_top1(linked, dtype, "auto", seqs, tp)
             assert agreement(ours, greedy) >= least, (dtype, tp, agreement(ours, greedy))

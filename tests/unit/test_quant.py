@@ -89,7 +89,8 @@ def test_products_equal_float64_on_the_dequantized_weight(kind: str, method: str
 
 
 def dequantized_checkpoint(src: Path, dst: Path, kind: str) -> Path:
-    """`src` with every layer matrix replaced by its quantize → dequantize (tp 1 slicing)."""
+    """`src` with every layer matrix replaced by its quantize → dequantize (tp 1 slicing), and
+    the embedding and LM head by their int8 per row."""
     dst.mkdir()
     for f in src.iterdir():
         if f.suffix != ".safetensors":
@@ -99,6 +100,8 @@ def dequantized_checkpoint(src: Path, dst: Path, kind: str) -> Path:
         if any(f"{n}.weight" in name for n in LINEARS):
             codes = quantize_int8(t) if kind == "int8" else quantize_int4(t, INT4_GROUP)
             tensors[name] = codes.dequantize().to(t.dtype)
+        elif name in ("model.embed_tokens.weight", "lm_head.weight"):
+            tensors[name] = quantize_int8(t).dequantize().to(t.dtype)
     save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
     return dst
 
