@@ -2,8 +2,9 @@
 
     python -m bench.quality [--tokens 1000] [--threads 2]
 
-On the public-domain English of tests/data/english.txt, each variant reads the same token ids
-one decode step at a time (the shard's own code at tp 1) and is compared with float32:
+On the public-domain English of tests/data/english.txt, each variant reads the same token ids in
+one prefill (the shard's own code at tp 1, every position's logits) and is compared with
+float32:
   int8 (from float), int4 g64 (from float), int4 of the embedded Q4_1 GGUF's own blocks (g32),
   and bfloat16 for scale. The float32 reference is the embedded model expanded to float32 (its
   weights are themselves the Q4_1 file's, so int4 from its blocks is the same weights in bf16,
@@ -15,6 +16,7 @@ Writes bench/results/quality.json and prints Markdown.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -37,8 +39,9 @@ def english_ids(model_dir: Path, tokens: int) -> list[int]:
 @torch.inference_mode()
 def teacher_forced(model_dir: Path, dtype: torch.dtype, ids: list[int],
                    kernels: str = "auto") -> tuple[list[int], list[float]]:
-    """Top-1 and the target's negative log-likelihood after each of ids[:-1], one decode step
-    at a time (a prefill of the first token, then one token per step)."""
+    """Top-1 and the target's negative log-likelihood after each of ids[:-1]: one prefill of
+    them all whose every position's hidden state goes through the LM head (the step keeps
+    only the last; `last` names them all)."""
     from model_formats.checkpoint import load_model_config
     from shard_svc.kernels import choose_kernels
     from shard_svc.mesh.communicator import SingleRank
@@ -53,12 +56,11 @@ def teacher_forced(model_dir: Path, dtype: torch.dtype, ids: list[int],
                        choose_kernels(kernels, weights.embed.dtype,
                                       [x.gate_up for x in weights.layers]))
     cache = model.new_cache(len(ids) + 16, 16)
-    top, nll = [], []
-    for i, token in enumerate(ids[:-1]):
-        logits = model.local_logits(model.forward(make_batch([(0, [token])], cache), cache))
-        logp = torch.log_softmax(logits[0].float(), dim=-1)
-        top.append(int(logp.argmax()))
-        nll.append(float(-logp[ids[i + 1]]))
+    batch = make_batch([(0, ids[:-1])], cache)  # one prefill, every position's logits kept:
+    batch = dataclasses.replace(batch, last=torch.arange(len(ids) - 1))
+    logp = torch.log_softmax(model.local_logits(model.forward(batch, cache)).float(), dim=-1)
+    top = logp.argmax(-1).tolist()
+    nll = (-logp.gather(1, torch.tensor(ids[1:]).unsqueeze(1))).squeeze(1).tolist()
     return top, nll
 
 
