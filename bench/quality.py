@@ -84,12 +84,19 @@ def measure(tokens: int) -> dict[str, Any]:
     for label, kind, model_dir, dtype in (
             ("bfloat16", "bf16", float_dir, torch.bfloat16),
             ("int8 (per row, from float)", "int8", float_dir, torch.int8),
-            ("int4 g64 (from float)", "int4", float_dir, INT4),
+            ("int4 g32 (from float)", "int4", float_dir, INT4),
             ("int4 g32 (the Q4_1 GGUF's own blocks)", "int4", linked, INT4),
             ("int8 (the Q4_1 GGUF, per row)", "int8", linked, torch.int8)):
         rows.append({"variant": label, "kind": kind,
                      **compare(ref, teacher_forced(model_dir, dtype, ids))})
         print(json.dumps(rows[-1]), flush=True)
+    # What the bf16 activations cost: int8 weights with float32 activations (no fast kernel)
+    import shard_svc.weights
+
+    shard_svc.weights.activations_dtype = lambda: torch.float32
+    rows.append({"variant": "int8 (from float), float32 activations: not served, for scale",
+                 "kind": "diagnostic", **compare(ref, teacher_forced(float_dir, torch.int8, ids))})
+    print(json.dumps(rows[-1]), flush=True)
     return {"model": "SmolLM2-135M-Instruct", "tokens": len(ids) - 1, "text": TEXT.name,
             "threads": torch.get_num_threads(), "rows": rows}
 
