@@ -257,6 +257,14 @@ def write(results: Path, out_dir: Path, command: str) -> Path:
         from bench.decode_speed import section
 
         lines += section(ds)
+    if qs := _load(results, "quantized_speed"):
+        from bench.quantized_speed import section as quantized_section
+
+        lines += quantized_section(qs)
+    if q := _load(results, "quality"):
+        from bench.quality import section as quality_section
+
+        lines += quality_section(q, "python -m bench.quality")
     text = "\n".join(lines)
     if out_dir != Path("."):
         text = text.replace("](bench/plots/", "](plots/")
