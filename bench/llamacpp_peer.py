@@ -52,9 +52,13 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-extra-bufts", action="store_true",
+                   help="no AMX / repacked weight buffers (use_extra_bufts = false)")
     a = p.parse_args()
     L.llama_backend_init()
     mparams = L.llama_model_default_params()
+    if a.no_extra_bufts:  # llama.cpp's AMX repack of quantized weights crashed here (SIGSEGV)
+        mparams.use_extra_bufts = False
     model = L.llama_model_load_from_file(a.gguf.encode(), mparams)
     if not model:
         sys.exit(f"llama.cpp could not load {a.gguf}")

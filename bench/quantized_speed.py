@@ -7,8 +7,9 @@ GGUF files are made once with llama.cpp's own quantizer (bench/llamacpp_quantize
 mixes) from the F16 exports in build/bench-models: 1B Q8_0 and Q4_0, SmolLM2 Q8_0; SmolLM2 Q4_1
 is the embedded file. cpumesh reads each file in place (a linked model directory,
 model_formats/gguf/link.py): Q4 blocks as int4 g32, Q8_0 requantized per row to int8; its
-embedding and LM head in bf16. Each point is a fresh process (bench.model_level), batch-1 decode
-after a 32-token prompt, medians of the repeats; the 1B bf16 path is measured in the same run.
+embedding and LM head int8 per row. Each point is a fresh process (bench.model_level), batch-1
+decode (16 steps) after a 32-token prompt, medians of the repeats; the 1B bf16 path is measured
+in the same run.
 RSS: two `python -m shard_svc` ranks of the 1B model (tp 2) at float32 and at int8, VmRSS of
 each once SERVING. Writes bench/results/quantized_speed.json and prints Markdown.
 """
@@ -26,10 +27,11 @@ from typing import Any
 
 from bench.decode_speed import cpu_name
 from bench.machine import BENCH_PYTHON
-from bench.model_level import run_peer, run_system
+from bench.model_level import _json_of, run_system
 
 MODELS = Path("build/bench-models")
 RESULTS = Path("bench/results/quantized_speed.json")
+TOKENS = 16  # decode steps per repeat
 
 
 def quantized(src: Path, qtype: str) -> Path:
@@ -65,6 +67,14 @@ def points(models: list[str]) -> list[tuple[str, str, Path, Path]]:
         q80 = quantized(MODELS / "smollm2-135m-F16.gguf", "Q8_0")
         out.append(("smollm2", "int8", linked(q80), q80))
     return out
+
+
+def run_peer(gguf: Path, threads: int, repeats: int) -> dict[str, Any]:
+    """llama.cpp without its extra buffer types: its AMX repack of Q8_0 / Q4 weights crashed
+    (SIGSEGV) on this Xeon with llama-cpp-python 0.3.36, for every quantized file tried."""
+    return _json_of([str(BENCH_PYTHON), "bench/llamacpp_peer.py", "--gguf", str(gguf),
+                     "--batch", "1", "--prompt", "32", "--tokens", str(TOKENS), "--threads",
+                     str(threads), "--repeats", str(repeats), "--no-extra-bufts"])
 
 
 def decode_ms(result: dict[str, Any]) -> float:
@@ -103,14 +113,17 @@ def shard_rss(model_dir: Path, dtype: str, threads: int) -> list[float]:
 def measure(models: list[str], threads: int, repeats: int, rss: bool) -> dict[str, Any]:
     rows = []
     for model, dtype, model_dir, gguf in points(models):
-        ours = run_system("cpumesh", model_dir, 1, 32, 32, threads, repeats, dtype)
-        peer = run_peer(gguf, 1, 32, 32, threads, repeats)
+        ours = run_system("cpumesh", model_dir, 1, 32, TOKENS, threads, repeats, dtype)
+        peer = run_peer(gguf, threads, repeats)
         rows.append({"model": model, "dtype": dtype, "peer": f"llama.cpp {gguf.stem}",
                      "ours": ours, "llama.cpp": peer})
         print(json.dumps({"model": model, "dtype": dtype, "ours_ms": decode_ms(ours),
                           "peer_ms": decode_ms(peer), "kernels": ours.get("kernels")}),
               flush=True)
-    result: dict[str, Any] = {"machine": cpu_name(), "threads": threads, "rows": rows}
+    import os
+
+    result: dict[str, Any] = {"machine": cpu_name(), "threads": threads, "rows": rows,
+                              "load_avg": os.getloadavg()[0]}
     if rss:
         result["rss_mib"] = {d: shard_rss(MODELS / "llama-1b-random", d, max(1, threads // 2))
                              for d in ("float32", "int8")}
@@ -123,8 +136,12 @@ def section(result: dict[str, Any]) -> list[str]:
     out = ["## int8 / int4 weights against llama.cpp (issue 17)", "",
            f"Machine: {result['machine']}, {result['threads']} threads for every system. Batch-1 "
            "decode after a 32-token prompt, ms per step, medians; cpumesh reads each GGUF in "
-           "place (Q4 blocks as int4 g32, Q8_0 requantized per row to int8, embedding and LM "
-           "head bf16), llama.cpp runs the same file; *ratio* < 1: cpumesh faster.", "",
+           "place (Q4 blocks as int4 g32, Q8_0 requantized per row to int8, the embedding and "
+           "LM head int8 per row), llama.cpp runs the same file without its AMX repacking "
+           "(`use_extra_bufts = false`: with it, llama-cpp-python 0.3.36 crashed with SIGSEGV on "
+           "every quantized file here); *ratio* < 1: cpumesh faster."
+           + (f" Load average {result['load_avg']:.1f} on this machine during the run (others' "
+              "jobs): noisy figures." if result.get("load_avg", 0) > 1 else ""), "",
            "| model | cpumesh | llama.cpp | cpumesh ms | llama.cpp ms | ratio | kernels |",
            "|---|---|---|---|---|---|---|"]
     for r in rows:
