@@ -2,14 +2,17 @@
 
 Memory is known at start and never grows: `capacity_tokens` (rounded up to whole pages) decides
 the size of two tensors per shard, K and V, of shape [L, Hkv, P * S, D] (L layers, Hkv local KV
-heads, P pages, S tokens per page, D head dim). A sequence owns a list of pages; token t of a
-sequence lives in page pages[t // S] at offset t % S. The "slot" of a token is page * S + offset,
-an index into the [Hkv, P * S, D] view of one layer.
+heads, P pages, S tokens per page, D head dim), held by a store (shard_svc/kv_store.py): in the
+compute dtype, or int8 with a scale per token and head (`dtype=torch.int8`), dequantized on
+read. A sequence owns a list of pages; token t of a sequence lives in page pages[t // S] at
+offset t % S. The "slot" of a token is page * S + offset, an index into the [Hkv, P * S, D]
+view of one layer.
 
 Reading a sequence's history costs nothing when its pages are consecutive (a view of each head's
-rows): pages are handed out so that they usually are. A sequence's next page is the one after
-its last when that is free; a new sequence starts inside the largest run of free pages, leaving
-room for the sequence before it to grow. Otherwise its pages are gathered, a page at a time.
+rows; int8: only its rows are dequantized): pages are handed out so that they usually are. A
+sequence's next page is the one after its last when that is free; a new sequence starts inside
+the largest run of free pages, leaving room for the sequence before it to grow. Otherwise its
+pages are gathered, a page at a time.
 
 The cache owns reservations: `reserve` makes room for one step's tokens (all or nothing) and
 returns a `Reservation` whose `undo` puts the cache back as it was, for a step that failed, and
@@ -30,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from services.errors import InvalidArgument, NotFound, ResourceExhausted
+from shard_svc.kv_store import FloatKV, Int8KV
 from shard_svc.prefix_cache import ROOT, PrefixCache, block_key
 
 
@@ -68,7 +72,10 @@ class Reservation:
 class KVCache:
     def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int,
                  capacity_tokens: int, page_size: int = 16,
-                 dtype: torch.dtype = torch.float32, prefix_cache: bool = True) -> None:
+                 dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype | None = None,
+                 prefix_cache: bool = True) -> None:
+        """`dtype`: how K and V are stored; `compute_dtype`: how they are read (default: `dtype`,
+        float32 for int8)."""
         if capacity_tokens < 1:
             raise ValueError(f"capacity_tokens must be >= 1, got {capacity_tokens}")
         if page_size < 1:
@@ -76,8 +83,12 @@ class KVCache:
         self.page_size = page_size
         self.num_pages = -(-capacity_tokens // page_size)
         shape = (num_layers, num_kv_heads, self.num_pages * page_size, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype)
-        self.v = torch.zeros(shape, dtype=dtype)
+        if dtype == torch.int8:
+            self.store: FloatKV | Int8KV = Int8KV(shape, compute_dtype or torch.float32)
+        else:
+            self.store = FloatKV(shape, compute_dtype or dtype)
+        self.k, self.v = self.store.k, self.store.v  # as stored
+        self.dtype = self.store.dtype  # of what reads return
         self._free = [True] * self.num_pages
         self._free_count = self.num_pages
         self._refs = [0] * self.num_pages  # sequences holding each page
@@ -101,7 +112,8 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        """Bytes of K, V (and int8 scales) allocated."""
+        return self.store.nbytes
 
     def __contains__(self, seq_id: int) -> bool:
         return seq_id in self._seqs
@@ -232,23 +244,29 @@ class KVCache:
         return pages[t // self.page_size] * self.page_size + t % self.page_size
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of one layer, [Hkv, P * S, D] each."""
+        """K and V of one layer as stored, [Hkv, P * S, D] each (a float cache only)."""
+        if self.k.dtype == torch.int8:
+            raise TypeError("an int8 KV cache is read through history() or select()")
         return self.k[index], self.v[index]
+
+    def write(self, index: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """A step's new K and V of one layer, [N, Hkv, D] each, into `slots` (int64 [N])."""
+        self.store.write(index, slots, k, v)
+
+    def select(self, index: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of any slots (int64 [n]) of one layer, [Hkv, n, D] each."""
+        return self.store.select(index, slots)
 
     def history(self, index: int, seq_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of a sequence's tokens so far in one layer, [Hkv, length, D] each: views of
         the cache when its pages are consecutive, else gathered page by page."""
         seq = self._get(seq_id)
-        k, v = self.k[index], self.v[index]  # [Hkv, P*S, D]
         if seq.first is not None:
             start = seq.first * self.page_size
-            return k[:, start:start + seq.length], v[:, start:start + seq.length]
+            return self.store.rows(index, start, start + seq.length)
         if seq.gather is None:
             seq.gather = torch.tensor(seq.pages, dtype=torch.int64)
-        h, d, s = k.shape[0], k.shape[2], self.page_size
-        ks = k.view(h, -1, s, d).index_select(1, seq.gather).view(h, -1, d)  # [Hkv, pages*S, D]
-        vs = v.view(h, -1, s, d).index_select(1, seq.gather).view(h, -1, d)
-        return ks[:, :seq.length], vs[:, :seq.length]
+        return self.store.pages(index, seq.gather, self.page_size, seq.length)
 
     # -- pages ------------------------------------------------------------------------------
 

@@ -80,7 +80,7 @@ def make_batch(steps: Sequence[tuple[int, Sequence[int]]], cache: KVCache) -> Ba
         padded_slots = torch.stack([F.pad(cache.slots(s, 0, length), (0, longest - length),
                                           value=int(cache.slots(s, 0, 1)))
                                     for (s, _), length in zip(steps, lengths, strict=True)])
-        padding_mask = torch.zeros(len(spans), 1, 1, longest, dtype=cache.k.dtype).masked_fill(
+        padding_mask = torch.zeros(len(spans), 1, 1, longest, dtype=cache.dtype).masked_fill(
             torch.arange(longest).view(1, 1, 1, -1) >= torch.tensor(lengths).view(-1, 1, 1, 1),
             float("-inf"))
     return Batch(torch.tensor(tokens, dtype=torch.int64), torch.cat(positions),
@@ -104,11 +104,13 @@ class ShardModel:
         self.inv_freq = rope_inv_freq(config)  # float32 [D/2]
         self.scale = 1.0 / math.sqrt(config.head_dim)
 
-    def new_cache(self, capacity_tokens: int, page_size: int = 16,
-                  prefix_cache: bool = True) -> KVCache:
+    def new_cache(self, capacity_tokens: int, page_size: int = 16, prefix_cache: bool = True,
+                  kv_dtype: torch.dtype | None = None) -> KVCache:
+        """kv_dtype: how K and V are stored (default: the activations' dtype; torch.int8)."""
         return KVCache(num_layers=self.config.num_layers, num_kv_heads=self.plan.num_kv_heads,
                        head_dim=self.config.head_dim, capacity_tokens=capacity_tokens,
-                       page_size=page_size, dtype=self.dtype, prefix_cache=prefix_cache)
+                       page_size=page_size, dtype=kv_dtype or self.dtype,
+                       compute_dtype=self.dtype, prefix_cache=prefix_cache)
 
     @torch.inference_mode()
     def forward(self, batch: Batch, cache: KVCache) -> torch.Tensor:
@@ -132,25 +134,23 @@ class ShardModel:
         qk = apply_rope(qkv[:, :(hq + hkv) * d].view(n, hq + hkv, d), cos, sin)  # one rotation
         q, k = qk[:, :hq], qk[:, hq:]  # [N, Hq, D], [N, Hkv, D]
         v = qkv[:, (hq + hkv) * d:].view(n, hkv, d)  # [N, Hkv, D]
-        k_cache, v_cache = cache.layer(index)  # [Hkv, P*S, D] each
-        k_cache.index_copy_(1, batch.write_slots, k.transpose(0, 1))
-        v_cache.index_copy_(1, batch.write_slots, v.transpose(0, 1))
+        cache.write(index, batch.write_slots, k, v)  # into the cache's [Hkv, P*S, D] rows
         q = q.reshape(n, hkv, hq // hkv, d)  # [N, Hkv, G, D]: each KV head's query heads
         if batch.padded_slots is not None:  # decode, N == B: one query per sequence
-            o = self.attend_padded(q, k_cache, v_cache, batch)
+            o = self.attend_padded(index, q, cache, batch)
         else:
             o = self.attend_each(index, q, cache, batch)
         return self.kernels.linear(o.reshape(n, -1), w.wo)  # [N, H]
 
-    def attend_padded(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    def attend_padded(self, index: int, q: torch.Tensor, cache: KVCache,
                       batch: Batch) -> torch.Tensor:
         """A decode batch as one padded batch: q [B, Hkv, G, D] → [B, Hkv, G, D]."""
         assert batch.padded_slots is not None
         b, longest = batch.padded_slots.shape
-        hkv, d = k_cache.shape[0], k_cache.shape[2]
-        slots = batch.padded_slots.view(-1)
-        ks = k_cache.index_select(1, slots).view(hkv, b, longest, d).transpose(0, 1)
-        vs = v_cache.index_select(1, slots).view(hkv, b, longest, d).transpose(0, 1)
+        hkv, d = q.shape[1], q.shape[3]
+        k_rows, v_rows = cache.select(index, batch.padded_slots.view(-1))  # [Hkv, B*Lmax, D]
+        ks = k_rows.view(hkv, b, longest, d).transpose(0, 1)
+        vs = v_rows.view(hkv, b, longest, d).transpose(0, 1)
         return F.scaled_dot_product_attention(q, ks, vs,  # ks, vs: [B, Hkv, Lmax, D]
                                               attn_mask=batch.padding_mask, scale=self.scale)
 
