@@ -8,7 +8,7 @@ import socket
 from pathlib import Path
 
 from services.auth import read_token
-from shard_svc.config import DTYPES, KERNELS, ShardConfig, rank_from_hostname
+from shard_svc.config import DTYPES, KERNELS, KV_DTYPES, ShardConfig, rank_from_hostname
 from shard_svc.mesh.config import TRANSPORTS as MESH_TRANSPORTS
 
 
@@ -34,7 +34,16 @@ def cli_arguments(p: argparse.ArgumentParser) -> None:
                    "weights reordered at load), or auto (timed at start on this CPU, the choice "
                    "logged); with int8/int4, aten = weight-only kernels, onednn = dequantize "
                    "per call; default: %(default)s")
-    p.add_argument("--kv-capacity-tokens", type=int, default=16384)
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--kv-capacity-tokens", type=int, metavar="N",
+                      help="KV cache size in tokens (default: 16384)")
+    size.add_argument("--kv-cache-mb", type=float, metavar="MB",
+                      help="KV cache size in MiB (K, V and int8 scales): as many whole pages "
+                      "as fit, for the KV heads of this rank; Info reports the tokens")
+    p.add_argument("--kv-dtype", default="auto", choices=KV_DTYPES,
+                   help="how K and V are stored: auto (as the activations) or int8 (a float32 "
+                   "scale per token and head, dequantized on read: D + 4 bytes per row instead "
+                   "of 4 D in float32); default: %(default)s")
     p.add_argument("--kv-page-size", type=int, default=16)
     p.add_argument("--prefix-cache", default="on", choices=["on", "off"],
                    help="reuse the KV of full pages of tokens identical to another sequence's "
@@ -80,9 +89,10 @@ def build_config(args: argparse.Namespace) -> ShardConfig:
         model_dir=model_dir, tp_rank=tp_rank, tp_size=args.tp_size,
         peers=tuple(p.strip() for p in args.peers.split(",") if p.strip()),
         listen=args.listen, health_listen=args.health_listen, threads=threads,
-        dtype=args.dtype, kernels=args.kernels, kv_capacity_tokens=args.kv_capacity_tokens,
-        kv_page_size=args.kv_page_size, prefix_cache=args.prefix_cache == "on",
-        max_context=args.max_context,
+        dtype=args.dtype, kernels=args.kernels,
+        kv_capacity_tokens=16384 if args.kv_capacity_tokens is None else args.kv_capacity_tokens,
+        kv_cache_mb=args.kv_cache_mb, kv_dtype=args.kv_dtype, kv_page_size=args.kv_page_size,
+        prefix_cache=args.prefix_cache == "on", max_context=args.max_context,
         mesh_name=args.mesh_name, mesh_listen=args.mesh_listen,
         mesh_transport=args.mesh_transport, mesh_stream_port=args.mesh_stream_port,
         mesh_timeout_s=args.mesh_timeout,

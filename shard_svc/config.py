@@ -9,6 +9,7 @@ from shard_svc.mesh.config import MeshConfig
 
 DTYPES = ("float32", "bfloat16", "float16", "int8", "int4")  # int8/int4: weight-only
 KERNELS = ("auto", "aten", "onednn", "packed")
+KV_DTYPES = ("auto", "int8")  # auto: the activations' dtype; int8: a scale per token and head
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,8 @@ class ShardConfig:
     dtype: str = "float32"
     kernels: str = "auto"  # which library runs the linears (shard_svc.kernels); auto: timed
     kv_capacity_tokens: int = 16384
+    kv_cache_mb: float | None = None  # size the KV cache in MiB instead (then tokens are ignored)
+    kv_dtype: str = "auto"
     kv_page_size: int = 16
     prefix_cache: bool = True  # reuse the KV pages of identical full blocks of prompts
     max_context: int | None = None  # default: the model's max_position_embeddings
@@ -60,6 +63,10 @@ class ShardConfig:
             raise ValueError(f"kernels must be one of {KERNELS}, got {self.kernels!r}")
         if self.kv_capacity_tokens < 1:
             raise ValueError(f"kv_capacity_tokens must be >= 1, got {self.kv_capacity_tokens}")
+        if self.kv_cache_mb is not None and not self.kv_cache_mb > 0:
+            raise ValueError(f"kv_cache_mb must be > 0, got {self.kv_cache_mb}")
+        if self.kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {self.kv_dtype!r}")
         if self.kv_page_size < 1:
             raise ValueError(f"kv_page_size must be >= 1, got {self.kv_page_size}")
         if self.max_context is not None and self.max_context < 1:
@@ -68,6 +75,13 @@ class ShardConfig:
         if any(tls) and not all(tls):
             raise ValueError("TLS needs both tls_cert and tls_key")
 
+    def kv_tokens(self, bytes_per_token: int) -> int:
+        """The KV cache's tokens: `kv_capacity_tokens`, or as many whole pages as
+        `kv_cache_mb` holds at `bytes_per_token` (at least one page)."""
+        if self.kv_cache_mb is None:
+            return self.kv_capacity_tokens
+        pages = int(self.kv_cache_mb * 2**20) // (bytes_per_token * self.kv_page_size)
+        return max(1, pages) * self.kv_page_size
 
     def mesh_config(self, fingerprint: str = "") -> MeshConfig:
         """The mesh part of this config (validated there)."""

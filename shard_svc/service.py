@@ -24,6 +24,7 @@ from shard_svc.config import ShardConfig
 from shard_svc.engine import ShardEngine
 from shard_svc.kernels import check_library, choose_kernels
 from shard_svc.kv_cache import KVCache
+from shard_svc.kv_store import kv_bytes_per_token
 from shard_svc.mesh.communicator import Communicator, LocalOnly, MeshError, SingleRank
 from shard_svc.model import ShardModel, make_batch
 from shard_svc.servicer import ShardServicer
@@ -118,7 +119,14 @@ class ShardProcess:
         model = await loop.run_in_executor(servicer.executor, ShardModel, self.model_config,
                                            self.plan, weights, comm, kernels)
         del weights  # the model holds them in the kernels' layout
-        cache = model.new_cache(cfg.kv_capacity_tokens, cfg.kv_page_size, cfg.prefix_cache)
+        kv_dtype = torch.int8 if cfg.kv_dtype == "int8" else model.dtype
+        tokens = cfg.kv_tokens(kv_bytes_per_token(self.model_config.num_layers,
+                                                  self.plan.num_kv_heads,
+                                                  self.model_config.head_dim, kv_dtype))
+        cache = model.new_cache(tokens, cfg.kv_page_size, cfg.prefix_cache, kv_dtype)
+        log.info("KV cache: %d tokens in %.1f MiB, %s", cache.capacity_tokens,
+                 cache.nbytes / 2**20, "int8 (a scale per token and head)"
+                 if kv_dtype == torch.int8 else str(kv_dtype).removeprefix("torch."))
         await loop.run_in_executor(servicer.executor, warm_up, model, cache)
         log.info("mesh formed; weights prepared and warmed up in %.1f s", time.monotonic() - t1)
         engine = ShardEngine(model, cache, cfg.max_context)

@@ -45,6 +45,8 @@ class LocalConfig:
     http_port: int = 8000  # the router's OpenAI-compatible HTTP API; 0 means any free port
     dtype: str = "float32"
     kv_capacity_tokens: int | None = None
+    kv_cache_mb: float | None = None
+    kv_dtype: str = "auto"
     max_context: int | None = None
     log_dir: Path = Path("logs")
     ready_timeout_s: float = 600.0
@@ -89,8 +91,15 @@ def cli_arguments(p: argparse.ArgumentParser) -> None:
                    help="weights, activations and KV cache in the shards; int8 / int4: weights "
                    "quantized, a GGUF (or the embedded model) read at its own precision "
                    "(default: %(default)s)")
-    p.add_argument("--kv-capacity-tokens", type=int, metavar="N",
-                   help="KV cache per shard, in tokens (default: the shard's, 16384)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--kv-capacity-tokens", type=int, metavar="N",
+                      help="KV cache per shard, in tokens (default: the shard's, 16384)")
+    size.add_argument("--kv-cache-mb", type=float, metavar="MB",
+                      help="KV cache per shard, in MiB (the shard fits as many tokens as it can)")
+    p.add_argument("--kv-dtype", default="auto", choices=["auto", "int8"],
+                   help="how the shards store K and V: as the activations, or int8 with a scale "
+                   "per token and head (about 3.8x the float32 tokens per MiB); "
+                   "default: %(default)s")
     p.add_argument("--max-context", type=int, metavar="N",
                    help="longest sequence (default: the model's context length)")
     p.add_argument("--cache-dir", type=Path, metavar="DIR", help="converted models and logs "
@@ -136,7 +145,8 @@ def build_config(args: argparse.Namespace) -> LocalConfig:
         model_dir=model_dir, model_name=name, served_model_name=args.served_model_name or "",
         tp=args.tp, threads_per_shard=threads,
         host=args.host, port=args.port, http_port=args.http_port, dtype=args.dtype,
-        kv_capacity_tokens=args.kv_capacity_tokens, max_context=args.max_context,
+        kv_capacity_tokens=args.kv_capacity_tokens, kv_cache_mb=args.kv_cache_mb,
+        kv_dtype=args.kv_dtype, max_context=args.max_context,
         log_dir=log_dir, ready_timeout_s=args.ready_timeout, drain_grace_s=args.drain_grace,
         extra_args=tuple(tuple(shlex.split(getattr(args, f"{s}_args"))) for s in SERVICES))
 
@@ -166,8 +176,9 @@ def plan(config: LocalConfig, environ: Mapping[str, str]) -> tuple[list[Child], 
     env = {**environ, "PYTHONUNBUFFERED": "1"}
     grace = ["--drain-grace", str(config.drain_grace_s)]
     model = ["--model-dir", str(config.model_dir)]
-    limits = [f"--{k.replace('_', '-')}={v}" for k in ("kv_capacity_tokens", "max_context")
-              if (v := getattr(config, k)) is not None]
+    limits = [f"--{k.replace('_', '-')}={v}" for k in ("kv_capacity_tokens", "kv_cache_mb",
+                                                        "kv_dtype", "max_context")
+              if (v := getattr(config, k)) not in (None, "auto")]
     more_tokenizer, more_shard, more_router = config.extra_args
     token = ["--internal-token-file", str(internal_token_path(config))]
     children = [Child("tokenizer", tokenizer, [
