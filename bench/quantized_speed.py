@@ -149,7 +149,7 @@ def section(result: dict[str, Any]) -> list[str]:
         kernels = (r["ours"].get("kernels") or "").split(" (us")[0]
         out.append(f"| {r['model']} | {r['dtype']} | {r['peer'].removeprefix('llama.cpp ')} | "
                    f"{ours:.1f} | {peer:.1f} | {ours / peer:.2f} | {kernels} |")
-    out += ["", *targets(result), "",
+    out += ["", *targets(result), "", *result.get("notes", []), "",
             "Command: `python -m bench.quantized_speed --models llama1b smollm2` (llama.cpp from "
             "`make bench-env`)", ""]
     return out
