@@ -253,6 +253,10 @@ class KVCache:
         """A step's new K and V of one layer, [N, Hkv, D] each, into `slots` (int64 [N])."""
         self.store.write(index, slots, k, v)
 
+    def rotate_queries(self, q: torch.Tensor) -> torch.Tensor:
+        """Queries [..., D] in the basis reads return K in (int8: rotated; see kv_store)."""
+        return self.store.rotate_queries(q)
+
     def select(self, index: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of any slots (int64 [n]) of one layer, [Hkv, n, D] each."""
         return self.store.select(index, slots)

@@ -12,6 +12,12 @@ scale), so every element is within scale / 2 of its value. Scales are [L, Hkv, P
 and V. A read dequantizes only the rows asked for (q * scale, in float32, then the compute
 dtype). Bytes per token and layer and KV head: 2 * (D + 4), against 2 * 4 * D in float32
 (D = 64: 3.76x as many tokens per byte; D = 128: 3.88x).
+
+K has a few channels far larger than the rest (in every token), which a scale per row spends
+its 8 bits on. So K is stored rotated by an orthonormal Hadamard matrix R (`hadamard`), which
+spreads each channel over all of them, and reads return it rotated: attention rotates the
+queries the same way (`rotate_queries`), and (q R)(k R)^T = q k^T. On SmolLM2 (bench/quality.py)
+this halves the top-1 flips that K's rounding causes; V needs no rotation.
 """
 
 from __future__ import annotations
@@ -33,6 +39,16 @@ def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """int8 [..., D] and scales [...] → [..., D] in `dtype`."""
     return (q.float() * scale.unsqueeze(-1)).to(dtype)
+
+
+def hadamard(d: int) -> torch.Tensor:
+    """An orthonormal rotation [D, D]: Sylvester Hadamard blocks of the largest power of two
+    dividing D, each divided by the square root of its size (symmetric: R R = I)."""
+    n = d & -d
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    return torch.block_diag(*[h / n ** 0.5] * (d // n))
 
 
 def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int,
@@ -71,6 +87,10 @@ class FloatKV:
         """Rows `slots` (int64 [n]), [Hkv, n, D]."""
         return self.k[layer].index_select(1, slots), self.v[layer].index_select(1, slots)
 
+    def rotate_queries(self, q: torch.Tensor) -> torch.Tensor:
+        """Queries [..., D] in the basis K is read in (here K's own)."""
+        return q
+
 
 class Int8KV:
     def __init__(self, shape: tuple[int, int, int, int], dtype: torch.dtype) -> None:
@@ -79,17 +99,22 @@ class Int8KV:
         self.v = torch.zeros(shape, dtype=torch.int8)
         self.k_scale = torch.zeros(shape[:3], dtype=torch.float32)  # [L, Hkv, P*S]
         self.v_scale = torch.zeros(shape[:3], dtype=torch.float32)
+        self.rotation = hadamard(shape[3])  # of K's rows, float32 [D, D]
 
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in (self.k, self.v, self.k_scale, self.v_scale))
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v [N, Hkv, D], quantized per row, into rows `slots` (int64 [N])."""
+        """k (rotated), v [N, Hkv, D], quantized per row, into rows `slots` (int64 [N])."""
+        k = k.float() @ self.rotation
         for data, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
             q, scale = quantize(x.transpose(0, 1))  # [Hkv, N, D], [Hkv, N]
             data[layer].index_copy_(1, slots, q)
             scales[layer].index_copy_(1, slots, scale)
+
+    def rotate_queries(self, q: torch.Tensor) -> torch.Tensor:
+        return (q.float() @ self.rotation).to(q.dtype)
 
     def rows(self, layer: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         return (dequantize(self.k[layer, :, start:stop], self.k_scale[layer, :, start:stop],

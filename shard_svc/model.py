@@ -135,6 +135,7 @@ class ShardModel:
         q, k = qk[:, :hq], qk[:, hq:]  # [N, Hq, D], [N, Hkv, D]
         v = qkv[:, (hq + hkv) * d:].view(n, hkv, d)  # [N, Hkv, D]
         cache.write(index, batch.write_slots, k, v)  # into the cache's [Hkv, P*S, D] rows
+        q = cache.rotate_queries(q)  # in the basis the cache returns K in
         q = q.reshape(n, hkv, hq // hkv, d)  # [N, Hkv, G, D]: each KV head's query heads
         if batch.padded_slots is not None:  # decode, N == B: one query per sequence
             o = self.attend_padded(index, q, cache, batch)

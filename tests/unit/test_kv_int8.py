@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from shard_svc.kv_cache import KVCache
-from shard_svc.kv_store import Int8KV, dequantize, kv_bytes_per_token, quantize
+from shard_svc.kv_store import Int8KV, dequantize, hadamard, kv_bytes_per_token, quantize
 from shard_svc.mesh.communicator import SingleRank
 from tests.checkpoints import tiny_checkpoint
 from tests.kv_int8_ranks import forced, rank_forced
@@ -56,7 +56,8 @@ def test_every_read_dequantizes_the_rows_written() -> None:
     slots = torch.randperm(32)
     store.write(1, slots, k, v)
     order = torch.argsort(slots)  # row r of the layer holds token order[r]
-    want_k = dequantize(*quantize(k[order].transpose(0, 1)), torch.float32)  # [Hkv, 32, D]
+    r = store.rotation  # K is stored (and read) rotated
+    want_k = dequantize(*quantize(k[order].transpose(0, 1) @ r), torch.float32)  # [Hkv, 32, D]
     want_v = dequantize(*quantize(v[order].transpose(0, 1)), torch.float32)
     ks, vs = store.rows(1, 4, 12)
     assert torch.equal(ks, want_k[:, 4:12]) and torch.equal(vs, want_v[:, 4:12])
@@ -65,8 +66,18 @@ def test_every_read_dequantizes_the_rows_written() -> None:
     assert torch.equal(ks, want_k[:, rows]) and torch.equal(vs, want_v[:, rows])
     ks, vs = store.select(1, rows)
     assert torch.equal(ks, want_k[:, rows]) and torch.equal(vs, want_v[:, rows])
-    torch.testing.assert_close(ks, k[order].transpose(0, 1)[:, rows], atol=0.03, rtol=0)
+    torch.testing.assert_close(ks @ r, k[order].transpose(0, 1)[:, rows], atol=0.03, rtol=0)
+    torch.testing.assert_close(vs, v[order].transpose(0, 1)[:, rows], atol=0.03, rtol=0)
     assert not store.k[0].any()  # the other layer untouched
+
+
+@pytest.mark.parametrize("d", [16, 64, 96])
+def test_the_rotation_is_orthonormal_and_spreads_an_outlier(d: int) -> None:
+    r = hadamard(d)
+    torch.testing.assert_close(r @ r.T, torch.eye(d), atol=1e-6, rtol=0)
+    x = torch.zeros(d)
+    x[3] = 1.0
+    assert float((x @ r).abs().max()) == pytest.approx(1 / (d & -d) ** 0.5)  # 96: blocks of 32
 
 
 def close_to_float(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
