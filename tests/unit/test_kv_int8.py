@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from shard_svc.kv_cache import KVCache
-from shard_svc.kv_store import Int8KV, dequantize, hadamard, kv_bytes_per_token, quantize
+from shard_svc.kv_store import Int8KV, dequantize, hadamard, kv_bytes_per_token, quantize, rotation
 from shard_svc.mesh.communicator import SingleRank
 from tests.checkpoints import tiny_checkpoint
 from tests.kv_int8_ranks import forced, rank_forced
@@ -66,18 +66,22 @@ def test_every_read_dequantizes_the_rows_written() -> None:
     assert torch.equal(ks, want_k[:, rows]) and torch.equal(vs, want_v[:, rows])
     ks, vs = store.select(1, rows)
     assert torch.equal(ks, want_k[:, rows]) and torch.equal(vs, want_v[:, rows])
-    torch.testing.assert_close(ks @ r, k[order].transpose(0, 1)[:, rows], atol=0.03, rtol=0)
+    torch.testing.assert_close(ks @ r.T, k[order].transpose(0, 1)[:, rows], atol=0.03, rtol=0)
     torch.testing.assert_close(vs, v[order].transpose(0, 1)[:, rows], atol=0.03, rtol=0)
     assert not store.k[0].any()  # the other layer untouched
 
 
 @pytest.mark.parametrize("d", [16, 64, 96])
 def test_the_rotation_is_orthonormal_and_spreads_an_outlier(d: int) -> None:
-    r = hadamard(d)
+    r = rotation(d)
     torch.testing.assert_close(r @ r.T, torch.eye(d), atol=1e-6, rtol=0)
+    assert torch.equal(r, rotation(d)) and r.dtype == torch.float32  # the same on every rank
     x = torch.zeros(d)
     x[3] = 1.0
     assert float((x @ r).abs().max()) == pytest.approx(1 / (d & -d) ** 0.5)  # 96: blocks of 32
+    h = hadamard(d)
+    signs = (r * h).sum(1).round()  # rows of H have norm 1
+    assert set(signs.tolist()) == {-1.0, 1.0} and torch.equal(r, torch.diag(signs) @ h)
 
 
 def close_to_float(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
