@@ -1,4 +1,4 @@
-"""A SmolLM2 cluster whose KV cache holds 160 tokens (10 pages), less than its batch needs,
+"""A SmolLM2 cluster whose KV cache holds 96 tokens (6 pages), less than its batch needs,
 at tp 1 and tp 2, with the shards' prefix cache on: greedy output equals transformers' (which
 caches nothing) for requests run alone (sharing a system prompt, so reusing its blocks), run
 together (so that sequences are preempted and recomputed, some cancelled meanwhile); KV is all
@@ -19,7 +19,7 @@ from tests.e2e.router_cluster import Cluster, complete, until_kv_free
 from tests.procs import free_ports
 
 pytestmark = pytest.mark.asyncio
-KV_TINY = 160
+KV_TINY = 96
 NEW_TOKENS = 24
 SYSTEM = ("You are a careful assistant for a small town library. Answer every question briefly, "
           "in plain words, and never invent facts. ")  # 26 tokens; with a question 34
@@ -72,7 +72,9 @@ async def test_greedy_output_survives_preemption_and_prefix_reuse(
     await until_kv_free(c)
     assert metric(metrics, "cpumesh_prefix_cache_hit_tokens_total") >= 3 * 16
     assert metric(metrics, "cpumesh_preemptions_total") == 0
-    # Together (3 pages each to start, 4 to end: 16 pages in 10), and two more cancelled early.
+    # Together, and two more cancelled early: each takes 3 pages to start and 4 to end, so any
+    # two admitted together (6 pages) cannot both grow: the newer is preempted, whatever the
+    # timing of their arrivals.
     tasks = [asyncio.ensure_future(complete(c, p, **params))  # type: ignore[arg-type]
              for p in [*PROMPTS, *PROMPTS[:2]]]
     await asyncio.sleep(1.0)

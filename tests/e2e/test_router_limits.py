@@ -63,14 +63,15 @@ async def test_full_queue_is_refused_at_once_and_cancels_free_the_kv(
         cluster_of: Callable[[int], Cluster]) -> None:
     c = cluster_of(2)
     async with RouterClient(c.router_addr) as client:
-        # Two of these fill the KV cache (2 x 1008 of 2048 tokens); eight more fill the queue.
+        # Sixteen of these fill the batch (--max-running 16; KV pages are taken as they grow,
+        # so the KV cache no longer bounds it); eight more fill the queue.
         async def long(i: int) -> None:
             async for _ in client.generate("Hello", max_new_tokens=1000, ignore_eos=True,
                                            request_id=f"long-{i}", timeout=120):
                 pass
 
         tasks = []
-        for i in range(10):
+        for i in range(24):
             tasks.append(asyncio.ensure_future(long(i)))
             await asyncio.sleep(0.05)
         t0 = time.perf_counter()
