@@ -76,7 +76,7 @@ class KernelPlan:
         parts = [f"{n}: {lib}" for n, lib in zip(names, self.libraries, strict=True)]
         timed = "; ".join(f"{lib} " + "/".join(f"{t:.0f}" for t in times)
                           for lib, times in self.timings_us.items())
-        return (f"kernels for {str(self.dtype).removeprefix('torch.')} weights on "
+        return (f"kernels for {str(self.dtype).removeprefix('torch.')} on "
                 f"{torch.backends.cpu.get_cpu_capability()}: " + ", ".join(parts)
                 + (f" (us for 1/8/128 tokens: {timed})" if timed else ""))
 
