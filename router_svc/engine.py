@@ -40,6 +40,7 @@ from router_svc.sequence import Chunk, SeqStatus, Sequence
 from router_svc.served_model import ServedModel, probe
 from router_svc.shards import ShardGroup, StepResult
 from router_svc.stats import EngineStats
+from router_svc.step_text import stream_text
 from router_svc.stops import Finish, FinishReason
 from router_svc.stream import Stream
 from router_svc.tokenizer_client import TokenizerClient
@@ -246,27 +247,7 @@ class Engine:
             await task
 
     async def _detokenize(self, seqs: list[Sequence]) -> None:
-        """One DetokenizeBatch (and one Decode for logprob texts) for the step; stream chunks."""
-        seqs = [s for s in seqs if s.status is not SeqStatus.FINISHED]
-        items = [s.detok_item() for s in seqs]
-        timeout = self.config.rpc_timeout_s
-        try:
-            results, texts = await asyncio.gather(
-                self.tokenizer.detokenize([i for i in items if i is not None], timeout),
-                self.tokenizer.token_texts([t for s in seqs for t in s.logprob_token_ids()],
-                                           timeout))
-        except CpumeshError as e:  # the tokenizer failed: these requests fail, others go on
-            for s in seqs:
-                self._fail(s, e)
-            return
-        by_seq = {r.seq_id: r for r in results}
-        for s in seqs:
-            if s.status is not SeqStatus.FINISHED:  # not cancelled while the tokenizer answered
-                chunk = s.apply_detok(by_seq.get(s.seq_id), texts)
-                if s.finish is None:
-                    s.push(chunk)
-                else:  # a stop string matched now, or a stop decided at a token: the last chunk
-                    self._end(s, chunk)
+        await stream_text(self.tokenizer, seqs, self.config.rpc_timeout_s, self._end, self._fail)
 
     # -- failures -------------------------------------------------------------------------------
 
