@@ -22,20 +22,16 @@ import contextlib
 import itertools
 import logging
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from router_svc.admission import Admission
 from router_svc.config import RouterConfig
-from router_svc.request import (
-    GenerateRequest,
-    check_prompt_length,
-    default_max_new_tokens,
-    validate,
-)
+from router_svc.group import group_scheduler, until_whole
+from router_svc.intake import queue_request
+from router_svc.request import GenerateRequest, validate
 from router_svc.sampling import merge
-from router_svc.scheduler import Scheduler, SchedulerConfig, StepPlan
+from router_svc.scheduler import Scheduler, StepPlan
 from router_svc.sequence import Chunk, SeqStatus, Sequence
 from router_svc.served_model import ServedModel, probe
 from router_svc.shards import ShardGroup, StepResult
@@ -89,27 +85,13 @@ class Engine:
         validate(request, limits)  # against the last group seen, even while it is not whole
         if scheduler is None or not self.serving:
             raise Unavailable(f"the router is not serving: {self.not_serving_reason}")
-        scheduler.reserve_waiting()  # before tokenizing: a burst's excess is refused at once
-        queued = False
-        try:
-            prompt_ids = await self.tokenizer.encode(request.prompt, request.messages,
-                                                     self.config.rpc_timeout_s)
-            check_prompt_length(len(prompt_ids), request.max_new_tokens, limits)
+
+        def check_serving() -> None:
             if scheduler is not self._scheduler or not self.serving:
                 raise Unavailable(f"the router is not serving: {self.not_serving_reason}")
-            max_new, detail = request.max_new_tokens, None
-            if max_new is None:  # the default cap, within the context and the whole KV cache
-                max_new, detail = default_max_new_tokens(
-                    len(prompt_ids), min(model.context_length, scheduler.kv_capacity_tokens),
-                    self.config.default_max_new_tokens)
-            seq = Sequence(next(self._ids), request.request_id or uuid.uuid4().hex, request,
-                           prompt_ids, max_new, model.eos_token_ids, arrival, detail,
-                           model.group.max_top_k)
-            scheduler.submit(seq.seq_id, len(prompt_ids), max_new, reserved=True)
-            queued = True
-        finally:
-            if not queued:  # refused, failed or cancelled while tokenizing: the slot goes back
-                scheduler.unreserve_waiting()
+
+        seq = await queue_request(request, model, limits, scheduler, self.tokenizer,
+                                  self.config, next(self._ids), arrival, check_serving)
         self._seqs[seq.seq_id] = seq
         self._wake.set()
         return Stream(self, seq)
@@ -172,6 +154,8 @@ class Engine:
                         await self._idle()
                         continue
                     result = await self._step(plan)
+                    if result is None:  # every sequence of the plan ended meanwhile
+                        continue
                     wall = time.perf_counter() - t0
                     self.stats.record_step(len(plan.prefill), len(plan.prefill) + len(
                         plan.decode), result.prefill_tokens, result, wall,
@@ -197,9 +181,14 @@ class Engine:
         except TimeoutError:  # nothing to do for a while: check the group is still whole
             await probe(self.shards, self.tokenizer, self.config.rpc_timeout_s)
 
-    async def _release(self) -> None:
-        if self._to_release:
+    async def _release(self, ids: list[int] | None = None) -> None:
+        """Release sequences on every shard and in the scheduler's replica of their pages, in
+        this order (by default the ended ones; `_preempt` passes the plan's)."""
+        if ids is None:
             ids, self._to_release = sorted(self._to_release), set()
+        if ids:
+            assert self._scheduler is not None
+            self._scheduler.release(ids)  # those preempted it released already
             await self._timed(self.shards.release_all(ids, self.config.rpc_timeout_s), "release")
 
     async def _preempt(self, seq_ids: tuple[int, ...]) -> None:
@@ -208,13 +197,17 @@ class Engine:
         if seq_ids:
             for seq_id in seq_ids:
                 self._seqs[seq_id].status = SeqStatus.WAITING
-            self._to_release.update(seq_ids)
             self.stats.preempted(len(seq_ids))
-            await self._release()
+            await self._release(list(seq_ids))
 
-    async def _step(self, plan: StepPlan) -> StepResult:
-        seqs = [self._seqs[i] for i in (*plan.prefill, *plan.decode)]
+    async def _step(self, plan: StepPlan) -> StepResult | None:
+        # A sequence cancelled while the preempted ones were released is left out.
+        seqs = [self._seqs[i] for i in (*plan.prefill, *plan.decode) if i in self._seqs]
+        if not seqs:
+            return None
         work = [s.work() for s in seqs]
+        assert self._scheduler is not None
+        self._scheduler.step_sent([(w.seq_id, w.token_ids) for w in work])
         sent = self.clock()
         for s in seqs[: len(plan.prefill)]:
             if not s.prefilled:  # not a recompute after a preemption
@@ -229,6 +222,7 @@ class Engine:
             result = await self._timed(step, "shards")
         finally:
             step.cancel()
+        self._scheduler.step_ran()
         self.step_id += 1
         now = self.clock()
         for s in seqs:
@@ -269,26 +263,15 @@ class Engine:
     async def _recover(self) -> None:
         """Poll until every shard is SERVING and consistent and the tokenizer answers; reset the
         shards to a fresh step id; serve again."""
-        last = None
-        while True:
-            try:
-                model = await probe(self.shards, self.tokenizer, self.config.rpc_timeout_s)
-                next_id = max(self.step_id, model.group.next_step_id) + 1
-                await self.shards.reset_all(next_id, self.config.rpc_timeout_s)
-                break
-            except CpumeshError as e:
-                if str(e) != last:
-                    log.warning("waiting for the shard group: %s", e)
-                    last = str(e)
-                self.not_serving_reason = str(e)
-                await asyncio.sleep(self.config.recover_poll_s)
+        def waiting(reason: str) -> None:
+            self.not_serving_reason = reason
+
+        model, next_id = await until_whole(self.shards, self.tokenizer, self.config,
+                                           self.step_id, waiting)
         self.step_id, self.model = next_id, model
         g = model.group
-        self._scheduler = Scheduler(SchedulerConfig(
-            kv_capacity_tokens=g.kv_capacity_tokens, kv_page_size=g.kv_page_size,
-            max_waiting=self.config.max_waiting, max_running=self.config.max_running,
-            prefill_token_budget=self.config.prefill_token_budget,
-            kv_reservation=self.config.kv_reservation))
+        self._scheduler = group_scheduler(self.config, g,
+                                          lambda seq_id: self._seqs[seq_id].prefill_ids())
         log.info("shard group whole: %s, tp %d, KV %d tokens; serving from step %d",
                  g.model_name, g.tp_size, g.kv_capacity_tokens, next_id)
         await self._set_serving(True, "")

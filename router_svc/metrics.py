@@ -92,7 +92,7 @@ class RouterMetrics:
             "cpumesh_num_requests_waiting": ("Requests queued, not yet prefilled.", "num_waiting"),
             "cpumesh_num_requests_running": ("Requests in the running batch.", "num_running"),
             "cpumesh_kv_cache_tokens_used": ("KV cache tokens held by running requests (in "
-                                             "whole pages, as if none were shared).",
+                                             "whole pages, shared prefix pages once).",
                                              "kv_tokens_reserved"),
             "cpumesh_kv_cache_tokens_free": ("KV cache tokens free to admit requests.",
                                              "kv_tokens_free"),

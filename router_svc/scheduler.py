@@ -7,12 +7,17 @@ means the previous plan's step completed, so the requests it prefilled now decod
 KV accounting, in whole pages of one shard (every shard holds every sequence):
 
 * `on_demand` (the default, as vLLM and TGI): a running sequence holds the pages its tokens fill,
-  ceil(length / page), counted as if no page were shared (the shards' prefix cache only ever
-  needs fewer), and gains them as it grows. A waiting request is admitted while its prompt and
-  one more token fit the free pages. When the running sequences' next tokens need more pages than
-  the cache holds, the newest running sequences are preempted: the plan lists them, the engine
-  releases them on the shards, and they go back to the front of the queue to be recomputed from
-  their tokens (prompt and generated so far). No request ever fails for lack of KV.
+  ceil(length / page), and gains them as it grows. A waiting request is admitted while its
+  prompt and one more token fit the free pages. When the running sequences' next tokens need more
+  pages than are free, the newest running sequences are preempted: the plan lists them, the
+  engine releases them on the shards (in the plan's order), and they go back to the front of the
+  queue to be recomputed from their tokens (prompt and generated so far). No request ever fails
+  for lack of KV.
+* Given `pages`, a replica of the shards' page table (shard_svc/page_table.py, their very code)
+  fed the steps and releases they get (`step_sent`, `step_ran`, `release`; `schedule` releases
+  the sequences it preempts), free pages are the shards' own: a page shared through their prefix
+  cache counts once, and a prompt's cached blocks cost no page (but an unheld one stops being
+  free) and no prefill budget, as the shard counts them. Without it, no page is shared.
 * `full` (the behaviour before on-demand pages, kept to measure against): an admitted request
   reserves the pages of its prompt and all of its max_new_tokens up front; nothing is preempted.
 
@@ -20,10 +25,9 @@ Either way a request whose prompt + max_new_tokens can never fit the whole cache
 `submit`. The router's capacity is rounded down to whole pages, so it never promises more than a
 shard holds (a shard rounds up).
 
-The waiting queue's bound counts requests still being tokenized: the engine takes a waiting slot
-with `reserve_waiting` before it sends a prompt to the tokenizer, and `submit(reserved=True)`
-turns it into the queued request (or `unreserve_waiting` gives it back), so a burst's excess is
-refused before any of it is tokenized.
+The waiting queue's bound counts requests being tokenized: the engine takes a slot with
+`reserve_waiting` before tokenizing, and `submit(reserved=True)` takes it (or
+`unreserve_waiting` gives it back), so a burst's excess is refused before it is tokenized.
 
 Admission is strictly FIFO: the head of the queue is admitted as soon as it fits and no request
 behind it overtakes it, so a large request cannot be starved by a stream of small ones. Every
@@ -33,9 +37,12 @@ never preempted, so the head is always admitted eventually.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 from services.errors import InvalidArgument, ResourceExhausted
+from shard_svc.page_table import PageReservation, PageTable
 
 KV_RESERVATIONS = ("on_demand", "full")
 
@@ -87,8 +94,16 @@ class _Request:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig) -> None:
+    def __init__(self, config: SchedulerConfig, pages: PageTable | None = None,
+                 prefill_ids: Callable[[int], Seq[int]] | None = None) -> None:
+        """`pages`: the replica of the shards' page table (see above), with `prefill_ids`,
+        the token ids a request's prefill would carry now."""
+        if pages is not None and (prefill_ids is None or (pages.num_pages, pages.page_size)
+                                  != (config.kv_capacity_pages, config.kv_page_size)):
+            raise ValueError("a page table of the config's pages comes with prefill_ids")
         self.config = config
+        self._pages, self._prefill_ids = pages, prefill_ids
+        self._step: PageReservation | None = None  # the step in flight, in `pages`
         self._on_demand = config.kv_reservation == "on_demand"
         # On demand, pages kept free when admitting beside running requests, so that their
         # growth does not preempt a request just admitted (as vLLM's 1 % watermark).
@@ -122,7 +137,7 @@ class Scheduler:
             raise InvalidArgument(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if request_id in self._waiting or request_id in self._running:
             raise ValueError(f"request {request_id} is already scheduled")
-        pages = self._pages(prompt_len + max_new_tokens)
+        pages = self._pages_of(prompt_len + max_new_tokens)
         if pages > self.config.kv_capacity_pages:
             raise InvalidArgument(
                 f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) = "
@@ -147,7 +162,27 @@ class Scheduler:
         ids = [*self._running, *self._waiting]
         self._running.clear()
         self._waiting.clear()
+        if self._pages is not None:
+            self._pages.reset()
         return ids
+
+    # -- the shards' page table (given `pages`) ---------------------------------------------
+
+    def release(self, request_ids: Iterable[int]) -> None:
+        """The shards release these (ended) sequences now, in this order."""
+        for request_id in request_ids if self._pages is not None else ():
+            self._pages.release(request_id)  # type: ignore[union-attr]
+
+    def step_sent(self, work: Seq[tuple[int, Seq[int]]]) -> None:
+        """The step's (seq_id, token ids), in the order sent to the shards."""
+        if self._pages is not None:
+            self._step = self._pages.reserve(work)
+
+    def step_ran(self) -> None:
+        """The step sent last ran on every shard: the blocks it filled are cached."""
+        if self._step is not None:
+            self._step.commit()
+            self._step = None
 
     # -- steps ----------------------------------------------------------------------------------
 
@@ -155,36 +190,40 @@ class Scheduler:
         """The next step: every running request decodes (on demand, the newest are preempted
         first while their next tokens would not fit); waiting ones are admitted in FIFO order
         while a batch slot, the free pages and the prefill token budget allow (the first
-        admission of a step ignores the budget, so a prompt longer than it still runs alone)."""
+        admission of a step ignores the budget, so a prompt longer than it still runs alone).
+        The budget counts the tokens to compute: a prompt's cached blocks are not."""
         preempted = self._preempt() if self._on_demand else ()
+        free = self._free_pages() - sum(self._growth(r.length) for r in self._running.values())
         for request in self._running.values():
             request.length += 1  # each decodes one token in this step
-        used = sum(self._held(r) for r in self._running.values())
         decode = tuple(self._running)
         prefill: list[int] = []
         budget_left = self.config.prefill_token_budget
-        while self._waiting:
+        taken: set[int] = set()  # unheld cached pages the admitted prefills take
+        while self._waiting and len(self._running) < self.config.max_running:
             request_id, request = next(iter(self._waiting.items()))
-            # On demand: its prompt and the token after it, so it decodes at least once.
-            pages = self._pages(request.prompt_len + 1) if self._on_demand else request.reserved
-            if not self._can_admit(request, pages, used, budget_left, first=not prefill):
+            pages, cached, unheld = self._admission(request_id, request, taken)
+            room = free - (self._watermark if self._running else 0)
+            computed = request.prompt_len - cached
+            if pages > room or (prefill and computed > budget_left):
                 break
             del self._waiting[request_id]
             self._running[request_id] = request
             request.length = request.prompt_len
-            used += pages
-            budget_left -= request.prompt_len
+            free, budget_left, taken = free - pages, budget_left - computed, taken | unheld
             prefill.append(request_id)
         return StepPlan(prefill=tuple(prefill), decode=decode, preempted=preempted)
 
     def _preempt(self) -> tuple[int, ...]:
         """Preempt the newest running requests until the others' next tokens fit; they go back
         to the front of the queue, oldest first, to be prefilled with all their tokens."""
-        need = sum(self._pages(r.length + 1) for r in self._running.values())
+        need = sum(self._growth(r.length) for r in self._running.values())
         out: list[tuple[int, _Request]] = []
-        while need > self.config.kv_capacity_pages and len(self._running) > 1:
+        while need > self._free_pages() and len(self._running) > 1:
             request_id, request = self._running.popitem()  # the newest
-            need -= self._pages(request.length + 1)
+            need -= self._growth(request.length)
+            if self._pages is not None:
+                self._pages.release(request_id)
             # Its next prefill carries what its decode would have: every token so far.
             request.prompt_len, request.length = request.length + 1, 0
             out.append((request_id, request))
@@ -193,20 +232,33 @@ class Scheduler:
             self._waiting = {**dict(reversed(out)), **self._waiting}
         return tuple(request_id for request_id, _ in out)
 
-    def _held(self, request: _Request) -> int:
-        """Pages a running request holds once the planned step ran."""
-        return self._pages(request.length) if self._on_demand else request.reserved
+    def _admission(self, request_id: int, request: _Request, taken: set[int]
+                   ) -> tuple[int, int, set[int]]:
+        """(free pages a waiting request takes: on demand, its prompt's and its next token's;
+        its tokens found cached; the unheld cached pages it takes)."""
+        cached, unheld = 0, set[int]()
+        pages = self._pages_of(request.prompt_len)
+        if self._pages is not None and self._prefill_ids is not None:
+            pages, cached, unheld = self._pages.new_cost(self._prefill_ids(request_id), taken)
+        if not self._on_demand:
+            return request.reserved, cached, unheld
+        return pages + self._growth(request.prompt_len), cached, unheld
 
-    def _can_admit(self, request: _Request, pages: int, used: int, budget_left: int,
-                   first: bool) -> bool:
-        if len(self._running) >= self.config.max_running:
-            return False
-        room = self.config.kv_capacity_pages - (self._watermark if self._running else 0)
-        if used + pages > room:
-            return False
-        return first or request.prompt_len <= budget_left
+    def _free_pages(self) -> int:
+        """Pages free now: the shards' (on demand), or those no running request reserves."""
+        if not self._on_demand:
+            held = sum(r.reserved for r in self._running.values())
+        elif self._pages is not None:
+            return self._pages.free_pages
+        else:
+            held = sum(self._pages_of(r.length) for r in self._running.values())
+        return self.config.kv_capacity_pages - held
 
-    def _pages(self, tokens: int) -> int:
+    def _growth(self, length: int) -> int:
+        """Pages a sequence of `length` tokens needs for its next (on demand)."""
+        return self._pages_of(length + 1) - self._pages_of(length) if self._on_demand else 0
+
+    def _pages_of(self, tokens: int) -> int:
         return -(-tokens // self.config.kv_page_size)
 
     # -- counters for metrics -------------------------------------------------------------------
@@ -230,21 +282,21 @@ class Scheduler:
         return self.config.kv_capacity_pages * self.config.kv_page_size
 
     @property
+    def kv_pages_used(self) -> int:
+        """Pages the running requests hold (`full`: reserve); shared ones once given `pages`."""
+        return self.config.kv_capacity_pages - self._free_pages()
+
+    @property
+    def kv_pages_free(self) -> int:
+        return self._free_pages()
+
+    @property
     def kv_tokens_reserved(self) -> int:
-        """Tokens of the pages the running requests hold (as if none were shared)."""
-        return sum(self._held(r) for r in self._running.values()) * self.config.kv_page_size
+        return self.kv_pages_used * self.config.kv_page_size
 
     @property
     def kv_tokens_free(self) -> int:
         return self.kv_capacity_tokens - self.kv_tokens_reserved
-
-    @property
-    def kv_pages_used(self) -> int:
-        return self.kv_tokens_reserved // self.config.kv_page_size
-
-    @property
-    def kv_pages_free(self) -> int:
-        return self.config.kv_capacity_pages - self.kv_pages_used
 
     def __contains__(self, request_id: int) -> bool:
         return request_id in self._waiting or request_id in self._running

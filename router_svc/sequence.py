@@ -114,10 +114,13 @@ class Sequence:
 
     # -- shard step -----------------------------------------------------------------------------
 
+    def prefill_ids(self) -> tuple[int, ...]:
+        """What its prefill carries: the prompt, and after a preemption every token since."""
+        return (*self.prompt_ids, *self.generated)
+
     def work(self) -> SeqWork:
         if self.status is SeqStatus.WAITING:  # after a preemption: every token so far
-            return SeqWork(self.seq_id, (*self.prompt_ids, *self.generated), True, self.top_k,
-                           self.temperature)
+            return SeqWork(self.seq_id, self.prefill_ids(), True, self.top_k, self.temperature)
         return SeqWork(self.seq_id, (self.generated[-1],), False, self.top_k, self.temperature)
 
     def accept(self, candidates: Candidates, now: float) -> None:

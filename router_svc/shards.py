@@ -45,6 +45,7 @@ class ShardInfo:
     max_context: int
     max_top_k: int
     next_step_id: int
+    prefix_cache: bool = False  # new sequences reuse cached prefix pages
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class GroupInfo:
     max_context: int
     max_top_k: int
     next_step_id: int  # the largest any rank expects
+    prefix_cache: bool = False  # every rank reuses cached prefix pages
 
 
 def check_group(infos: Sequence[ShardInfo]) -> GroupInfo:
@@ -85,7 +87,8 @@ def check_group(infos: Sequence[ShardInfo]) -> GroupInfo:
         kv_capacity_tokens=min(i.kv_capacity_tokens for i in infos),
         kv_page_size=first.kv_page_size, max_context=min(i.max_context for i in infos),
         max_top_k=min(i.max_top_k for i in infos),
-        next_step_id=max(i.next_step_id for i in infos))
+        next_step_id=max(i.next_step_id for i in infos),
+        prefix_cache=all(i.prefix_cache for i in infos))
 
 
 @dataclass(frozen=True)
@@ -173,7 +176,8 @@ class ShardGroup:
             vocab_range=(r.plan.vocab_range.start, r.plan.vocab_range.stop),
             vocab_size=r.vocab_size, dtype=r.dtype, kv_capacity_tokens=r.kv_capacity_tokens,
             kv_free_tokens=r.kv_free_tokens, kv_page_size=r.kv_page_size,
-            max_context=r.max_context, max_top_k=r.max_top_k, next_step_id=r.next_step_id)
+            max_context=r.max_context, max_top_k=r.max_top_k, next_step_id=r.next_step_id,
+            prefix_cache=r.prefix_cache)
             for a, r in zip(self.addresses, responses, strict=True)]
 
     async def health_all(self, timeout: float) -> list[bool]:

@@ -140,5 +140,4 @@ class ShardEngine:
             if not 1 <= w.top_k <= MAX_TOP_K:
                 raise InvalidArgument(
                     f"sequence {w.seq_id}: top_k must be in 1..{MAX_TOP_K}, got {w.top_k}")
-        self.cache.check_room(
-            [(None if w.prefill else w.seq_id, len(w.token_ids)) for w in work])
+        self.cache.check_room([(w.seq_id, w.token_ids) for w in work])

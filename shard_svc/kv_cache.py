@@ -105,9 +105,10 @@ class KVCache:
         """Pages a sequence (None: a new one) must gain to hold `new_tokens` more tokens."""
         return self.table.pages_needed(seq_id, new_tokens)
 
-    def check_room(self, requests: Sequence[tuple[int | None, int]]) -> None:
-        """Raise ResourceExhausted unless every (seq_id or None, new_tokens) fits at once."""
-        self.table.check_room(requests)
+    def check_room(self, steps: Sequence[tuple[int, Sequence[int]]]) -> None:
+        """Raise ResourceExhausted unless every (seq_id, new token ids) of a step fits at once
+        (the pages its new sequences find in the prefix cache counted as they will be)."""
+        self.table.check_room(steps)
 
     # -- mutation ---------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ released first) for a page that is needed. They count as free.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 from dataclasses import dataclass, field
 
 from services.errors import InvalidArgument, NotFound, ResourceExhausted
@@ -99,9 +99,39 @@ class PageTable:
         length = seq.length if seq else 0
         return max(0, -(-(length + new_tokens) // self.page_size) - have)
 
-    def check_room(self, requests: Sequence[tuple[int | None, int]]) -> None:
-        """Raise ResourceExhausted unless every (seq_id or None, new_tokens) fits at once."""
-        need = sum(self.pages_needed(s, n) for s, n in requests)  # as if nothing were cached
+    def match(self, tokens: Sequence[int]) -> list[int]:
+        """The cached pages a new sequence of `tokens` would start with (changes nothing)."""
+        if self.prefix is None:
+            return []
+        return self.prefix.match(tokens, self.page_size, (len(tokens) - 1) // self.page_size)[0]
+
+    def new_cost(self, tokens: Sequence[int], taken: Set[int] = frozenset()
+                 ) -> tuple[int, int, set[int]]:
+        """What a new sequence of `tokens` takes from `free_pages` now: (pages: one per block
+        not found cached, plus the cached pages no sequence holds, which stop being free; its
+        first tokens found cached; those unheld cached pages). Pages in `taken` (unheld pages
+        that an earlier new sequence of the same step takes) cost nothing more."""
+        hits = self.match(tokens)
+        unheld = {p for p in hits if self._refs[p] == 0} - taken
+        pages = -(-len(tokens) // self.page_size) - len(hits) + len(unheld)
+        return pages, len(hits) * self.page_size, unheld
+
+    def step_cost(self, steps: Sequence[tuple[int, Sequence[int]]]) -> int:
+        """Pages a step of (seq_id, new token ids) takes from `free_pages`, exactly: the new
+        pages its tokens fill and the cached pages its new sequences start to hold (every new
+        sequence matches the cache before any page of the step is taken, as `reserve` does)."""
+        need, taken = 0, set[int]()
+        for seq_id, ids in steps:
+            if seq_id in self._seqs:
+                need += self.pages_needed(seq_id, len(ids))
+            else:
+                pages, _, unheld = self.new_cost(ids, taken)
+                need, taken = need + pages, taken | unheld
+        return need
+
+    def check_room(self, steps: Sequence[tuple[int, Sequence[int]]]) -> None:
+        """Raise ResourceExhausted unless every (seq_id, new token ids) of a step fits at once."""
+        need = self.step_cost(steps)
         if need > self.free_pages:
             raise ResourceExhausted(
                 f"KV cache full: the step needs {need * self.page_size} more token slots, "
@@ -119,7 +149,7 @@ class PageTable:
         """Room for (seq_id, new token ids) of every sequence of a step, all or nothing;
         sequences not yet in the table are added, starting with the pages of their first blocks
         that the prefix cache holds (`PageReservation.cached`: how many tokens those hold)."""
-        self.check_room([(s if s in self._seqs else None, len(ids)) for s, ids in steps])
+        self.check_room(steps)
         added = tuple(s for s, _ in steps if s not in self._seqs)
         lengths = {s: self._seqs[s].length for s, _ in steps if s in self._seqs}
         cached = tuple(self._start(s, ids) if s in added else 0 for s, ids in steps)

@@ -56,7 +56,8 @@ class ShardServicer:
             dtype=self.dtype, kv_capacity_tokens=e.cache.capacity_tokens,
             kv_free_tokens=e.cache.free_tokens, kv_page_size=e.cache.page_size,
             max_context=e.max_context, vocab_size=e.model.config.vocab_size,
-            max_top_k=MAX_TOP_K, next_step_id=e.next_step_id, model_name=self.model_name)
+            max_top_k=MAX_TOP_K, next_step_id=e.next_step_id, model_name=self.model_name,
+            prefix_cache=e.cache.prefix is not None)
 
     async def Step(self, request: shard_pb2.StepRequest,
                    context: grpc.aio.ServicerContext) -> shard_pb2.StepResponse:

@@ -84,3 +84,46 @@ async def test_greedy_output_survives_preemption_and_prefix_reuse(
     assert [t.token_ids for t in together] == reference
     assert metric(metrics, "cpumesh_preemptions_total") > 0
     await until_kv_free(c, timeout=10)
+
+
+
+LIBRARY = SYSTEM + ("Our library opens at nine and closes at six, lends books for three weeks, "
+                    "and keeps a reading room with quiet desks for study. ")  # 54 tokens shared
+SHARED_PROMPTS = [LIBRARY + q for q in QUESTIONS]  # 61 tokens: its first 3 blocks shared
+SHARED_NEW = 35  # to 95 tokens in the cache: 6 pages, 3 of them shared
+
+
+def step_batches(url: str) -> tuple[float, float]:
+    """(steps of at most 2 sequences, steps of at most 4), from the batch-size histogram."""
+    return (metric(url, r'cpumesh_step_batch_size_bucket\{le="2\.0"\}'),
+            metric(url, r'cpumesh_step_batch_size_bucket\{le="4\.0"\}'))
+
+
+async def test_requests_sharing_a_prefix_run_together_where_unshared_counting_preempts(
+        smollm2_dir: Path, tmp_path: Path) -> None:
+    """15 pages of KV, tp 2: four requests of 6 pages each at their end, 3 of them a shared
+    system prompt. Counted unshared they need 24 pages: the fourth would wait and the third be
+    preempted when they grow. The router counts the shared pages once, as the shards hold them
+    (3 + 4 x 3 = 15 pages), so all four run together and none is preempted; the output equals
+    each prompt's alone, and every page is free at the end."""
+    (http,) = free_ports(1)
+    c = Cluster(smollm2_dir, 2, tmp_path, kv=240,
+                router_args=("--http-listen", f"127.0.0.1:{http}")).start()
+    metrics = f"http://127.0.0.1:{http}/metrics"
+    params = dict(max_new_tokens=SHARED_NEW, temperature=0, ignore_eos=True)
+    try:
+        alone = [await complete(c, p, **params)  # type: ignore[arg-type]
+                 for p in SHARED_PROMPTS]  # the shared blocks stay cached after they end
+        assert [a.usage.prompt_tokens for a in alone] == [61] * 4
+        await until_kv_free(c)
+        assert step_batches(metrics)[0] == metric(metrics, "cpumesh_step_batch_size_count")
+        together = await asyncio.gather(*(complete(c, p, **params)  # type: ignore[arg-type]
+                                          for p in SHARED_PROMPTS))
+        assert [t.token_ids for t in together] == [a.token_ids for a in alone]
+        small, up_to_4 = step_batches(metrics)
+        assert up_to_4 > small, "no step ran 3 or 4 of the requests at once"
+        assert metric(metrics, "cpumesh_preemptions_total") == 0
+        assert metric(metrics, "cpumesh_prefix_cache_hit_tokens_total") >= 7 * 48
+        await until_kv_free(c, timeout=10)
+    finally:
+        c.stop()

@@ -1,4 +1,5 @@
-"""The scheduler's on-demand KV pages and preemption, against a simulated shard cache."""
+"""The scheduler's on-demand KV pages and preemption, against a simulated shard cache (each
+sequence's pages its own, or shared prefixes counted by a replica of the shards' page table)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import pytest
 
 from router_svc.scheduler import Scheduler, SchedulerConfig, StepPlan
 from services.errors import InvalidArgument
+from shard_svc.page_table import PageTable
+from tests.unit.test_page_accounting import BruteCache
 
 
 def pages(tokens: int, page_size: int) -> int:
@@ -130,3 +133,126 @@ def test_finish_and_abort_free_every_page() -> None:
     assert sched.finish(0) and sched.kv_tokens_reserved == 3 * 32
     sched.abort_all()
     assert (sched.kv_tokens_reserved, sched.kv_tokens_free) == (0, 256)
+
+
+def simulate_shared(cfg: SchedulerConfig, prompts: dict[int, list[int]], max_new: dict[int, int],
+                    arrivals: dict[int, list[int]], seed: int) -> dict[str, object]:
+    """Drive steps like the engine, with a replica of the shards' page table in the scheduler
+    and, as the shard, the brute-force cache of test_page_accounting: sequences share prefix
+    pages. Checks after every step that the shard never needed a page it did not have and that
+    the scheduler's free pages are the shard's."""
+    rng = random.Random(seed)
+    tokens = {rid: list(p) for rid, p in prompts.items()}  # prompt + generated so far
+    sched = Scheduler(cfg, PageTable(cfg.kv_capacity_pages, cfg.kv_page_size),
+                      lambda rid: tokens[rid])
+    shard = BruteCache(cfg.kv_capacity_pages, cfg.kv_page_size)
+    generated = dict.fromkeys(prompts, 0)
+    first_admitted: list[int] = []
+    ended: list[int] = []
+    step = cached = 0
+    while step <= max(arrivals) or sched.num_waiting or sched.num_running:
+        sched.release(ended)  # as the engine: the ended sequences, before the plan
+        for rid in ended:
+            shard.release(rid)
+        ended = []
+        for rid in arrivals.get(step, []):
+            sched.submit(rid, len(prompts[rid]), max_new[rid])
+        plan = sched.schedule()
+        for rid in plan.preempted:  # released by the scheduler's replica already
+            shard.release(rid)
+        first_admitted += [rid for rid in plan.prefill if generated[rid] == 0]
+        work = [(rid, list(tokens[rid])) for rid in plan.prefill]
+        work += [(rid, tokens[rid][-1:]) for rid in plan.decode]
+        if work:
+            free = shard.free_pages()
+            sched.step_sent(work)
+            taken, hits = shard.step(work)  # raises if it had to evict with nothing evictable
+            sched.step_ran()
+            assert taken <= free, "the shard ran out of pages"
+            cached += sum(hits)
+        assert sched.kv_pages_free == shard.free_pages()
+        for rid, _ in work:
+            tokens[rid].append(rng.randrange(3))
+            generated[rid] += 1
+            if generated[rid] == max_new[rid]:
+                sched.finish(rid)
+                ended.append(rid)
+        step += 1
+        assert step < 20_000, "the workload never drained"
+    sched.release(ended)
+    return {"generated": generated, "first_admitted": first_admitted, "cached": cached,
+            "free": sched.kv_pages_free, "preemptions": sched.preemptions}
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_shared_prefixes_never_overflow_the_shards_and_match_their_free_pages(seed: int) -> None:
+    rng = random.Random(seed)
+    cfg = SchedulerConfig(kv_capacity_tokens=rng.choice([64, 160, 512]),
+                          kv_page_size=rng.choice([2, 4, 16]), max_waiting=1000,
+                          max_running=rng.randint(1, 12), prefill_token_budget=rng.randint(8, 200))
+    cap = cfg.kv_capacity_pages * cfg.kv_page_size
+    systems = [[rng.randrange(3) for _ in range(rng.randint(0, cap // 3))] for _ in range(2)]
+    prompts: dict[int, list[int]] = {}
+    max_new: dict[int, int] = {}
+    for rid in range(60):
+        prompt = rng.choice(systems) + [rng.randrange(3) for _ in range(rng.randint(1, 12))]
+        prompts[rid] = prompt[:cap // 2]
+        max_new[rid] = rng.randint(1, cap - len(prompts[rid]))
+    arrivals: dict[int, list[int]] = {}
+    for rid in prompts:
+        arrivals.setdefault(rng.randint(0, 40), []).append(rid)
+    out = simulate_shared(cfg, prompts, max_new, arrivals, seed)
+    assert out["generated"] == max_new  # none failed or lost
+    assert out["first_admitted"] == [rid for step in sorted(arrivals) for rid in arrivals[step]]
+    assert out["free"] == cfg.kv_capacity_pages
+    assert out["cached"] > 0
+
+
+SYSTEM = list(range(100, 164))  # 64 tokens: 4 pages of 16
+ASKS = {rid: SYSTEM + [rid] * 8 for rid in range(5)}  # 72 tokens: 4 shared pages and 1 own
+
+
+def warm_scheduler(budget: int = 2048, shared: bool = True) -> tuple[Scheduler, PageTable]:
+    """12 pages of 16 tokens; request 0 ran alone and ended, its pages cached."""
+    cfg = SchedulerConfig(kv_capacity_tokens=192, kv_page_size=16, prefill_token_budget=budget)
+    table = PageTable(cfg.kv_capacity_pages, cfg.kv_page_size)
+    sched = Scheduler(cfg, table, ASKS.__getitem__) if shared else Scheduler(cfg)
+    sched.submit(0, 72, 8)
+    assert sched.schedule().prefill == (0,)
+    sched.step_sent([(0, ASKS[0])])
+    sched.step_ran()
+    sched.finish(0)
+    sched.release([0])
+    return sched, table
+
+
+def test_requests_sharing_a_prefix_are_admitted_together_where_unshared_counting_cannot() -> None:
+    sched, table = warm_scheduler()
+    for rid in range(1, 5):
+        sched.submit(rid, 72, 8)  # 5 pages each unshared: 4 of them need 20 of the 12
+    plan = sched.schedule()
+    assert plan.prefill == (1, 2, 3, 4)  # the first takes the 4 cached pages and its own
+    sched.step_sent([(rid, ASKS[rid]) for rid in plan.prefill])
+    sched.step_ran()
+    assert sched.kv_pages_used == 8 == table.num_pages - table.free_pages
+    for length in range(73, 80):  # to 79 tokens: each still in its own fifth page
+        plan = sched.schedule()
+        assert (plan.decode, plan.preempted) == ((1, 2, 3, 4), ())
+        sched.step_sent([(rid, [length]) for rid in plan.decode])
+        sched.step_ran()
+    assert sched.preemptions == 0
+    unshared, _ = warm_scheduler(shared=False)
+    for rid in range(1, 5):
+        unshared.submit(rid, 72, 8)
+    assert unshared.schedule().prefill == (1, 2)  # 10 of 12 pages
+
+
+def test_the_prefill_budget_counts_only_the_tokens_to_compute() -> None:
+    sched, _ = warm_scheduler(budget=32)  # 4 prompts of 8 uncached tokens
+    for rid in range(1, 5):
+        sched.submit(rid, 72, 8)
+    assert sched.schedule().prefill == (1, 2, 3, 4)
+    whole, _ = warm_scheduler(budget=32, shared=False)  # counted whole: one 72-token prompt
+    for rid in range(1, 5):
+        whole.submit(rid, 72, 8)
+    assert whole.schedule().prefill == (1,)
