@@ -2,7 +2,9 @@
 at tp 1 and tp 2, with the shards' prefix cache on: greedy output equals transformers' (which
 caches nothing) for requests run alone (sharing a system prompt, so reusing its blocks), run
 together (so that sequences are preempted and recomputed, some cancelled meanwhile); KV is all
-free on every shard after the requests end or are cancelled.
+free on every shard after the requests end or are cancelled. And a cache of 15 pages in which
+requests sharing a system prompt run together only because the router counts the shared pages
+once, as the shards hold them.
 """
 
 from __future__ import annotations
