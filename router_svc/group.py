@@ -13,7 +13,7 @@ from router_svc.served_model import ServedModel, probe
 from router_svc.shards import GroupInfo, ShardGroup
 from router_svc.tokenizer_client import TokenizerClient
 from services.errors import CpumeshError
-from shard_svc.page_table import PageTable
+from services.page_table import PageTable
 
 log = logging.getLogger("cpumesh.router")
 

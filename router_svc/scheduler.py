@@ -13,7 +13,7 @@ KV accounting, in whole pages of one shard (every shard holds every sequence):
   engine releases them on the shards (in the plan's order), and they go back to the front of the
   queue to be recomputed from their tokens (prompt and generated so far). No request ever fails
   for lack of KV.
-* Given `pages`, a replica of the shards' page table (shard_svc/page_table.py, their very code)
+* Given `pages`, a replica of the shards' page table (services/page_table.py, their very code)
   fed the steps and releases they get (`step_sent`, `step_ran`, `release`; `schedule` releases
   the sequences it preempts), free pages are the shards' own: a page shared through their prefix
   cache counts once, and a prompt's cached blocks cost no page (but an unheld one stops being
@@ -42,7 +42,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 from services.errors import InvalidArgument, ResourceExhausted
-from shard_svc.page_table import PageReservation, PageTable
+from services.page_table import PageReservation, PageTable
 
 KV_RESERVATIONS = ("on_demand", "full")
 

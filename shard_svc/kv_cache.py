@@ -5,7 +5,7 @@ the size of two tensors per shard, K and V, of shape [L, Hkv, P * S, D] (L layer
 heads, P pages, S tokens per page, D head dim), held by a store (shard_svc/kv_store.py): in the
 compute dtype, or int8 with a scale per token and head (`dtype=torch.int8`), dequantized on
 read. Which pages each sequence holds, which are shared through the prefix cache and which are
-free is the page table's (shard_svc/page_table.py): token t of a sequence lives in page
+free is the page table's (services/page_table.py): token t of a sequence lives in page
 pages[t // S] at offset t % S. The "slot" of a token is page * S + offset, an index into the
 [Hkv, P * S, D] view of one layer.
 
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from services.page_table import PageReservation, PageTable
 from shard_svc.kv_store import FloatKV, Int8KV
-from shard_svc.page_table import PageReservation, PageTable
 
 
 @dataclass(frozen=True)

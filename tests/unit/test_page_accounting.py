@@ -1,4 +1,4 @@
-"""The page table's exact accounting of shared prefix pages (shard_svc/page_table.py: the shards'
+"""The page table's exact accounting of shared prefix pages (services/page_table.py: the shards'
 code, which the router runs as a replica to schedule), against a brute-force model of a shard's
 cache written independently: blocks named by the whole token prefix they end (no hashes, no page
 numbers, no reference counts), a page held when any live sequence holds its block."""
@@ -11,7 +11,7 @@ from collections import OrderedDict
 import pytest
 
 from services.errors import ResourceExhausted
-from shard_svc.page_table import PageTable
+from services.page_table import PageTable
 
 Block = tuple  # a cached block: the prefix ending with it; an own page: ("own", seq_id, index)
 

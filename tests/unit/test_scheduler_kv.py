@@ -9,7 +9,7 @@ import pytest
 
 from router_svc.scheduler import Scheduler, SchedulerConfig, StepPlan
 from services.errors import InvalidArgument
-from shard_svc.page_table import PageTable
+from services.page_table import PageTable
 from tests.unit.test_page_accounting import BruteCache
 
 

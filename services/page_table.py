@@ -1,7 +1,8 @@
 """The KV cache's page table: which pages each sequence holds, which are shared, which are free.
 
-Pure bookkeeping, no tensors (the K and V rows live in shard_svc/kv_cache.py, which addresses
-them through this table). A sequence owns a list of pages; token t of a sequence lives in page
+Pure bookkeeping, no tensors, shared by the shard and the router (which counts pages as the
+shards hold them). The K and V rows live in shard_svc/kv_cache.py, which addresses them through
+this table. A sequence owns a list of pages; token t of a sequence lives in page
 pages[t // S] at offset t % S.
 
 Pages are handed out so that a sequence's pages are usually consecutive (its history is then a
@@ -12,7 +13,7 @@ The table owns reservations: `reserve` makes room for one step's tokens (all or 
 returns a `PageReservation` whose `undo` puts the table back as it was, for a step that failed,
 and whose `commit` (after the step ran) keys the pages it filled in the prefix cache.
 
-Prefix caching (shard_svc/prefix_cache.py, on unless `prefix_cache=False`): a new sequence
+Prefix caching (services/prefix_cache.py, on unless `prefix_cache=False`): a new sequence
 starts with the pages of the full blocks of its tokens that the cache already holds, at most
 (tokens - 1) // S of them (its last token is always computed); pages count their references,
 and a released sequence's keyed pages stay cached, unreferenced, until evicted (least recently
@@ -25,7 +26,7 @@ from collections.abc import Sequence, Set
 from dataclasses import dataclass, field
 
 from services.errors import InvalidArgument, NotFound, ResourceExhausted
-from shard_svc.prefix_cache import ROOT, PrefixCache, block_key
+from services.prefix_cache import ROOT, PrefixCache, block_key
 
 
 @dataclass
