@@ -16,7 +16,8 @@ Bounds before work, as over gRPC: a full waiting queue is 429 before the body is
 request takes a ticket of the engine's `Admission` when it arrives (429 past the requests or
 bytes in flight); a body larger than `--max-request-bytes`, or than any valid request within the
 model's limits can be in JSON, is 413 without being read; a chat's message count is checked
-before its messages are copied; large bodies are decoded in a thread.
+before its messages are copied; large bodies are decoded in a thread. A 429 before any work is
+timed from the handler's start until its response is handed to aiohttp (`EngineStats.refused`).
 """
 
 from __future__ import annotations
@@ -164,13 +165,17 @@ class HttpApi:
                      kind: str, prefix: str) -> web.StreamResponse:
         ticket: Ticket | None = None
         stream: Stream | None = None
+        started = time.perf_counter()
         try:
             ticket, body, generate = await self._read(request, parse)
             name = self.model_name()
             stream = await self.engine.submit(generate)
             return await self._respond(request, stream, body, name, kind, prefix)
         except Exception as e:
-            return error_response(e)
+            response = error_response(e)
+            if ticket is None and isinstance(e, ResourceExhausted):  # refused before any work
+                self.engine.stats.refused("http", time.perf_counter() - started)
+            return response
         finally:  # however it ends, a client's disconnect included
             if stream is not None:
                 stream.close()

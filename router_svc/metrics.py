@@ -33,6 +33,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 # Seconds; like vLLM's, from a few milliseconds (a tiny model's decode step) up to minutes.
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                    7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
+REFUSAL_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3,
                 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -63,6 +64,12 @@ class RouterMetrics:
         self.step_batch = Histogram("cpumesh_step_batch_size", "Sequences in one step.",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.steps = Counter("cpumesh_steps", "Engine steps run.", registry=r)
+        self.refusal = Histogram("cpumesh_refusal_seconds",
+                                 "Requests refused before any work (RESOURCE_EXHAUSTED, HTTP "
+                                 "429: waiting queue full, too many requests or bytes in "
+                                 "flight): time from the handler's start to the status sent, "
+                                 "by api (grpc, http).", ["api"], buckets=REFUSAL_BUCKETS,
+                                 registry=r)
         self.step_failures = Counter("cpumesh_step_failures",
                                      "Steps (or health checks) that failed the shard group.",
                                      registry=r)
@@ -88,6 +95,8 @@ class RouterMetrics:
             self.finished.labels(outcome)  # present at zero from the start
         for part in ("shard_compute", "allreduce_wait", "router_overhead"):
             self.step_part.labels(part)
+        for api in ("grpc", "http"):
+            self.refusal.labels(api)
         gauges = {
             "cpumesh_num_requests_waiting": ("Requests queued, not yet prefilled.", "num_waiting"),
             "cpumesh_num_requests_running": ("Requests in the running batch.", "num_running"),
@@ -152,3 +161,6 @@ class RouterMetrics:
 
     def on_preempted(self, count: int) -> None:
         self.preemptions.inc(count)
+
+    def on_refused(self, api: str, seconds: float) -> None:
+        self.refusal.labels(api).observe(seconds)

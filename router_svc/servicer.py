@@ -9,12 +9,14 @@ waiting queue refuses it at once (RESOURCE_EXHAUSTED, unparsed), then a ticket o
 `Admission` (requests and bytes in flight, RESOURCE_EXHAUSTED), then the bytes' size against
 what a prompt or chat within the limits can make (INVALID_ARGUMENT, unparsed), then the chat's
 message count as soon as it is parsed (before its messages are copied). A large request is
-parsed in a thread, off the event loop that streams everyone's tokens.
+parsed in a thread, off the event loop that streams everyone's tokens. A refusal by the first two
+is timed from the handler's start until its status is sent (`EngineStats.refused`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -24,7 +26,7 @@ from router_svc.engine import Engine
 from router_svc.request import GenerateRequest, Limits, check_chat_messages, max_request_size
 from router_svc.sequence import Chunk, TokenLogprob
 from router_svc.stops import FinishReason
-from services.errors import InvalidArgument, Unavailable
+from services.errors import InvalidArgument, ResourceExhausted, Unavailable
 from services.pb.cpumesh.v1 import common_pb2, router_pb2
 from services.server import parse
 
@@ -47,8 +49,15 @@ class RouterServicer:
 
     async def Generate(self, data: bytes, context: grpc.aio.ServicerContext
                        ) -> AsyncIterator[router_pb2.GenerateResponse]:
-        refuse_if_queue_full(self.engine.scheduler)  # before anything is parsed or created
-        ticket = self.engine.admission.enter(len(data))
+        started = time.perf_counter()
+        try:
+            refuse_if_queue_full(self.engine.scheduler)  # before anything is parsed or created
+            ticket = self.engine.admission.enter(len(data))
+        except ResourceExhausted:
+            stats = self.engine.stats  # timed until its status is sent (cpumesh_refusal_seconds)
+            context.add_done_callback(
+                lambda _: stats.refused("grpc", time.perf_counter() - started))
+            raise
         try:
             stream = await self.engine.submit(await self._parse(data))
             try:

@@ -24,6 +24,7 @@ class StatsListener(Protocol):
     def on_ended(self, seq: Sequence, usage: Usage) -> None: ...  # whatever the outcome
     def on_failure(self) -> None: ...  # a step or health check failed the shard group
     def on_preempted(self, count: int) -> None: ...  # sequences preempted (KV cache full)
+    def on_refused(self, api: str, seconds: float) -> None: ...  # a request refused unread
 
 
 @dataclass
@@ -75,6 +76,12 @@ class EngineStats:
         self.preemptions += count
         for listener in self.listeners:
             listener.on_preempted(count)
+
+    def refused(self, api: str, seconds: float) -> None:
+        """A request refused before any work (RESOURCE_EXHAUSTED, HTTP 429) over `api` ("grpc"
+        or "http"), `seconds` after its handler began, when its status was sent."""
+        for listener in self.listeners:
+            listener.on_refused(api, seconds)
 
     def scheduled(self, seq: Sequence, now: float) -> None:
         for listener in self.listeners:

@@ -20,6 +20,7 @@ import aiohttp
 import grpc
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from router_svc.config import PROMPT_BYTES_PER_TOKEN, RouterConfig
 from router_svc.engine import Engine
@@ -171,6 +172,17 @@ async def test_a_burst_of_four_times_max_waiting_refuses_exactly_the_excess() ->
         assert r.tokenizer.encodes == CONFIG.max_waiting
         assert (s.num_waiting, s.num_reserved_waiting) == (0, 0)
         assert (r.engine.admission.requests, r.engine.admission.bytes) == (0, 0)
+        # Each refusal is in cpumesh_refusal_seconds, by api: the burst's excess and the
+        # garbage over gRPC, the body over HTTP; the admitted ones are not.
+        assert await refusals(r) == {"grpc": n - CONFIG.max_waiting + 1, "http": 1}
+
+
+async def refusals(r: Router) -> dict[str, float]:
+    """cpumesh_refusal_seconds' count by api, from GET /metrics."""
+    async with aiohttp.ClientSession() as session, session.get(f"{r.http}/metrics") as response:
+        text = await response.text()
+    return {s.labels["api"]: s.value for family in text_string_to_metric_families(text)
+            for s in family.samples if s.name == "cpumesh_refusal_seconds_count"}
 
 
 async def test_the_in_flight_caps_refuse_the_next_request() -> None:
@@ -212,6 +224,7 @@ async def test_the_in_flight_caps_refuse_the_next_request() -> None:
             ok = await oa.completions.create(model="fake-model", prompt="b" * 100, max_tokens=2)
             assert ok.choices[0].finish_reason == "length"
         assert (r.engine.admission.requests, r.engine.admission.bytes) == (0, 0)
+        assert await refusals(r) == {"grpc": 1, "http": 2}  # the caps' refusals are timed too
 
 
 async def test_a_body_over_the_limit_is_413_unread() -> None:
