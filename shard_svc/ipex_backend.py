@@ -16,6 +16,10 @@ It adds the model's other hot operations, each the plain model's math through on
                   KV cache where it lies: its [Hkv, P*S, D] layer is viewed as [P, Hkv, S, D]
                   (IPEX follows the strides), each sequence's pages as its block table.
 
+The shard takes it with --kernels auto where IPEX is usable, or --kernels ipex (refused where
+it is not): `with_ipex` wraps the plain plan, and ShardModel, given an IpexPlan, calls these
+three in place of its plain functions (decode attention only over a float KV cache).
+
 Activations are bfloat16 or float32; weight-only int8 computes in bfloat16 for bfloat16
 activations (IPEX's fast case) and in float32 otherwise.
 """
@@ -28,7 +32,6 @@ from typing import Any
 
 import torch
 
-from services.errors import InvalidArgument
 from shard_svc.ipex_detect import IpexStatus, select_backend
 from shard_svc.kernels import KernelPlan
 from shard_svc.weights import ShardWeights
@@ -63,13 +66,23 @@ class IpexPlan:
     def packed(self) -> bool:
         return self.fallback.packed
 
+    @property
+    def quantized(self) -> bool:
+        """Whether any matrix is int8 / int4 (the fallback's, or IPEX's weight-only int8)."""
+        return self.fallback.quantized or self.int8_matrices > 0
+
     def describe(self) -> str:
-        linear = (f"{self.int8_matrices} matrices in IPEX weight-only int8"
-                  if self.int8_matrices else "no matrix in IPEX")
-        return f"{self.status.describe()}; {linear}; other products: {self.fallback.describe()}"
+        """The plain plan's line (the backend has its own, `IpexStatus.describe`), and the
+        matrices `prepare` handed to IPEX."""
+        ipex = (f"; {self.int8_matrices} matrices in IPEX weight-only int8"
+                if self.int8_matrices else "")
+        return self.fallback.describe() + ipex
 
     def for_step(self, tokens: int) -> None:
         self.fallback.for_step(tokens)
+
+    def embedding(self, tokens: torch.Tensor, table: Any) -> torch.Tensor:
+        return self.fallback.embedding(tokens, table)
 
     def linear(self, x: torch.Tensor, w: Any, b: torch.Tensor | None = None) -> torch.Tensor:
         """x @ w.T + b, with w as `prepare` left it."""
@@ -143,17 +156,11 @@ class IpexPlan:
 
 
 def with_ipex(library: str, plain: KernelPlan, quantize: bool = False) -> KernelPlan | IpexPlan:
-    """The shard's kernels: for --kernels auto, IPEX around `plain` where it is usable, else
-    `plain`; for ipex, IPEX or a clear refusal; any other library forces the plain kernels.
-    Logs one line saying which (`ipex_detect.select_backend`)."""
-    if library not in ("auto", "ipex"):
-        return plain
-    status = select_backend()
-    if status.usable:
-        return IpexPlan(status, plain, quantize)
-    if library == "ipex":
-        raise InvalidArgument(f"kernels 'ipex': {status.reason}")
-    return plain
+    """The shard's kernels for --kernels `library`: auto, IPEX around `plain` where it is usable,
+    else `plain`; ipex, IPEX or InvalidArgument saying why not; any other, `plain`. Logs the one
+    line saying which (`ipex_detect.select_backend`)."""
+    status = select_backend(library)
+    return IpexPlan(status, plain, quantize) if status.usable else plain
 
 
 def block_tables(cache: Any, seq_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:

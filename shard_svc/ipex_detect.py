@@ -23,12 +23,17 @@ from types import ModuleType
 
 import torch
 
+from services.errors import InvalidArgument
+
 log = logging.getLogger(__name__)
 
 MODULE = "intel_extension_for_pytorch"
 DISTRIBUTION = "intel-extension-for-pytorch"
 FAST_LINEAR_FLAG = "avx512_fp16"  # IPEX's weight-only kernels are built for it
 SHOWN_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8")
+INSTALL = ("IPEX 2.8 runs on torch 2.8 only: install torch 2.8 (CPU build), then "
+           "`pip install 'cpumesh[ipex]'` (README, \"IPEX backend\"), or try it with "
+           "`make test-ipex`")
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,7 @@ class IpexStatus:
             return f"kernel backend: plain torch ({self.reason})"
         flags = " ".join(f for f in SHOWN_FLAGS if f in self.cpu_flags) or "none of " + \
             " ".join(SHOWN_FLAGS)
-        linear = ("its weight-only linear" if self.fast_linear else
+        linear = ("its weight-only linear for int8 weights" if self.fast_linear else
                   f"plain linear (no {FAST_LINEAR_FLAG}: IPEX would dequantize per call)")
         return (f"kernel backend: IPEX {self.version} on torch {torch.__version__} "
                 f"(CPU flags: {flags}): {linear}, fused RMSNorm and rotary, paged decode "
@@ -106,11 +111,28 @@ def detect_ipex() -> IpexStatus:
     except (Exception, SystemExit) as e:  # IPEX exits on a mismatch it finds itself
         return IpexStatus(None, f"{MODULE} {version} failed to import: "
                                 f"{type(e).__name__}: {e}", version)
-    return IpexStatus(module, "imported", version, cpu_flags())
+    # the module's own version (e.g. 2.8.0+cpu), as a later call finds it loaded
+    return IpexStatus(module, "imported", str(getattr(module, "__version__", version)),
+                      cpu_flags())
 
 
-def select_backend() -> IpexStatus:
-    """`detect_ipex`, with its one log line saying which path the shard takes."""
+def require_ipex() -> IpexStatus:
+    """`detect_ipex` for `--kernels ipex`: a usable IPEX, or InvalidArgument saying why not and
+    what to install."""
     status = detect_ipex()
+    if not status.usable:
+        raise InvalidArgument(f"kernels 'ipex': {status.reason}; {INSTALL}")
+    return status
+
+
+def select_backend(library: str = "auto") -> IpexStatus:
+    """Which path the shard takes for `--kernels library` (auto: IPEX where usable; ipex: IPEX or
+    InvalidArgument; any other: the plain kernels), with its one log line."""
+    if library == "ipex":
+        status = require_ipex()
+    elif library == "auto":
+        status = detect_ipex()
+    else:
+        status = IpexStatus(None, f"--kernels {library}")
     log.info("%s", status.describe())
     return status

@@ -10,6 +10,9 @@ between CPUs is which library serves it best:
           (`mkldnn._reorder_linear_weight`, what inductor's freezing does): on CPUs with
           AVX-512 BF16 / AMX it reads the weights once per step whatever the batch, so 8 tokens
           cost what one does. Refused by oneDNN on CPUs without AVX-512 (or avx_ne_convert).
+  ipex    Intel Extension for PyTorch's LLM kernels around the plain ones, as auto picks them
+          (shard_svc/ipex_backend.py); auto takes it by itself where IPEX is usable. Refused
+          where IPEX is not installed or not built for this torch.
 
 At start, on this shard's own weights (layers' gate/up matrices, 32 MB of them or all, so the
 weights stream from memory as in a real step), each library is timed for a step of one token, of
@@ -36,11 +39,12 @@ import torch
 import torch.nn.functional as F
 
 from services.errors import InvalidArgument
+from shard_svc.ipex_detect import require_ipex
 from shard_svc.quant import INT4, Int4Weight, Int8Weight, Matrix
 from shard_svc.quant_linear import DEQUANTIZE, WEIGHT_ONLY, quant_linear
 from shard_svc.weights import ShardWeights
 
-LIBRARIES = ("auto", "aten", "onednn", "packed")
+LIBRARIES = ("auto", "aten", "onednn", "packed", "ipex")
 BUCKETS = (1, 16, 2**31)  # tokens in the step: one sequence's decode, a decode batch, a prefill
 PROBE_TOKENS = (1, 8, 128)
 # Packed weights are kept only when at least 15 % faster at 1 and 8 tokens, and never tried for
@@ -139,6 +143,9 @@ def check_library(library: str, dtype: torch.dtype) -> None:
     """Refuse a library this CPU cannot run for `dtype` (before any work is done)."""
     if library not in LIBRARIES:
         raise InvalidArgument(f"kernel library must be one of {LIBRARIES}, got {library!r}")
+    if library == "ipex":
+        require_ipex()
+        return
     if dtype in QUANT_DTYPES:
         if library == "packed":
             raise InvalidArgument(f"kernels 'packed' is for float weights; with {dtype} use "
@@ -153,6 +160,8 @@ def check_library(library: str, dtype: torch.dtype) -> None:
 def choose_kernels(library: str, dtype: torch.dtype, weights: Sequence[Matrix]) -> KernelPlan:
     """The plan for `library`; "auto" times the libraries on `weights` ([out, in] matrices
     of the model, in `dtype`, together larger than the CPU's caches)."""
+    if library == "ipex":  # IPEX wraps the plain plan (ipex_backend.with_ipex): time that
+        library = "auto"
     if any(isinstance(w, (Int8Weight, Int4Weight)) for w in weights):
         return choose_quant(library, weights)
     check_library(library, dtype)

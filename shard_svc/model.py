@@ -9,23 +9,33 @@ Letters used in shape comments:
 Column-parallel: Q, K, V, gate and up (split by output: heads, intermediate). Row-parallel: O and
 down (split by input), each followed by exactly one all-reduce through the `Communicator`. Norms,
 residuals and the embedding lookup are computed redundantly, identically, on every rank.
+
+Given the IPEX backend's kernels (shard_svc/ipex_backend.py), the model calls its fused RMSNorm,
+rotary and paged decode attention in place of the plain functions at the bottom of this file:
+the choice is made once, when the model is built (decode attention: over a float KV cache only).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from services.config import ModelConfig
+from shard_svc.ipex_backend import IpexPlan, block_tables
 from shard_svc.kernels import KernelPlan, choose_kernels
 from shard_svc.kv_cache import KVCache, Reservation
 from shard_svc.mesh.communicator import Communicator, TimedCommunicator
 from shard_svc.sharding import ShardPlan
 from shard_svc.weights import LayerWeights, ShardWeights
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -50,6 +60,8 @@ class Batch:
     # PADDED_MAX_SLOTS slots per layer beats B separate calls); longer ones read views per span.
     padded_slots: torch.Tensor | None = None  # int64 [B, Lmax], padding repeats a real slot
     padding_mask: torch.Tensor | None = None  # additive [B, 1, 1, Lmax]: -inf on padding
+    # A decode batch read by the backend's paged attention: each sequence's pages and length
+    block_tables: tuple[torch.Tensor, torch.Tensor] | None = None  # int32 [B, pages], [B]
 
 
 PADDED_MAX_SLOTS = 4096
@@ -91,7 +103,7 @@ def make_batch(steps: Sequence[tuple[int, Sequence[int]]], cache: KVCache) -> Ba
 
 class ShardModel:
     def __init__(self, config: ModelConfig, plan: ShardPlan, weights: ShardWeights,
-                 comm: Communicator, kernels: KernelPlan | None = None) -> None:
+                 comm: Communicator, kernels: KernelPlan | IpexPlan | None = None) -> None:
         if comm.tp_size != plan.tp_size or comm.tp_rank != plan.tp_rank:
             raise ValueError(f"communicator is rank {comm.tp_rank}/{comm.tp_size}, "
                              f"plan is rank {plan.tp_rank}/{plan.tp_size}")
@@ -101,12 +113,22 @@ class ShardModel:
         self.kernels = kernels or choose_kernels(
             "auto", self.dtype, [layer.gate_up for layer in weights.layers])
         self.w = self.kernels.prepare(weights)
+        # The backend's fused kernels where it has them (IPEX), else the plain functions below
+        ipex = self.kernels if isinstance(self.kernels, IpexPlan) else None
+        self.rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] = (
+            ipex.rms_norm if ipex else rms_norm)
+        self.apply_rope: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = (
+            partial(ipex.apply_rope, q_heads=plan.num_q_heads) if ipex else apply_rope)
+        self.paged_decode = ipex.attend_decode if ipex else None
         self.inv_freq = rope_inv_freq(config)  # float32 [D/2]
         self.scale = 1.0 / math.sqrt(config.head_dim)
 
     def new_cache(self, capacity_tokens: int, page_size: int = 16, prefix_cache: bool = True,
                   kv_dtype: torch.dtype | None = None) -> KVCache:
         """kv_dtype: how K and V are stored (default: the activations' dtype; torch.int8)."""
+        if self.paged_decode is not None and kv_dtype == torch.int8:
+            log.info("IPEX paged attention reads a float KV cache: with an int8 KV cache, "
+                     "decode attends through the plain path")
         return KVCache(num_layers=self.config.num_layers, num_kv_heads=self.plan.num_kv_heads,
                        head_dim=self.config.head_dim, capacity_tokens=capacity_tokens,
                        page_size=page_size, dtype=kv_dtype or self.dtype,
@@ -116,14 +138,17 @@ class ShardModel:
     def forward(self, batch: Batch, cache: KVCache) -> torch.Tensor:
         """Run the step; return each sequence's last hidden state after the final norm, [B, H]."""
         self.kernels.for_step(len(batch.tokens))
+        if self.paged_decode is not None:
+            batch = with_block_tables(batch, cache)
         x = self.kernels.embedding(batch.tokens, self.w.embed)  # [N, H]
         cos, sin = rope_cos_sin(self.inv_freq, batch.positions, self.dtype)  # [N, D] each
+        eps = self.config.rms_norm_eps
         for i, layer in enumerate(self.w.layers):
-            h = rms_norm(x, layer.input_norm, self.config.rms_norm_eps)
+            h = self.rms_norm(x, layer.input_norm, eps)
             x = x + self.comm.all_reduce(self.attention(i, layer, h, cos, sin, batch, cache))
-            h = rms_norm(x, layer.post_norm, self.config.rms_norm_eps)
+            h = self.rms_norm(x, layer.post_norm, eps)
             x = x + self.comm.all_reduce(self.mlp(layer, h))
-        return rms_norm(x[batch.last], self.w.final_norm, self.config.rms_norm_eps)
+        return self.rms_norm(x[batch.last], self.w.final_norm, eps)
 
     def attention(self, index: int, w: LayerWeights, h: torch.Tensor, cos: torch.Tensor,
                   sin: torch.Tensor, batch: Batch, cache: KVCache) -> torch.Tensor:
@@ -131,13 +156,17 @@ class ShardModel:
         n, d = h.shape[0], self.config.head_dim
         hq, hkv = self.plan.num_q_heads, self.plan.num_kv_heads
         qkv = self.kernels.linear(h, w.qkv, w.qkv_bias)  # [N, (Hq + 2 Hkv) * D]
-        qk = apply_rope(qkv[:, :(hq + hkv) * d].view(n, hq + hkv, d), cos, sin)  # one rotation
+        qk = self.apply_rope(qkv[:, :(hq + hkv) * d].view(n, hq + hkv, d), cos, sin)  # one rotation
         q, k = qk[:, :hq], qk[:, hq:]  # [N, Hq, D], [N, Hkv, D]
         v = qkv[:, (hq + hkv) * d:].view(n, hkv, d)  # [N, Hkv, D]
         cache.write(index, batch.write_slots, k, v)  # into the cache's [Hkv, P*S, D] rows
         q = cache.rotate_queries(q)  # in the basis the cache returns K in
         q = q.reshape(n, hkv, hq // hkv, d)  # [N, Hkv, G, D]: each KV head's query heads
-        if batch.padded_slots is not None:  # decode, N == B: one query per sequence
+        if batch.block_tables is not None:  # decode, N == B, by the backend's paged attention
+            assert self.paged_decode is not None
+            o = self.paged_decode(q, *cache.layer(index), *batch.block_tables, cache.page_size,
+                                  self.scale)
+        elif batch.padded_slots is not None:  # decode, N == B: one query per sequence
             o = self.attend_padded(index, q, cache, batch)
         else:
             o = self.attend_each(index, q, cache, batch)
@@ -197,6 +226,15 @@ class ShardModel:
         lse = torch.logsumexp(logits, dim=-1)
         lse_t = torch.logsumexp(logits / temperature.unsqueeze(1), dim=-1)
         return values, index + self.plan.vocab_range[0], lse, lse_t
+
+
+def with_block_tables(batch: Batch, cache: KVCache) -> Batch:
+    """A decode step over a float KV cache with its block tables (for paged attention); any
+    other step as it is."""
+    if len(batch.tokens) != len(batch.spans) or cache.k.dtype == torch.int8:
+        return batch
+    tables = block_tables(cache, [span.seq_id for span in batch.spans])
+    return dataclasses.replace(batch, block_tables=tables, padded_slots=None, padding_mask=None)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -22,6 +22,7 @@ from services.server import bind, create_server
 from services.transport import server_credentials
 from shard_svc.config import ShardConfig
 from shard_svc.engine import ShardEngine
+from shard_svc.ipex_backend import with_ipex
 from shard_svc.kernels import check_library, choose_kernels
 from shard_svc.kv_cache import KVCache
 from shard_svc.kv_store import kv_bytes_per_token
@@ -108,9 +109,11 @@ class ShardProcess:
         log.info("weights loaded in %.1f s (%s); choosing kernels", time.monotonic() - t0,
                  weights.served or cfg.dtype)
         t1 = time.monotonic()
-        kernels = await loop.run_in_executor(
+        plain = await loop.run_in_executor(
             servicer.executor, choose_kernels, cfg.kernels, weights.embed.dtype,
             [layer.gate_up for layer in weights.layers])
+        # IPEX around them, or not: one log line says which backend, and why not IPEX
+        kernels = await loop.run_in_executor(servicer.executor, with_ipex, cfg.kernels, plain)
         log.info("kernels chosen in %.1f s; forming the mesh; %s", time.monotonic() - t1,
                  kernels.describe())
         self.mesh = await loop.run_in_executor(None, open_mesh, cfg, self.fingerprint)

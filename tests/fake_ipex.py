@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import math
 import sys
+from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
 
@@ -18,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 NAME = "intel_extension_for_pytorch"
+# A torch version other than the installed one (an IPEX built for it must be refused)
+OTHER = f"{torch.__version__.split('.')[0]}.{int(torch.__version__.split('.')[1]) + 1}.0"
 
 
 class WoqWeightDtype(enum.IntEnum):
@@ -142,3 +145,13 @@ def install(monkeypatch: pytest.MonkeyPatch, version: str | None = None) -> Any:
     fake = build(version or torch.__version__.split("+")[0] + "+cpu")
     monkeypatch.setitem(sys.modules, NAME, fake)
     return fake
+
+
+def stand_in_package(root: Path, version: str, body: str) -> None:
+    """An installed-looking `intel_extension_for_pytorch` on `root`: dist metadata + module."""
+    (root / NAME).mkdir()
+    (root / NAME / "__init__.py").write_text(body)
+    info = root / f"intel_extension_for_pytorch-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(
+        f"Metadata-Version: 2.1\nName: intel-extension-for-pytorch\nVersion: {version}\n")

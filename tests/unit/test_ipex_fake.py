@@ -1,7 +1,8 @@
 """The IPEX backend without IPEX: detection (absent, built for another torch, failing at import:
-the plain path and its log line), and the backend driven through a fake of the IPEX 2.8 API
-(tests/fake_ipex.py), which shows it calls that API as documented and that its model equals the
-plain path. The same backend against the real IPEX: test_ipex_real.py (`make test-ipex`)."""
+the plain path and its log line), and the shard's model driven through a fake of the IPEX 2.8
+API (tests/fake_ipex.py), which shows it calls that API as documented and that its logits and
+greedy tokens equal the plain path's. The same backend against the real IPEX: test_ipex_real.py
+(`make test-ipex`)."""
 
 from __future__ import annotations
 
@@ -23,26 +24,17 @@ from shard_svc.kernels import choose_kernels
 from shard_svc.weights import ShardWeights
 from tests import fake_ipex
 from tests.checkpoints import tiny_checkpoint
-from tests.ipex_model import decode_logits
+from tests.fake_ipex import OTHER, stand_in_package
+from tests.ipex_model import decode_logits, top1
 from tests.unit.test_half_precision import continuations
+from tests.unit.test_model import PROMPTS
 
-OTHER = f"{torch.__version__.split('.')[0]}.{int(torch.__version__.split('.')[1]) + 1}.0"
 FAST = frozenset({"avx512_fp16", "amx_bf16"})
 
 
 def fake_plan(fake: Any, plain: Any, flags: frozenset[str] = FAST,
               quantize: bool = False) -> IpexPlan:
     return IpexPlan(IpexStatus(fake, "imported", fake.__version__, flags), plain, quantize)
-
-
-def stand_in_package(root: Path, version: str, body: str) -> None:
-    """An installed-looking `intel_extension_for_pytorch` on `root`: dist metadata + module."""
-    (root / MODULE).mkdir()
-    (root / MODULE / "__init__.py").write_text(body)
-    info = root / f"intel_extension_for_pytorch-{version}.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(
-        f"Metadata-Version: 2.1\nName: intel-extension-for-pytorch\nVersion: {version}\n")
 
 
 def test_absent_module_takes_plain_path_and_logs_it(monkeypatch: pytest.MonkeyPatch,
@@ -136,8 +128,30 @@ def test_model_through_fake_ipex_equals_plain_path(
     plain = decode_logits(path, torch.float32, seqs, tp)
     ours = decode_logits(path, torch.float32, seqs, tp, lambda p: fake_plan(fake, p))
     assert max((a - b).abs().max().item() for a, b in zip(ours, plain, strict=True)) <= 1e-4
+    greedy = [t for p, s in zip(PROMPTS, seqs, strict=True) for t in s[len(p):]]
+    assert top1(ours) == top1(plain) == greedy  # transformers' greedy continuation
     assert {"rms_norm", "rotary_embedding", "single_query_cached_kv_attention"} <= set(fake.calls)
     assert "ipex_woq_linear" not in fake.calls  # float weights stay float unless quantize=True
+
+
+def test_int8_kv_cache_attends_through_the_plain_path(
+        monkeypatch: pytest.MonkeyPatch, checkpoint: tuple[Path, list[list[int]]],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """IPEX's paged attention reads a float cache: with an int8 one the model says so once and
+    decodes with its own attention (still IPEX's norm and rotary), as the plain path does."""
+    fake = fake_ipex.install(monkeypatch)
+    path, seqs = checkpoint
+    with caplog.at_level(logging.INFO, logger="shard_svc.model"):
+        ours = decode_logits(path, torch.float32, seqs, 1, lambda p: fake_plan(fake, p),
+                             kv_dtype=torch.int8)
+    plain = decode_logits(path, torch.float32, seqs, 1, kv_dtype=torch.int8)
+    assert max((a - b).abs().max().item() for a, b in zip(ours, plain, strict=True)) <= 1e-4
+    assert top1(ours) == top1(plain)
+    assert "single_query_cached_kv_attention" not in fake.calls
+    assert {"rms_norm", "rotary_embedding"} <= set(fake.calls)
+    assert [r.getMessage() for r in caplog.records if r.name == "shard_svc.model"] == [
+        "IPEX paged attention reads a float KV cache: with an int8 KV cache, decode attends "
+        "through the plain path"]
 
 
 def dequantize_layers(w: ShardWeights) -> None:
@@ -194,4 +208,4 @@ def test_without_avx512_fp16_products_stay_plain(monkeypatch: pytest.MonkeyPatch
 
     decode_logits(path, torch.float32, seqs, 1, plan_for)
     assert plans[0].int8_matrices == 0 and "ipex_woq_linear" not in fake.calls
-    assert "no avx512_fp16: IPEX would dequantize per call" in plans[0].describe()
+    assert "no avx512_fp16: IPEX would dequantize per call" in plans[0].status.describe()

@@ -10,17 +10,21 @@ import os
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import torch
 import torch.nn.functional as F
 
+from services.pb.cpumesh.v1 import shard_pb2_grpc
 from shard_svc.ipex_backend import MATRICES, IpexLinear, IpexPlan, block_tables
 from shard_svc.ipex_detect import IpexStatus, detect_ipex
 from shard_svc.kernels import KernelPlan, choose_kernels
 from shard_svc.kv_cache import KVCache
 from shard_svc.model import apply_rope, rms_norm
 from tests.checkpoints import tiny_checkpoint
-from tests.ipex_model import decode_logits
+from tests.ipex_model import decode_logits, top1
+from tests.procs import running, wait_serving
+from tests.service.test_kv_int8_service import shard, teacher_forced
 from tests.unit.test_half_precision import agreement, continuations, transformers_top1
 from tests.unit.test_model import PROMPTS
 
@@ -108,11 +112,6 @@ def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     return path, continuations(path)
 
 
-def top1(logits: list[torch.Tensor]) -> list[int]:
-    """In transformers_top1's order: each sequence's steps."""
-    return [int(s[i].argmax()) for i in range(len(PROMPTS)) for s in logits]
-
-
 @pytest.mark.parametrize("tp", [1, 2])
 def test_float32_model_equals_transformers(ipex: IpexStatus, tp: int,
                                            checkpoint: tuple[Path, list[list[int]]]) -> None:
@@ -147,3 +146,39 @@ def test_bfloat16_and_int8_agree_with_transformers(ipex: IpexStatus, tp: int,
     assert agreement(ours, greedy) >= 0.9, agreement(ours, greedy)
     want = 2 * len(MATRICES) if ipex.fast_linear else 0
     assert [p.int8_matrices for p in plans] == [want] * tp
+
+
+@pytest.mark.timeout(420)
+def test_shard_processes_serve_through_ipex(ipex: IpexStatus, tmp_path: Path) -> None:
+    """`python -m shard_svc` with the default --kernels auto takes IPEX by itself and says so in
+    one line; its teacher-forced decode follows a `--kernels onednn` shard's (plain torch); with
+    `--kernels ipex --kv-dtype int8` decode attention falls back to the plain path, said once."""
+    model_dir = tiny_checkpoint(tmp_path / "model", "llama", head_dim=64,
+                                num_attention_heads=4, num_key_value_heads=2)
+    auto, auto_addr = shard(model_dir, tmp_path, "auto")
+    plain, plain_addr = shard(model_dir, tmp_path, "plain", "--kernels", "onednn")
+    int8, int8_addr = shard(model_dir, tmp_path, "int8kv", "--kernels", "ipex", "--kv-dtype",
+                            "int8")
+    with running([auto, plain, int8]):
+        for service, address in ((auto, auto_addr), (plain, plain_addr), (int8, int8_addr)):
+            wait_serving(address, service, deadline_s=300)
+        with (grpc.insecure_channel(auto_addr) as a, grpc.insecure_channel(plain_addr) as b,
+              grpc.insecure_channel(int8_addr) as c):
+            reference = teacher_forced(shard_pb2_grpc.ShardServiceStub(b), None)
+            forced = [t for t, _ in reference]
+            ours = teacher_forced(shard_pb2_grpc.ShardServiceStub(a), forced)
+            int8_kv = teacher_forced(shard_pb2_grpc.ShardServiceStub(c), forced)
+    for got, tol in ((ours, 1e-3), (int8_kv, 0.05)):
+        assert [t for t, _ in got] == forced
+        for (_, x), (_, y) in zip(got, reference, strict=True):
+            assert abs(x - y) <= tol * abs(y)
+    logs = {s.name: s.log_path.read_text().splitlines() for s in (auto, plain, int8)}
+    backend = {name: [line.split(": ", 1)[1] for line in lines if "kernel backend: " in line]
+               for name, lines in logs.items()}
+    assert len(backend["auto"]) == 1
+    assert backend["auto"][0].startswith(f"kernel backend: IPEX {ipex.version} on torch ")
+    assert backend["plain"] == ["kernel backend: plain torch (--kernels onednn)"]
+    assert backend["int8kv"] == backend["auto"]
+    fallback = [line for line in logs["int8kv"] if "IPEX paged attention" in line]
+    assert len(fallback) == 1 and "decode attends through the plain path" in fallback[0]
+    assert not any("IPEX paged attention" in line for line in logs["auto"])
