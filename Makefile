@@ -68,7 +68,7 @@ $(IPEX_VENV)/.ipex-stamp: pyproject.toml
 
 test-ipex: $(IPEX_VENV)/.ipex-stamp
 	CPUMESH_REQUIRE_IPEX=1 $(IPEX_PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS) \
-	  tests/unit/test_ipex_real.py tests/unit/test_ipex_fake.py tests/service/test_shard_ipex_flag.py
+	  tests/unit/test_ipex_real.py tests/unit/test_ipex_fake.py tests/service/test_shard_ipex.py
 
 # The embedded SmolLM2 (or any model: SERVE_ARGS="--model-dir DIR --tp 4") on this machine:
 # tokenizer, shards and router as separate processes until Ctrl-C. See `cpumesh local --help`.

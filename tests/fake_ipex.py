@@ -149,7 +149,7 @@ def install(monkeypatch: pytest.MonkeyPatch, version: str | None = None) -> Any:
 
 def stand_in_package(root: Path, version: str, body: str) -> None:
     """An installed-looking `intel_extension_for_pytorch` on `root`: dist metadata + module."""
-    (root / NAME).mkdir()
+    (root / NAME).mkdir(parents=True)
     (root / NAME / "__init__.py").write_text(body)
     info = root / f"intel_extension_for_pytorch-{version}.dist-info"
     info.mkdir()
