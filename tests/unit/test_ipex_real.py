@@ -15,12 +15,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model_formats.checkpoint import load_model_config
 from services.pb.cpumesh.v1 import shard_pb2_grpc
-from shard_svc.ipex_backend import MATRICES, IpexLinear, IpexPlan, block_tables
+from shard_svc.ipex_backend import MATRICES, IpexLinear, IpexPlan, block_tables, with_ipex
 from shard_svc.ipex_detect import IpexStatus, detect_ipex
 from shard_svc.kernels import KernelPlan, choose_kernels
 from shard_svc.kv_cache import KVCache
-from shard_svc.model import apply_rope, rms_norm
+from shard_svc.mesh.communicator import SingleRank
+from shard_svc.model import ShardModel, apply_rope, make_batch, rms_norm
+from shard_svc.sharding import plan_shard
+from shard_svc.weights import load_shard_weights
 from tests.checkpoints import tiny_checkpoint
 from tests.ipex_model import decode_logits, top1
 from tests.procs import running, wait_serving
@@ -182,3 +186,28 @@ def test_shard_processes_serve_through_ipex(ipex: IpexStatus, tmp_path: Path) ->
     fallback = [line for line in logs["int8kv"] if "IPEX paged attention" in line]
     assert len(fallback) == 1 and "decode attends through the plain path" in fallback[0]
     assert not any("IPEX paged attention" in line for line in logs["auto"])
+
+
+def test_int8_weights_from_the_loader_go_to_ipex(ipex: IpexStatus, tmp_path: Path) -> None:
+    """`--dtype int8`: with AVX512-FP16 the loader's int8 matrices are packed into IPEX's
+    weight-only kernels as they are; greedy decode equals the plain int8 kernels' (dequantize)."""
+    model_dir = tiny_checkpoint(tmp_path / "model", "llama")
+    config = load_model_config(model_dir)
+    shard = plan_shard(config, 0, 1)
+    runs = []
+    for library in ("onednn", "ipex"):
+        weights = load_shard_weights(model_dir, config, shard, torch.int8)
+        plain = choose_kernels(library, weights.embed.dtype, [x.gate_up for x in weights.layers])
+        model = ShardModel(config, shard, weights, SingleRank(), with_ipex(library, plain))
+        cache, steps, run = model.new_cache(256, page_size=4), [(0, PROMPTS[0])], []
+        for _ in range(8):
+            logits = model.local_logits(model.forward(make_batch(steps, cache), cache))[0]
+            run.append(logits)
+            steps = [(0, [int(logits.argmax())])]
+        runs.append((model, run))
+    (_, plain_run), (ours, ipex_run) = runs
+    assert [int(x.argmax()) for x in ipex_run] == [int(x.argmax()) for x in plain_run]
+    for x, y in zip(ipex_run, plain_run, strict=True):
+        assert (x - y).abs().max() <= 0.05 * y.abs().max()
+    assert isinstance(ours.kernels, IpexPlan)
+    assert ours.kernels.int8_matrices == (2 * len(MATRICES) if ipex.fast_linear else 0)
