@@ -26,7 +26,8 @@ from bench.machine import BENCH_PYTHON
 
 
 def cpumesh(model_dir: Path, batch: int, prompt: int, tokens: int, repeats: int,
-            dtype: str = "float32", kernels: str = "auto") -> dict[str, Any]:
+            dtype: str = "float32", kernels: str = "auto", compile: str = "off",
+            granularity: str = "layer") -> dict[str, Any]:
     import torch
 
     from model_formats.checkpoint import load_model_config
@@ -44,8 +45,14 @@ def cpumesh(model_dir: Path, batch: int, prompt: int, tokens: int, repeats: int,
     plan_k = choose_kernels(kernels, weights.embed.dtype, [x.gate_up for x in weights.layers])
     model = ShardModel(config, plan, weights, SingleRank(), plan_k)
     del weights
-    engine = ShardEngine(model, model.new_cache(batch * (prompt + tokens + 16)),
-                         max_context=prompt + tokens + 16)
+    cache = model.new_cache(batch * (prompt + tokens + 16))
+    compiled, warm_s = None, 0.0
+    if compile == "decode":
+        from shard_svc.compiled_step import CompiledDecode
+
+        compiled = CompiledDecode(model, granularity)
+        warm_s = compiled.warm_up(cache)
+    engine = ShardEngine(model, cache, max_context=prompt + tokens + 16, compiled=compiled)
     ids = tuple(range(100, 100 + prompt))
     prefill_ms, decode_ms = [], []
     for r in range(repeats + 1):
@@ -65,7 +72,8 @@ def cpumesh(model_dir: Path, batch: int, prompt: int, tokens: int, repeats: int,
             prefill_ms.append(t_prefill * 1e3)
             decode_ms.append(statistics.median(steps) * 1e3)
     return {"prefill_ms": prefill_ms, "decode_step_ms": decode_ms,
-            "kernels": plan_k.describe()}
+            "kernels": plan_k.describe(), "compile": compile, "granularity": granularity,
+            "warm_up_s": warm_s, "graphs": compiled.graphs if compiled else 0}
 
 
 def transformers(model_dir: Path, batch: int, prompt: int, tokens: int,
@@ -138,12 +146,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="float32",
                    choices=["float32", "bfloat16", "float16", "int8", "int4"])
     p.add_argument("--kernels", default="auto", help="cpumesh only: shard_svc.kernels library")
+    p.add_argument("--compile", default="off", choices=["off", "decode"],
+                   help="cpumesh only: decode steps compiled (shard_svc.compiled_step)")
+    p.add_argument("--granularity", default="layer", choices=["layer", "step"],
+                   help="cpumesh --compile decode: a graph per layer or one per step")
     a = p.parse_args(argv)
     import torch
 
     torch.set_num_threads(a.threads)
     if a.system == "cpumesh":
-        result = cpumesh(a.model_dir, a.batch, a.prompt, a.tokens, a.repeats, a.dtype, a.kernels)
+        result = cpumesh(a.model_dir, a.batch, a.prompt, a.tokens, a.repeats, a.dtype, a.kernels,
+                         a.compile, a.granularity)
     else:
         result = transformers(a.model_dir, a.batch, a.prompt, a.tokens, a.repeats, a.dtype)
     print(json.dumps(result))

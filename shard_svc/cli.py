@@ -8,7 +8,7 @@ import socket
 from pathlib import Path
 
 from services.auth import read_token
-from shard_svc.config import DTYPES, KERNELS, KV_DTYPES, ShardConfig, rank_from_hostname
+from shard_svc.config import COMPILE, DTYPES, KERNELS, KV_DTYPES, ShardConfig, rank_from_hostname
 from shard_svc.mesh.config import TRANSPORTS as MESH_TRANSPORTS
 
 
@@ -52,6 +52,10 @@ def cli_arguments(p: argparse.ArgumentParser) -> None:
                    "(system prompts, earlier chat turns), kept after release until evicted; "
                    "default: %(default)s")
     p.add_argument("--max-context", type=int, help="default: the model's context length")
+    p.add_argument("--compile", default="off", choices=COMPILE,
+                   help="decode: decode steps of up to 8 sequences run as torch.compile graphs, "
+                   "compiled for 1, 2, 4 and 8 rows at start (float weights and KV cache; "
+                   "prefill stays eager); default: %(default)s")
     p.add_argument("--mesh-name", default="cpumesh")
     p.add_argument("--mesh-listen",
                    help="bind the mesh here (host:port; default: our --peers entry)")
@@ -95,6 +99,7 @@ def build_config(args: argparse.Namespace) -> ShardConfig:
         kv_capacity_tokens=16384 if args.kv_capacity_tokens is None else args.kv_capacity_tokens,
         kv_cache_mb=args.kv_cache_mb, kv_dtype=args.kv_dtype, kv_page_size=args.kv_page_size,
         prefix_cache=args.prefix_cache == "on", max_context=args.max_context,
+        compile=getattr(args, "compile", "off"),
         mesh_name=args.mesh_name, mesh_listen=args.mesh_listen,
         mesh_transport=args.mesh_transport, mesh_stream_port=args.mesh_stream_port,
         mesh_timeout_s=args.mesh_timeout,

@@ -10,6 +10,7 @@ from shard_svc.mesh.config import MeshConfig
 DTYPES = ("float32", "bfloat16", "float16", "int8", "int4")  # int8/int4: weight-only
 KERNELS = ("auto", "aten", "onednn", "packed", "ipex")
 KV_DTYPES = ("auto", "int8")  # auto: the activations' dtype; int8: a scale per token and head
+COMPILE = ("off", "decode")  # decode: decode steps of <= 8 sequences compiled (compiled_step.py)
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class ShardConfig:
     kv_page_size: int = 16
     prefix_cache: bool = True  # reuse the KV pages of identical full blocks of prompts
     max_context: int | None = None  # default: the model's max_position_embeddings
+    compile: str = "off"
     mesh_name: str = "cpumesh"
     mesh_listen: str | None = None  # bind the mesh here; default: our peers entry
     mesh_transport: str = "auto"  # see MeshConfig.transport
@@ -67,6 +69,8 @@ class ShardConfig:
             raise ValueError(f"kv_cache_mb must be > 0, got {self.kv_cache_mb}")
         if self.kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {self.kv_dtype!r}")
+        if self.compile not in COMPILE:
+            raise ValueError(f"compile must be one of {COMPILE}, got {self.compile!r}")
         if self.kv_page_size < 1:
             raise ValueError(f"kv_page_size must be >= 1, got {self.kv_page_size}")
         if self.max_context is not None and self.max_context < 1:

@@ -16,9 +16,10 @@ import torch
 
 from services.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.limits import MAX_TOP_K
+from shard_svc.compiled_step import CompiledDecode
 from shard_svc.kv_cache import KVCache
 from shard_svc.mesh.communicator import MeshError
-from shard_svc.model import ShardModel, make_batch
+from shard_svc.model import Batch, ShardModel, make_batch
 
 
 @dataclass(frozen=True)
@@ -51,9 +52,11 @@ class StepOutput:
 
 
 class ShardEngine:
-    def __init__(self, model: ShardModel, cache: KVCache, max_context: int | None = None) -> None:
+    def __init__(self, model: ShardModel, cache: KVCache, max_context: int | None = None,
+                 compiled: CompiledDecode | None = None) -> None:
         self.model = model
         self.cache = cache
+        self.compiled = compiled  # decode steps it accepts run compiled (--compile decode)
         self.max_context = max_context or model.config.max_position_embeddings
         self.next_step_id = 1
         self._lock = threading.Lock()
@@ -64,7 +67,7 @@ class ShardEngine:
             t0, ar0 = time.perf_counter(), self.model.comm.elapsed_s
             batch = make_batch([(w.seq_id, w.token_ids) for w in work], self.cache)
             try:
-                hidden = self.model.forward(batch, self.cache)  # [B, H]
+                hidden = self._forward(batch)  # [B, H]
                 results = self._top_k(hidden, work, batch.reservation.cached)
             except MeshError as e:
                 batch.reservation.undo()
@@ -77,6 +80,13 @@ class ShardEngine:
             total = time.perf_counter() - t0
             allreduce = self.model.comm.elapsed_s - ar0
             return StepOutput(step_id, results, total - allreduce, allreduce)
+
+    def _forward(self, batch: Batch) -> torch.Tensor:
+        if self.compiled is not None and self.compiled.accepts(batch, self.cache):
+            hidden = self.compiled.forward(batch, self.cache)
+            if hidden is not None:
+                return hidden
+        return self.model.forward(batch, self.cache)
 
     def release(self, seq_ids: Sequence[int]) -> int:
         """Free sequences (unknown ids are ignored); return the tokens freed."""

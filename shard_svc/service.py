@@ -20,6 +20,7 @@ from services.errors import Unavailable
 from services.pb.cpumesh.v1 import shard_pb2
 from services.server import bind, create_server
 from services.transport import server_credentials
+from shard_svc.compiled_step import compile_decode
 from shard_svc.config import ShardConfig
 from shard_svc.engine import ShardEngine
 from shard_svc.ipex_backend import with_ipex
@@ -132,7 +133,10 @@ class ShardProcess:
                  if kv_dtype == torch.int8 else str(kv_dtype).removeprefix("torch."))
         await loop.run_in_executor(servicer.executor, warm_up, model, cache)
         log.info("mesh formed; weights prepared and warmed up in %.1f s", time.monotonic() - t1)
-        engine = ShardEngine(model, cache, cfg.max_context)
+        compiled = None
+        if cfg.compile == "decode":  # every bucket compiled now, never while serving
+            compiled = await loop.run_in_executor(servicer.executor, compile_decode, model, cache)
+        engine = ShardEngine(model, cache, cfg.max_context, compiled)
         servicer.engine = engine
         await self.server.set_serving(True)
         watcher = asyncio.ensure_future(self._watch()) if hasattr(self.mesh, "watch") else None

@@ -1,0 +1,63 @@
+"""Eager and compiled decode side by side on one model (shard_svc/compiled_step.py), at any tp:
+the same teacher-forced steps through two engines, each with its own KV cache."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+PROMPTS = ([5, 17, 42, 7, 99, 250, 3], [11], [(7 * i) % 300 for i in range(70)])
+STEPS = 5
+
+
+def side_by_side(model_dir: Any, comm: Any, dtype: str, granularity: str,
+                 buckets: tuple[int, ...]) -> dict[str, Any]:
+    """Decode 1 sequence, then 3 together (padded to a bucket of 4 rows; one history over 64
+    tokens), feeding both engines the same tokens; return each step's top-5 (values, ids) of
+    both, the graphs compiled after warm-up and at the end, and the steps run compiled."""
+    import torch
+
+    from model_formats.checkpoint import load_model_config
+    from shard_svc.compiled_step import CompiledDecode
+    from shard_svc.engine import SeqWork, ShardEngine
+    from shard_svc.model import ShardModel
+    from shard_svc.sharding import plan_shard
+    from shard_svc.weights import load_shard_weights
+
+    config = load_model_config(model_dir)
+    plan = plan_shard(config, comm.tp_rank, comm.tp_size)
+    model = ShardModel(config, plan, load_shard_weights(model_dir, config, plan,
+                                                        getattr(torch, dtype)), comm)
+    eager = ShardEngine(model, model.new_cache(1024, page_size=4))
+    compiled = CompiledDecode(model, granularity, buckets=buckets)
+    cache = model.new_cache(1024, page_size=4)
+    compiled.warm_up(cache)
+    warm_graphs = compiled.graphs
+    engine = ShardEngine(model, cache, compiled=compiled)
+    steps: list[tuple[Any, ...]] = []
+
+    def step(work: list[SeqWork]) -> None:
+        outs = [e.step(e.next_step_id, work).results for e in (eager, engine)]
+        steps.append(tuple(([r.logits for r in o], [r.token_ids for r in o]) for o in outs))
+
+    for seqs in ([0], [1, 2, 3]):
+        step([SeqWork(s, tuple(PROMPTS[s - 1 if s else 0]), True, top_k=5) for s in seqs])
+        for t in range(STEPS):
+            step([SeqWork(s, ((31 * t + 17 * s) % config.vocab_size,), False, top_k=5)
+                  for s in seqs])
+        for e in (eager, engine):
+            e.release(seqs)
+    return {"steps": steps, "warm_graphs": warm_graphs, "graphs": compiled.graphs,
+            "compiled_steps": compiled.steps}
+
+
+def rank_side_by_side(report: Callable[..., None], tp_rank: int, mesh_ports: list[int],
+                      model_dir: Any, dtypes: list[str]) -> None:
+    import torch
+
+    from shard_svc.mesh.group import MeshGroup
+    from tests.mesh_ranks import mesh_config
+
+    torch.set_num_threads(1)
+    with MeshGroup(mesh_config(tp_rank, mesh_ports, recv_timeout_s=300.0)) as mesh:
+        report("done", {d: side_by_side(model_dir, mesh, d, "layer", (4,)) for d in dtypes})
