@@ -50,7 +50,11 @@ helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+
 {{/* Everything a shard's behaviour depends on. Its hash labels the shard pods and selects them in
 the headless Service, so pods of two versions never see each other in DNS. */}}
 {{- define "cpumesh.groupRevision" -}}
-{{- $inputs := dict "image" (include "cpumesh.image" .) "tp" .Values.tp "model" .Values.model "shard" .Values.shard "tls" .Values.tls "curve" .Values.curve "internalToken" .Values.auth.internalToken "ports" .Values.ports "domain" .Values.clusterDomain "security" .Values.podSecurity -}}
+{{- /* The serving options count as the flags they pass (none at their defaults), so that a
+chart upgrade with default values keeps the revision and does not replace the group. */ -}}
+{{- $shard := omit .Values.shard "kvCacheMb" "kernels" "kvDtype" "prefixCache" -}}
+{{- $inputs := dict "image" (include "cpumesh.image" .) "tp" .Values.tp "model" .Values.model "shard" $shard "tls" .Values.tls "curve" .Values.curve "internalToken" .Values.auth.internalToken "ports" .Values.ports "domain" .Values.clusterDomain "security" .Values.podSecurity -}}
+{{- with include "cpumesh.shardServingArgs" . }}{{ $_ := set $inputs "serving" . }}{{ end -}}
 {{- toJson $inputs | sha256sum | trunc 10 -}}
 {{- end -}}
 

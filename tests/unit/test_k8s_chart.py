@@ -278,7 +278,7 @@ def test_burstable_shards_pick_their_threads_themselves():
     ({"shard": {"resources": {"cpu": -4}}}, "at '/shard/resources/cpu': minimum: got -4, want 1"),
     ({"router": {"resources": {"cpu": "500m"}}}, "at '/router/resources/cpu': got string"),
     ({"router": {"replicas": 0}}, "at '/router/replicas': minimum: got 0, want 1"),
-    ({"shard": {"dtype": "int4"}}, "at '/shard/dtype'"),
+    ({"shard": {"dtype": "int2"}}, "at '/shard/dtype'"),
     ({"model": {"volume": {"type": "nfs"}}}, "at '/model/volume/type'"),
     ({"shards": 2}, "additional properties 'shards' not allowed"),
 ])
