@@ -220,3 +220,31 @@ def rank_model(report: Callable[..., None], tp_rank: int, mesh_ports: list[int],
         logits, hidden = greedy(model_dir, mesh, new_tokens)
         # numpy, not tensors: torch would pass tensors as shared memory that dies with us
         report("done", ([x.numpy() for x in logits], hidden, mesh.transport))
+
+
+def rank_aborting(report: Callable[..., None], tp_rank: int, mesh_ports: list[int],
+                  overrides: dict[str, Any], culprit: int) -> None:
+    """Form and verify as `rank_loop` does; let the peers block in their next collective,
+    waiting for us; then do what a rank does whose collective failed on `culprit`: ABORT naming
+    it, and re-form at once (closing every socket and data connection); verify, finish."""
+    import torch
+
+    from shard_svc.mesh.communicator import MeshError
+    from shard_svc.mesh.group import MeshGroup
+
+    mesh = MeshGroup(mesh_config(tp_rank, mesh_ports, **overrides))
+
+    def verify() -> None:
+        for seed in range(20):
+            parts = partials(4096, mesh.tp_size, torch.float32, seed)
+            t = mesh.all_reduce(parts[tp_rank].clone())
+            assert torch.allclose(t.double(), sum(p.double() for p in parts), atol=1e-5)
+        report("verified", mesh.transport)
+
+    verify()
+    time.sleep(0.5)  # the peers are in their next all_reduce, waiting for our data
+    mesh._fail(MeshError(f"rank {tp_rank}: rank {culprit} sent nonsense", culprit))
+    mesh.reform()
+    verify()
+    report("finished")
+    mesh.close()

@@ -22,6 +22,15 @@ class MeshError(RuntimeError):
         self.peer = peer
 
 
+class Aborted(MeshError):
+    """A peer's ABORT ended the collective; `peer` is the rank it names as failed."""
+
+
+class ConnectionLost(MeshError):
+    """A peer's data connection closed or failed: it died, or it aborted and tore its mesh
+    down to re-form (its ABORT, sent on ZeroMQ first, may arrive after the close is seen)."""
+
+
 class Communicator(Protocol):
     """Sum-allreduce among the ranks of one tensor-parallel group."""
 

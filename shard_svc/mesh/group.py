@@ -8,7 +8,9 @@ Lifecycle: `MeshGroup(config)` forms the mesh (binds, connects, handshakes; `Mes
 failure (a peer died, hung past the heartbeat timeout, restarted, aborted, or sent nonsense)
 raises `MeshError` naming the peer, tells the other ranks (ABORT), and leaves the mesh broken:
 every later `all_reduce` raises at once until `reform()` succeeds; the tensor that was being
-reduced then holds undefined values. Between collectives `watch()` notices the same failures
+reduced then holds undefined values. The peers learn who failed from the ABORT, not from
+the aborting rank's sockets closing as it re-forms (see ABORT_LINGER_S, ABORT_GRACE_S). Between
+collectives `watch()` notices the same failures
 without waiting (and a peer forming a new mesh: its HELLO carries a new nonce). `close()` says
 BYE.
 
@@ -28,7 +30,7 @@ from types import TracebackType
 import torch
 import zmq
 
-from shard_svc.mesh.communicator import MeshError
+from shard_svc.mesh.communicator import ConnectionLost, MeshError
 from shard_svc.mesh.config import MeshConfig
 from shard_svc.mesh.handshake import Formation, Handshake
 from shard_svc.mesh.hello import Hello, local_hello
@@ -41,6 +43,13 @@ from shard_svc.mesh.tcp_open import listen
 from shard_svc.mesh.wire import DTYPE_CODES, Kind, control
 
 __all__ = ["MeshConfig", "MeshError", "MeshGroup", "create_curve_keys"]
+
+# A rank re-forming after a failure closes its sockets; its ABORT may still be queued in ZeroMQ
+# and is given this long to leave (closing without linger dropped it: the peers then blamed us).
+ABORT_LINGER_S = 0.5
+# A peer's data connection closed: how long to wait for the ABORT that may explain it (a rank
+# that aborts tears its mesh down, and the close can overtake its ABORT) before blaming the peer.
+ABORT_GRACE_S = 0.25
 
 
 class MeshGroup:
@@ -96,7 +105,7 @@ class MeshGroup:
 
     def form(self, timeout_s: float | None = None) -> None:
         """(Re)form the mesh with fresh sockets; blocks until every peer agreed or the deadline."""
-        self._teardown()
+        self._teardown(linger_s=ABORT_LINGER_S)  # an ABORT we sent still leaves
         if self.tp_size == 1:
             self._broken = None
             return
@@ -172,6 +181,13 @@ class MeshGroup:
                 assert self._passing is not None
                 self._passing.all_reduce(flat, self._seq)
                 self._seq += 1
+        except ConnectionLost as e:
+            assert self._inbox is not None
+            explained = self._inbox.explain(e, ABORT_GRACE_S)
+            self._fail(explained)
+            if explained is e:
+                raise
+            raise explained from e
         except MeshError as e:
             self._fail(e)
             raise

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from shard_svc.mesh.communicator import MeshError
+from shard_svc.mesh.communicator import Aborted, ConnectionLost, MeshError
 from shard_svc.mesh.handshake import Formation
 from shard_svc.mesh.hello import parse_hello, refusal, settings
 from shard_svc.mesh.links import Links, PeerEvent
@@ -145,6 +145,25 @@ class Inbox:
                 self.links.skip_rest()
         self.check(needed)
 
+    def explain(self, lost: ConnectionLost, grace_s: float) -> MeshError:
+        """Why a peer's data connection closed: the ABORT that came with it (naming the rank
+        that really failed), if one arrives within `grace_s`, else `lost` (the peer died). A
+        rank that aborts sends ABORT on ZeroMQ and closes its data connections when it re-forms;
+        the close can be seen first. Other news meanwhile (its HELLO for the next formation) is
+        read and passed over: the ABORT is what names the culprit."""
+        deadline = time.monotonic() + grace_s
+        while True:
+            try:
+                self.service([])
+            except Aborted as e:
+                return e
+            except MeshError:
+                pass  # e.g. its new formation's HELLO: keep reading
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return lost
+            self._events(self.links.wait(left))
+
     def farewell(self, timeout_s: float) -> None:
         """After our BYE: wait (bounded) until every peer said BYE or is lost. A peer sends BYE
         only after its last collective, so none is left needing data from our closed socket."""
@@ -180,8 +199,8 @@ class Inbox:
         if header.kind == Kind.ABORT:
             failed = body.get("failed")
             culprit = failed if isinstance(failed, int) and failed != self.me else sender
-            raise MeshError(f"rank {self.me}: rank {sender} aborted collective {header.seq}: "
-                            f"{body.get('reason')}", culprit)
+            raise Aborted(f"rank {self.me}: rank {sender} aborted collective {header.seq}: "
+                          f"{body.get('reason')}", culprit)
         if header.kind == Kind.BYE:
             self.gone[sender] = "closed the mesh"
 

@@ -25,7 +25,7 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 
-from shard_svc.mesh.communicator import MeshError
+from shard_svc.mesh.communicator import ConnectionLost, MeshError
 from shard_svc.mesh.tcp_open import open_streams
 from shard_svc.mesh.wire import HEADER, Header
 
@@ -182,10 +182,10 @@ class Streams:
             got, want = (Header._make(HEADER.unpack(h)) for h in (t.header, t.expect))
             raise MeshError(f"rank {self.me}: rank {peer} sent {got}, expected {want}", peer)
 
-    def _lost(self, peer: int, error: OSError | None) -> MeshError:
+    def _lost(self, peer: int, error: OSError | None) -> ConnectionLost:
         why = "closed its data connection" if error is None or error.errno in (
             errno.ECONNRESET, errno.EPIPE) else f"data connection failed: {error}"
-        return MeshError(f"rank {self.me}: rank {peer} {why}", peer)
+        return ConnectionLost(f"rank {self.me}: rank {peer} {why}", peer)
 
     def close(self) -> None:
         for s in self.socks.values():

@@ -12,7 +12,7 @@ import zmq
 
 from shard_svc.mesh.wire import Header, Kind
 from tests.mesh_procs import ports, ranks
-from tests.mesh_ranks import rank_idle, rank_loop
+from tests.mesh_ranks import rank_aborting, rank_idle, rank_loop
 
 DETECT_S = 2.0
 
@@ -39,6 +39,23 @@ def test_killed_rank_is_named_within_2s_and_the_mesh_reforms(transport: str) -> 
         for name in ("rank0", "rank1", "restarted"):
             assert r.wait(name, "verified", 60) == transport
             r.wait(name, "finished", 30)
+
+
+@pytest.mark.timeout(90)
+def test_the_abort_names_the_culprit_though_the_aborting_rank_closes_at_once() -> None:
+    """Rank 1 aborts a collective (naming rank 2) and re-forms at once, closing its data
+    connections: rank 0, waiting for rank 1's data, names rank 2 (from the ABORT, which must
+    still leave and be awaited), not rank 1 (whose connection closed first)."""
+    mesh_ports, overrides = ports(3), {"transport": "tcp"}
+    with ranks() as r:
+        for rank in (0, 2):
+            r.start(f"rank{rank}", rank_loop, rank, mesh_ports, overrides, 1)
+        r.start("rank1", rank_aborting, 1, mesh_ports, overrides, 2)
+        _, peer, message = r.wait("rank0", "failed", 30)
+        assert peer == 2, message
+        assert "aborted" in message
+        for name in ("rank0", "rank1", "rank2"):
+            r.wait(name, "finished", 60)
 
 
 @pytest.mark.timeout(90)
