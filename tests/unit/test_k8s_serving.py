@@ -143,7 +143,10 @@ def test_every_value_the_schema_allows_is_parsed_by_the_binaries():
     for i in range(rows):
         values: dict[str, Any] = {"tp": 2, "shard": {"kvCacheMb": mbs[i % len(mbs)]},
                                   "router": {"defaultMaxNewTokens": max_new[i % len(max_new)]}}
-        picked = {ck: choices[i % len(choices)] for ck, choices in enums.items()}
+        # kernels one step on, so that packed meets a float dtype (the schema refuses it with
+        # int8/int4, as the shard does at start: tested below)
+        picked = {ck: choices[(i + (ck == ("shard", "kernels"))) % len(choices)]
+                  for ck, choices in enums.items()}
         for (component, key), choice in picked.items():
             values[component][key] = choice
         objs = render("r", values)
@@ -162,7 +165,7 @@ def test_every_value_the_schema_allows_is_parsed_by_the_binaries():
 
 def test_manifests_with_every_serving_value_pass_strict_validation():
     kv = pytest.importorskip("kubernetes_validate")
-    values = {"tp": 2, "shard": {"dtype": "int4", "kernels": "packed", "kvCacheMb": 0.5,
+    values = {"tp": 2, "shard": {"dtype": "int4", "kernels": "onednn", "kvCacheMb": 0.5,
                                  "kvDtype": "int8", "prefixCache": False},
               "router": {"kvReservation": "full", "defaultMaxNewTokens": 64}}
     for obj in render("r", values):
@@ -177,9 +180,12 @@ def test_manifests_with_every_serving_value_pass_strict_validation():
     ("shard.kvCacheMb=0", "at '/shard/kvCacheMb': exclusiveMinimum: got 0"),
     ("router.kvReservation=lazy", "at '/router/kvReservation': value must be one of"),
     ("router.defaultMaxNewTokens=0", "at '/router/defaultMaxNewTokens': minimum: got 0, want 1"),
+    ("shard.dtype=int8,shard.kernels=packed",
+     "at '/shard/kernels': value must be one of 'auto', 'aten', 'onednn', 'ipex'"),
 ])
 def test_render_refuses_a_value_the_binary_would_refuse(setting, message):
-    run = subprocess.run([str(CPUMESH), "k8s", "render", "--set", setting], capture_output=True,
+    sets = [arg for s in setting.split(",") for arg in ("--set", s)]
+    run = subprocess.run([str(CPUMESH), "k8s", "render", *sets], capture_output=True,
                          text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert run.returncode != 0 and run.stdout == ""
     assert run.stderr.startswith("cpumesh k8s: error:")
@@ -206,4 +212,23 @@ def test_each_schema_refusal_is_one_the_binary_makes_too():
     router = parse(["router", "--tokenizer", "t:1", "--default-max-new-tokens", "0"])
     with pytest.raises(ValueError, match="default_max_new_tokens"):
         router_config(router)
+
+
+def test_the_shard_refuses_packed_kernels_with_quantized_weights_at_start():
+    """The schema's one rule across values (no packed with int8/int4) is the shard's own start
+    check, which it runs on its config's dtype before loading anything (shard_svc/service.py)."""
+    torch = pytest.importorskip("torch")
+    from services.errors import InvalidArgument
+    from shard_svc.kernels import check_library
+
+    quantized = SCHEMA["properties"]["shard"]["if"]["properties"]["dtype"]["enum"]
+    allowed = SCHEMA["properties"]["shard"]["then"]["properties"]["kernels"]["enum"]
+    every = SCHEMA["properties"]["shard"]["properties"]["kernels"]["enum"]
+    assert sorted(quantized) == ["int4", "int8"] and sorted(set(every) - set(allowed)) == [
+        "packed"]
+    for dtype in quantized:
+        with pytest.raises(InvalidArgument, match="'packed' is for float weights"):
+            check_library("packed", getattr(torch, dtype))
+        for kernels in set(allowed) - {"ipex"}:  # ipex: whether it is installed, tested apart
+            check_library(kernels, getattr(torch, dtype))
 
