@@ -126,10 +126,27 @@ async def test_internal_calls_without_the_token_are_refused_and_change_nothing(
                 assert health_status(group.tokenizer) == SERVING
             got.extend(r.token_ids)
         assert got == expected
-        # The group's state is untouched: every sequence released, and it serves again.
-        info = await stub.Info(shard_pb2.ShardInfoRequest(), metadata=bearer(TOKEN), timeout=5)
-        assert info.kv_free_tokens == info.kv_capacity_tokens
+    # The group's state is untouched: every sequence released, and it serves again.
+    assert await kv_used_after_release(group.shards) == [0, 0]
     assert await greedy_ids(group, KEYS[1]) == expected
+
+
+async def kv_used_after_release(shards: list[str], timeout_s: float = 10.0) -> list[int]:
+    """Each shard's KV tokens in use (Info, with the token) once the router has released the
+    ended sequences, or as they are after `timeout_s`. The router releases a sequence on every
+    shard at the top of its next engine step, i.e. just after the stream's last chunk has gone
+    to the client: right after the stream, the shards may still hold its pages."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        used = []
+        for address in shards:
+            async with grpc.aio.insecure_channel(address) as channel:
+                info = await shard_pb2_grpc.ShardServiceStub(channel).Info(
+                    shard_pb2.ShardInfoRequest(), metadata=bearer(TOKEN), timeout=5)
+            used.append(info.kv_capacity_tokens - info.kv_free_tokens)
+        if not any(used) or asyncio.get_running_loop().time() > deadline:
+            return used
+        await asyncio.sleep(0.01)
 
 
 @pytest.mark.asyncio
