@@ -265,6 +265,10 @@ def write(results: Path, out_dir: Path, command: str) -> Path:
         from bench.quality import section as quality_section
 
         lines += quality_section(q, "python -m bench.quality")
+    if rb := _load(results, "router_bounds"):
+        from bench.router_burst import section as bounds_section
+
+        lines += bounds_section(rb)
     text = "\n".join(lines)
     if out_dir != Path("."):
         text = text.replace("](bench/plots/", "](plots/")

@@ -1,6 +1,7 @@
 """The router's bounds before work, against a real router process (issue 16, items 3 and 5).
 
     python -m bench.router_bounds [--model-dir DIR] [--max-waiting 8] [--big-mb 60] [--only-burst]
+                                  [--client-procs 4] [--out bench/results/router_bounds.json]
 
 Real processes on loopback: a tokenizer, one SmolLM2 shard and a router with its defaults but
 `--max-waiting` (and `--http-listen`). Measured from the client:
@@ -8,7 +9,11 @@ Real processes on loopback: a tokenizer, one SmolLM2 shard and a router with its
 * bursts of 4 x max-waiting concurrent requests: how many are refused (RESOURCE_EXHAUSTED), how
   long each refusal took (median, p99, max, from its call's start to its status), and that the
   admitted ones complete; against the same bursts to a bare grpc.aio server that refuses every
-  call at once (the floor: gRPC's own cost per call in Python, client and server);
+  call at once (the floor: gRPC's own cost per call in Python, client and server). Twice: from
+  one asyncio client process (as first measured; its own loop is most of what it measures), and
+  from `--client-procs` processes of synchronous C-core clients in threads (bench.burst_client);
+  with the latter also the router's own side, `cpumesh_refusal_seconds` from its /metrics (from
+  the handler's start to the status sent, bucket bounds), and the load average;
 * one over-long prompt (300 kB) at a time: the refusal's latency, for comparison;
 * a chat of 1,000,000 empty messages (serialized beforehand, ~8 MB): the refusal's latency;
 * six concurrent oversized prompts while a greedy stream runs: over gRPC at `--big-mb` MB (over
@@ -16,7 +21,8 @@ Real processes on loopback: a tokenizer, one SmolLM2 shard and a router with its
   `--big-mb` MB: their outcomes, the router's RSS growth (peak, and held 1 s after), and the
   stream's largest inter-token gap (the stream runs in a process of its own), against the same
   stream alone. Refusal times of the flood include sending the bytes.
-Prints a table; timings are this machine's, with every process sharing its cores.
+Prints a table and writes `--out` (JSON); timings are this machine's, with every process
+sharing its cores.
 """
 
 from __future__ import annotations
@@ -24,24 +30,30 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import json
 import multiprocessing
 import statistics
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
-import grpc
 import psutil
 
+from bench.router_burst import (
+    BURST_ROUNDS,
+    burst,
+    burst_floor,
+    process_bursts,
+    raw_generate,
+    report,
+)
 from tests.procs import Service, free_ports, wait_serving
 from tools.client import RouterClient, generate_request
 
 MB = 1024 * 1024
 STREAM_TOKENS = 48
-BURST_ROUNDS = 5
 
 
 class RssSampler:
@@ -70,18 +82,6 @@ class RssSampler:
         self._thread.join()
 
 
-async def raw_generate(client: RouterClient, data: bytes, timeout: float = 60) -> tuple[str, float]:
-    """Send pre-serialized GenerateRequest bytes; (status name, seconds to the end)."""
-    call = client.channel.unary_stream("/cpumesh.v1.RouterService/Generate")
-    t0 = time.perf_counter()
-    try:
-        async for _ in call(data, timeout=timeout):
-            pass
-        return "OK", time.perf_counter() - t0
-    except grpc.aio.AioRpcError as e:
-        return e.code().name, time.perf_counter() - t0
-
-
 async def stream_gaps(client: RouterClient, started: object | None = None) -> list[float]:
     """A greedy stream's inter-token gaps (s); `started` (an Event) is set after 5 tokens."""
     arrivals: list[float] = []
@@ -101,72 +101,6 @@ def _stream_process(router: str, started: object, out: object) -> None:
             return await stream_gaps(client, started)
 
     out.put(asyncio.run(run()))  # type: ignore[attr-defined]
-
-
-async def burst(client: RouterClient, n: int, rounds: int = BURST_ROUNDS) -> dict[str, object]:
-    """`rounds` bursts of `n` concurrent requests (1 s apart); every refusal's latency, measured
-    from its call's start to its status at the client, pooled."""
-    async def one(i: int) -> tuple[str, float]:
-        return await raw_generate(client, generate_request(
-            f"Request {i}: say something.", max_new_tokens=8).SerializeToString())
-
-    results: list[tuple[str, float]] = []
-    for _ in range(rounds):
-        results += await asyncio.gather(*(one(i) for i in range(n)))
-        await asyncio.sleep(1.0)
-    refused = [t for code, t in results if code == "RESOURCE_EXHAUSTED"]
-    return {"sent": n * rounds, "refused": len(refused),
-            "completed": sum(c == "OK" for c, _ in results),
-            "other": sorted({c for c, _ in results} - {"OK", "RESOURCE_EXHAUSTED"}),
-            "refusal_ms": [1e3 * t for t in refused]}
-
-
-def _refusing_server(port: object) -> None:
-    """The floor for comparison: a bare grpc.aio server (a process of its own, no interceptors)
-    that refuses every Generate at once with RESOURCE_EXHAUSTED. Runs until terminated."""
-    async def refuse(data: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "waiting queue full")
-        yield b""
-
-    async def run() -> None:
-        server = grpc.aio.server()
-        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
-            "cpumesh.v1.RouterService",
-            {"Generate": grpc.unary_stream_rpc_method_handler(refuse)})])
-        port.value = server.add_insecure_port("127.0.0.1:0")  # type: ignore[attr-defined]
-        await server.start()
-        await server.wait_for_termination()
-
-    asyncio.run(run())
-
-
-async def burst_floor(n: int, rounds: int = BURST_ROUNDS) -> list[float]:
-    """Refusal latencies (ms) of the same bursts against `_refusing_server`."""
-    mp = multiprocessing.get_context("spawn")
-    port = mp.Value("i", 0)
-    server = mp.Process(target=_refusing_server, args=(port,), daemon=True)
-    server.start()
-    try:
-        deadline = time.monotonic() + 60
-        while port.value == 0:
-            if time.monotonic() > deadline or not server.is_alive():
-                raise RuntimeError("the refusing server did not start within 60 s")
-            await asyncio.sleep(0.05)
-        async with RouterClient(f"127.0.0.1:{port.value}") as client:
-            b = await burst(client, n, rounds)
-    finally:
-        server.terminate()
-        server.join(10)
-    floor = b["refusal_ms"]
-    assert isinstance(floor, list) and b["refused"] == n * rounds, b
-    return floor
-
-
-def percentiles(ms: list[float]) -> str:
-    if not ms:
-        return "no refusals"
-    q = statistics.quantiles(ms, n=100, method="inclusive") if len(ms) > 1 else ms * 99
-    return f"median {statistics.median(ms):.1f}, p99 {q[98]:.1f}, max {max(ms):.1f}"
 
 
 async def flood(client: RouterClient, http: str, sampler: RssSampler, kind: str, size: int
@@ -237,6 +171,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-waiting", type=int, default=8)
     p.add_argument("--big-mb", type=int, default=60)
     p.add_argument("--only-burst", action="store_true", help="measure the bursts alone")
+    p.add_argument("--client-procs", type=int, default=4,
+                   help="processes of the synchronous burst client")
+    p.add_argument("--out", type=Path, default=Path("bench/results/router_bounds.json"))
     args = p.parse_args(argv)
     model_dir = args.model_dir
     if model_dir is None:
@@ -261,20 +198,20 @@ def main(argv: list[str] | None = None) -> None:
         b, chat_ms, rows, alone = asyncio.run(measure(router, f"http://{http}", pid,
                                                       args.max_waiting, args.big_mb,
                                                       args.only_burst))
+        procs = process_bursts(router, f"http://{http}", 4 * args.max_waiting,
+                               args.client_procs)
     finally:
         for s in reversed(services):
             s.stop()
-    ms, floor = b["refusal_ms"], b["floor_ms"]
-    assert isinstance(ms, list) and isinstance(floor, list)
     print(f"\nrouter bounds (SmolLM2, tp 1; router defaults, --max-waiting {args.max_waiting}; "
           f"logs in {log_dir})\n")
-    print(f"{BURST_ROUNDS} bursts of {4 * args.max_waiting}: {b['refused']} of {b['sent']} "
-          f"refused RESOURCE_EXHAUSTED, {b['completed']} completed, other {b['other'] or 'none'}")
-    print(f"  refusal ms, router:               {percentiles(ms)}")
-    print(f"  refusal ms, bare grpc.aio server: {percentiles(floor)} (refuses every call at "
-          "once: gRPC's own floor in Python)")
-    if ms and floor:
-        print(f"  router / floor, median: {statistics.median(ms) / statistics.median(floor):.2f}")
+    print("\n".join(report(b, "one asyncio client")))
+    print("\n".join(report(procs, f"{args.client_procs} processes of sync clients")))
+    result: dict[str, object] = {"max_waiting": args.max_waiting, "rounds": BURST_ROUNDS,
+                                 "asyncio_client": b, "process_clients": procs}
+    if not args.only_burst:
+        result.update(chat_ms=chat_ms, floods=rows, stream_alone_max_gap_ms=1e3 * max(alone))
+    args.out.write_text(json.dumps(result, indent=1))
     if args.only_burst:
         return
     print(f"one 300 kB prompt at a time (x20): INVALID_ARGUMENT in {b['single_ms']:.1f} ms "
