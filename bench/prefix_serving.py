@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import random
 import statistics
 import tempfile
@@ -164,6 +165,7 @@ def run(model_dir: Path, tp: int, cores: int, users: int, duration_s: float, req
         conversations: int, dtype: str, answer: str = "sentence") -> dict[str, Any]:
     system = system_prompt(answer)
     out: dict[str, Any] = {"tp": tp, "users": users, "duration_s": duration_s, "dtype": dtype,
+                           "load_average_start": os.getloadavg()[0],
                            "answer": ANSWERS[answer]}
     with tempfile.TemporaryDirectory() as logs:
         for name, extra in (("before", BEFORE), ("after", AFTER)):
@@ -201,6 +203,54 @@ def report(r: dict[str, Any]) -> str:
                  + ("inf (none before met the objective)" if goodput is None
                     else f"{goodput:.2f}x"))
     return "\n".join(lines)
+
+
+def section(results: dict[str, dict[str, Any]]) -> list[str]:
+    """BENCHMARKS.md's section from bench/results/prefix_serving*.json (name -> result), the
+    default run's targets judged."""
+    out = ["## Serving capacity: KV pages on demand, preemption, prefix cache (issue 18)", "",
+           "`python -m bench.prefix_serving` (SmolLM2, tp 2 on 2 cores, KV 16384 tokens, context "
+           "1024): *before* is the router with `--kv-reservation full --default-max-new-tokens "
+           "1024` and shards with `--prefix-cache off` (the behaviour before issue 18), *after* "
+           "the defaults. 64 closed-loop users send chats with a shared ~300-token system prompt "
+           "and no max_new_tokens, greedy, for 45 s; goodput counts requests with TTFT <= 2 s and "
+           "mean inter-token latency <= 0.5 s. Multi-turn: the second turn of 6 chats against the "
+           "same messages under another conversation (same length, nothing cached), one at a time.",
+           "", "| results | dtype | run | ok / sent | errors | TTFT p50 / p90 s | tokens/s | "
+           "req/s | goodput req/s | preemptions | prefix hits | 2nd turn / cold TTFT |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        for run_name in ("before", "after"):
+            ld, mt, c = r[run_name]["load"], r[run_name]["multi_turn"], r[run_name]["load_router"]
+            out.append(
+                f"| {name} | {r['dtype']} | {run_name} | {ld['ok']} / {ld['requests']} | "
+                f"{ld['errors'] or 'none'} | {ld['ttft_s']['p50']:.2f} / "
+                f"{ld['ttft_s']['p90']:.2f} | "
+                f"{ld['tokens_per_s']:.1f} | {ld['requests_per_s']:.2f} | "
+                f"{ld['goodput_requests_per_s']:.2f} | {c['cpumesh_preemptions_total']:.0f} | "
+                f"{c['cpumesh_prefix_cache_hit_tokens_total']:.0f} / "
+                f"{c['cpumesh_prefix_cache_queried_tokens_total']:.0f} | "
+                f"{mt['second_ttft_p50_s']:.3f} / {mt['cold_ttft_p50_s']:.3f} s "
+                f"({mt['second_over_cold']:.2f}x) |")
+    r = results.get("prefix_serving") or next(iter(results.values()))
+    b, a = r["before"]["load"], r["after"]["load"]
+    goodput = r["goodput_after_over_before"]
+    errors = b["errors"] or a["errors"] or b["ok"] < b["requests"] or a["ok"] < a["requests"]
+    checks = [
+        (r["ttft_p50_after_over_before"] <= 0.3,
+         f"TTFT p50 after / before: {r['ttft_p50_after_over_before']:.2f}x (target <= 0.3)"),
+        (a["goodput_requests_per_s"] >= 2 * b["goodput_requests_per_s"] > 0
+         or (b["goodput_requests_per_s"] == 0 < a["goodput_requests_per_s"]),
+         "goodput after / before: " + (f"{goodput:.2f}x" if goodput is not None else
+                                       f"{a['goodput_requests_per_s']:.2f} req/s against none "
+                                       "before") + " (target >= 2x)"),
+        (not errors, f"errors: {'none' if not errors else 'some'} (target none)"),
+        (r["after"]["multi_turn"]["second_over_cold"] <= 0.3,
+         f"second-turn TTFT / first-turn (cold) TTFT at the same length: "
+         f"{r['after']['multi_turn']['second_over_cold']:.2f}x (target <= 0.3)")]
+    out += [""] + [f"- {'PASS' if ok else 'MISS'} {text}" for ok, text in checks]
+    return [*out, "", "Targets judged on the first row pair (`prefix_serving.json`); the other "
+                  "files are earlier runs with other settings (names say which).", ""]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -269,6 +269,12 @@ def write(results: Path, out_dir: Path, command: str) -> Path:
         from bench.router_burst import section as bounds_section
 
         lines += bounds_section(rb)
+    prefix = {p.stem: json.loads(p.read_text())
+              for p in sorted(results.glob("prefix_serving*.json"))}
+    if prefix := {name: r for name, r in prefix.items() if "answer" in r}:
+        from bench.prefix_serving import section as prefix_section
+
+        lines += prefix_section(prefix)
     text = "\n".join(lines)
     if out_dir != Path("."):
         text = text.replace("](bench/plots/", "](plots/")
