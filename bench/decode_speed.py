@@ -29,14 +29,18 @@ GGUF = {"float32": "F32", "bfloat16": "F16", "float16": "F16"}  # llama.cpp's pe
 
 
 def measure(m: BenchModel, gguf: dict[str, Path], threads: int, repeats: int,
-            full: bool) -> list[dict[str, Any]]:
+            full: bool, compile: str = "off") -> list[dict[str, Any]]:
+    """compile: "decode" runs cpumesh as a shard with --compile decode (its kernels chosen as
+    that shard chooses them, decode steps compiled; prefill eager)."""
     rows: list[dict[str, Any]] = []
 
     def point(kind: str, dtype: str, batch: int, prompt: int, tokens: int) -> None:
-        ours = run_system("cpumesh", m.model_dir, batch, prompt, tokens, threads, repeats, dtype)
+        ours = run_system("cpumesh", m.model_dir, batch, prompt, tokens, threads, repeats, dtype,
+                          compile)
         peer = run_peer(gguf[GGUF[dtype]], batch, prompt, tokens, threads, repeats)
         row = {"model": m.name, "kind": kind, "dtype": dtype, "peer": f"llama.cpp {GGUF[dtype]}",
-               "batch": batch, "prompt": prompt, "ours": ours, "llama.cpp": peer}
+               "batch": batch, "prompt": prompt, "compile": compile, "ours": ours,
+               "llama.cpp": peer}
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k not in ("ours", "llama.cpp")}
                          | {"ours_ms": med(ours, kind), "peer_ms": med(peer, kind)}), flush=True)
@@ -62,6 +66,7 @@ def report(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         ours, peer = med(r["ours"], r["kind"]), med(r["llama.cpp"], r["kind"])
         what = "decode ms/step" if r["kind"] == "decode" else f"prefill {r['prompt']} tokens"
+        what += " (--compile decode)" if r.get("compile", "off") != "off" else ""
         out.append(f"| {r['model']} | {what} | {r['dtype']} ({r['peer']}) | {r['batch']} | "
                    f"{r['prompt']} | {ours:.1f} | {peer:.1f} | {ours / peer:.2f} |")
     return "\n".join(out)
@@ -145,6 +150,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cache", type=Path, default=Path("build/bench-models"))
+    p.add_argument("--compile", default="off", choices=["off", "decode"],
+                   help="run cpumesh as a shard with this --compile")
+    p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
     if not BENCH_PYTHON.exists():
         raise SystemExit(f"llama.cpp's environment is missing ({BENCH_PYTHON}): make bench-env")
@@ -154,9 +162,9 @@ def main(argv: list[str] | None = None) -> None:
         m = smollm2() if name == "smollm2" else llama_1b(a.cache)
         gguf = {f: export_gguf(m.model_dir, a.cache / f"{m.name}-{f}.gguf", f)
                 for f in ("F32", "F16")}
-        rows += measure(m, gguf, a.threads, a.repeats, full=name == "smollm2")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"machine": cpu_name(), "threads": a.threads,
+        rows += measure(m, gguf, a.threads, a.repeats, name == "smollm2", a.compile)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps({"machine": cpu_name(), "threads": a.threads,
                                    "rows": rows}, indent=1))
     print(report(rows))
     print()

@@ -26,8 +26,8 @@ from bench.machine import BENCH_PYTHON
 
 
 def cpumesh(model_dir: Path, batch: int, prompt: int, tokens: int, repeats: int,
-            dtype: str = "float32", kernels: str = "auto", compile: str = "off",
-            granularity: str = "layer") -> dict[str, Any]:
+            dtype: str = "float32", kernels: str = "auto", compile: str = "off"
+            ) -> dict[str, Any]:
     import torch
 
     from model_formats.checkpoint import load_model_config
@@ -42,7 +42,8 @@ def cpumesh(model_dir: Path, batch: int, prompt: int, tokens: int, repeats: int,
 
     plan = plan_shard(config, 0, 1)
     weights = load_shard_weights(model_dir, config, plan, getattr(torch, dtype))
-    plan_k = choose_kernels(kernels, weights.embed.dtype, [x.gate_up for x in weights.layers])
+    plan_k = choose_kernels(kernels, weights.embed.dtype, [x.gate_up for x in weights.layers],
+                            packing=compile != "decode")  # as the shard chooses them
     model = ShardModel(config, plan, weights, SingleRank(), plan_k)
     del weights
     cache = model.new_cache(batch * (prompt + tokens + 16))
@@ -50,7 +51,7 @@ def cpumesh(model_dir: Path, batch: int, prompt: int, tokens: int, repeats: int,
     if compile == "decode":
         from shard_svc.compiled_step import CompiledDecode
 
-        compiled = CompiledDecode(model, granularity)
+        compiled = CompiledDecode(model, buckets=(batch,))  # only the bucket measured
         warm_s = compiled.warm_up(cache)
     engine = ShardEngine(model, cache, max_context=prompt + tokens + 16, compiled=compiled)
     ids = tuple(range(100, 100 + prompt))
@@ -72,7 +73,7 @@ def cpumesh(model_dir: Path, batch: int, prompt: int, tokens: int, repeats: int,
             prefill_ms.append(t_prefill * 1e3)
             decode_ms.append(statistics.median(steps) * 1e3)
     return {"prefill_ms": prefill_ms, "decode_step_ms": decode_ms,
-            "kernels": plan_k.describe(), "compile": compile, "granularity": granularity,
+            "kernels": plan_k.describe(), "compile": compile,
             "warm_up_s": warm_s, "graphs": compiled.graphs if compiled else 0}
 
 
@@ -109,11 +110,13 @@ def transformers(model_dir: Path, batch: int, prompt: int, tokens: int,
 
 
 def run_system(system: str, model_dir: Path, batch: int, prompt: int, tokens: int,
-               threads: int, repeats: int, dtype: str = "float32") -> dict[str, Any]:
+               threads: int, repeats: int, dtype: str = "float32",
+               compile: str = "off") -> dict[str, Any]:
     """One measurement in a fresh process (clean memory and thread settings)."""
     cmd = [sys.executable, "-m", "bench.model_level", "--system", system, "--model-dir",
            str(model_dir), "--batch", str(batch), "--prompt", str(prompt), "--tokens",
            str(tokens), "--threads", str(threads), "--repeats", str(repeats), "--dtype", dtype]
+    cmd += ["--compile", compile] if compile != "off" else []
     return _json_of(cmd)
 
 
@@ -148,15 +151,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kernels", default="auto", help="cpumesh only: shard_svc.kernels library")
     p.add_argument("--compile", default="off", choices=["off", "decode"],
                    help="cpumesh only: decode steps compiled (shard_svc.compiled_step)")
-    p.add_argument("--granularity", default="layer", choices=["layer", "step"],
-                   help="cpumesh --compile decode: a graph per layer or one per step")
     a = p.parse_args(argv)
     import torch
 
     torch.set_num_threads(a.threads)
     if a.system == "cpumesh":
         result = cpumesh(a.model_dir, a.batch, a.prompt, a.tokens, a.repeats, a.dtype, a.kernels,
-                         a.compile, a.granularity)
+                         a.compile)
     else:
         result = transformers(a.model_dir, a.batch, a.prompt, a.tokens, a.repeats, a.dtype)
     print(json.dumps(result))

@@ -53,9 +53,11 @@ def cli_arguments(p: argparse.ArgumentParser) -> None:
                    "default: %(default)s")
     p.add_argument("--max-context", type=int, help="default: the model's context length")
     p.add_argument("--compile", default="off", choices=COMPILE,
-                   help="decode: decode steps of up to 8 sequences run as torch.compile graphs, "
-                   "compiled for 1, 2, 4 and 8 rows at start (float weights and KV cache; "
-                   "prefill stays eager); default: %(default)s")
+                   help="decode: decode steps of up to 8 sequences run as torch.compile graphs "
+                   "with the weights frozen into them, compiled for 1 and 8 rows before the "
+                   "shard serves (float weights and KV cache; prefill stays eager, on plain "
+                   "kernels; each graph holds one more copy of the weights); "
+                   "default: %(default)s")
     p.add_argument("--mesh-name", default="cpumesh")
     p.add_argument("--mesh-listen",
                    help="bind the mesh here (host:port; default: our --peers entry)")

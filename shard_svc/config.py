@@ -71,6 +71,9 @@ class ShardConfig:
             raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {self.kv_dtype!r}")
         if self.compile not in COMPILE:
             raise ValueError(f"compile must be one of {COMPILE}, got {self.compile!r}")
+        if self.compile == "decode" and self.kernels == "packed":
+            raise ValueError("compile decode freezes plain weights into its graphs: kernels "
+                             "'packed' cannot go with it (use auto, aten or onednn)")
         if self.kv_page_size < 1:
             raise ValueError(f"kv_page_size must be >= 1, got {self.kv_page_size}")
         if self.max_context is not None and self.max_context < 1:

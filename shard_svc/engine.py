@@ -67,8 +67,8 @@ class ShardEngine:
             t0, ar0 = time.perf_counter(), self.model.comm.elapsed_s
             batch = make_batch([(w.seq_id, w.token_ids) for w in work], self.cache)
             try:
-                hidden = self._forward(batch)  # [B, H]
-                results = self._top_k(hidden, work, batch.reservation.cached)
+                logits = self._logits(batch)  # [B, V]: this rank's vocabulary slice
+                results = self._top_k(logits, work, batch.reservation.cached)
             except MeshError as e:
                 batch.reservation.undo()
                 raise Unavailable(f"step {step_id} failed: {e}") from e
@@ -81,12 +81,12 @@ class ShardEngine:
             allreduce = self.model.comm.elapsed_s - ar0
             return StepOutput(step_id, results, total - allreduce, allreduce)
 
-    def _forward(self, batch: Batch) -> torch.Tensor:
+    def _logits(self, batch: Batch) -> torch.Tensor:
         if self.compiled is not None and self.compiled.accepts(batch, self.cache):
-            hidden = self.compiled.forward(batch, self.cache)
-            if hidden is not None:
-                return hidden
-        return self.model.forward(batch, self.cache)
+            logits = self.compiled.logits(batch, self.cache)
+            if logits is not None:
+                return logits
+        return self.model.local_logits(self.model.forward(batch, self.cache))
 
     def release(self, seq_ids: Sequence[int]) -> int:
         """Free sequences (unknown ids are ignored); return the tokens freed."""
@@ -99,11 +99,11 @@ class ShardEngine:
             if next_step_id is not None:
                 self.next_step_id = next_step_id
 
-    def _top_k(self, hidden: torch.Tensor, work: Sequence[SeqWork],
+    def _top_k(self, logits: torch.Tensor, work: Sequence[SeqWork],
                cached: Sequence[int]) -> tuple[SeqTopK, ...]:
         k = max(w.top_k for w in work)
         temperature = torch.tensor([w.temperature or 1.0 for w in work])
-        values, ids, lse, lse_t = self.model.top_k(hidden, k, temperature)
+        values, ids, lse, lse_t = self.model.top_k(logits, k, temperature)
         return tuple(
             SeqTopK(w.seq_id, tuple(values[i, :w.top_k].tolist()),
                     tuple(ids[i, :w.top_k].tolist()), float(lse[i]), float(lse_t[i]), cached[i])

@@ -157,9 +157,11 @@ def check_library(library: str, dtype: torch.dtype) -> None:
                               "or onednn")
 
 
-def choose_kernels(library: str, dtype: torch.dtype, weights: Sequence[Matrix]) -> KernelPlan:
+def choose_kernels(library: str, dtype: torch.dtype, weights: Sequence[Matrix],
+                   packing: bool = True) -> KernelPlan:
     """The plan for `library`; "auto" times the libraries on `weights` ([out, in] matrices
-    of the model, in `dtype`, together larger than the CPU's caches)."""
+    of the model, in `dtype`, together larger than the CPU's caches), packed weights among
+    them unless `packing` is False (a compiled decode step freezes the plain weights)."""
     if library == "ipex":  # IPEX wraps the plain plan (ipex_backend.with_ipex): time that
         library = "auto"
     if any(isinstance(w, (Int8Weight, Int4Weight)) for w in weights):
@@ -169,7 +171,7 @@ def choose_kernels(library: str, dtype: torch.dtype, weights: Sequence[Matrix]) 
         return KernelPlan(dtype, (library,) * len(BUCKETS))
     probe = _prefix([w for w in weights if isinstance(w, torch.Tensor)], PROBE_BYTES)
     candidates: dict[str, Sequence[torch.Tensor]] = {"aten": probe, "onednn": probe}
-    if dtype != torch.float32 and packs(dtype):  # see PACKED_MARGIN
+    if packing and dtype != torch.float32 and packs(dtype):  # see PACKED_MARGIN
         candidates["packed"] = [pack(w) for w in probe]
     timings = {lib: tuple(_time(lib, ws, n) for n in PROBE_TOKENS)
                for lib, ws in candidates.items()}

@@ -213,14 +213,13 @@ class ShardModel:
         """Logits of this rank's vocabulary slice, float32 [B, V]. They never leave the shard."""
         return self.kernels.linear(hidden, self.w.lm_head).float()
 
-    def top_k(self, hidden: torch.Tensor, k: int, temperature: torch.Tensor
+    def top_k(self, logits: torch.Tensor, k: int, temperature: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per sequence: the k best (logit, global token id) of the slice and its log-sum-exp,
-        plain and of logits / temperature (float32 [B], > 0).
+        """Per sequence: the k best (logit, global token id) of this rank's logits [B, V] and
+        their log-sum-exp, plain and of logits / temperature (float32 [B], > 0).
 
         Returns values float32 [B, k], ids int64 [B, k], lse and lse_t float32 [B].
         """
-        logits = self.local_logits(hidden)  # [B, V]
         k = min(k, logits.shape[-1])
         values, index = torch.topk(logits, k, dim=-1)
         lse = torch.logsumexp(logits, dim=-1)

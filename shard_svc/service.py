@@ -112,7 +112,7 @@ class ShardProcess:
         t1 = time.monotonic()
         plain = await loop.run_in_executor(
             servicer.executor, choose_kernels, cfg.kernels, weights.embed.dtype,
-            [layer.gate_up for layer in weights.layers])
+            [layer.gate_up for layer in weights.layers], cfg.compile != "decode")
         # IPEX around them, or not: one log line says which backend, and why not IPEX
         kernels = await loop.run_in_executor(servicer.executor, with_ipex, cfg.kernels, plain)
         log.info("kernels chosen in %.1f s; forming the mesh; %s", time.monotonic() - t1,

@@ -10,7 +10,7 @@ PROMPTS = ([5, 17, 42, 7, 99, 250, 3], [11], [(7 * i) % 300 for i in range(70)])
 STEPS = 5
 
 
-def side_by_side(model_dir: Any, comm: Any, dtype: str, granularity: str,
+def side_by_side(model_dir: Any, comm: Any, dtype: str,
                  buckets: tuple[int, ...]) -> dict[str, Any]:
     """Decode 1 sequence, then 3 together (padded to a bucket of 4 rows; one history over 64
     tokens), feeding both engines the same tokens; return each step's top-5 (values, ids) of
@@ -20,16 +20,19 @@ def side_by_side(model_dir: Any, comm: Any, dtype: str, granularity: str,
     from model_formats.checkpoint import load_model_config
     from shard_svc.compiled_step import CompiledDecode
     from shard_svc.engine import SeqWork, ShardEngine
+    from shard_svc.kernels import choose_kernels
     from shard_svc.model import ShardModel
     from shard_svc.sharding import plan_shard
     from shard_svc.weights import load_shard_weights
 
     config = load_model_config(model_dir)
     plan = plan_shard(config, comm.tp_rank, comm.tp_size)
-    model = ShardModel(config, plan, load_shard_weights(model_dir, config, plan,
-                                                        getattr(torch, dtype)), comm)
+    weights = load_shard_weights(model_dir, config, plan, getattr(torch, dtype))
+    kernels = choose_kernels("auto", weights.embed.dtype, [w.gate_up for w in weights.layers],
+                             packing=False)  # as a shard with --compile decode chooses them
+    model = ShardModel(config, plan, weights, comm, kernels)
     eager = ShardEngine(model, model.new_cache(1024, page_size=4))
-    compiled = CompiledDecode(model, granularity, buckets=buckets)
+    compiled = CompiledDecode(model, buckets=buckets)
     cache = model.new_cache(1024, page_size=4)
     compiled.warm_up(cache)
     warm_graphs = compiled.graphs
@@ -60,4 +63,4 @@ def rank_side_by_side(report: Callable[..., None], tp_rank: int, mesh_ports: lis
 
     torch.set_num_threads(1)
     with MeshGroup(mesh_config(tp_rank, mesh_ports, recv_timeout_s=300.0)) as mesh:
-        report("done", {d: side_by_side(model_dir, mesh, d, "layer", (4,)) for d in dtypes})
+        report("done", {d: side_by_side(model_dir, mesh, d, (4,)) for d in dtypes})
