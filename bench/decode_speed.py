@@ -132,7 +132,9 @@ def cpu_name() -> str:
 
 def section(result: dict[str, Any]) -> list[str]:
     """The BENCHMARKS.md section for bench/results/decode_speed.json."""
-    return ["## Decode speed by precision (the decode-speed issue)", "",
+    compiled = any(r.get("compile", "off") == "decode" for r in result["rows"])
+    return ["## Decode speed " + ("with --compile decode (the decode-speed issue)" if compiled
+                                  else "by precision (the decode-speed issue)"), "",
             f"Machine: {result['machine']}, {result['threads']} threads for every system. "
             "cpumesh tp 1 with the kernels its shard chose at start (float32 / bfloat16 / "
             "float16 weights, activations and KV cache) against llama.cpp on GGUF files exported "
@@ -140,8 +142,11 @@ def section(result: dict[str, Any]) -> list[str]:
             "fresh process, medians of 3 repeats; *ratio* < 1: cpumesh faster. Decode steps are "
             "measured after a prompt of *context* tokens.", "", report(result["rows"]), "",
             targets(result["rows"]), "",
-            "Command: `python -m bench.decode_speed --models smollm2 llama1b` "
-            "(llama.cpp from `make bench-env`)", ""]
+            "Command: `python -m bench.decode_speed --models "
+            + " ".join(n for n, prefix in (("smollm2", "smollm2"), ("llama1b", "llama-1b"))
+                       if any(r["model"].startswith(prefix) for r in result["rows"]))
+            + (" --compile decode --out bench/results/decode_speed_compiled.json" if compiled
+               else "") + "` (llama.cpp from `make bench-env`)", ""]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -257,6 +257,10 @@ def write(results: Path, out_dir: Path, command: str) -> Path:
         from bench.decode_speed import section
 
         lines += section(ds)
+    if dsc := _load(results, "decode_speed_compiled"):
+        from bench.decode_speed import section
+
+        lines += section(dsc)
     if qs := _load(results, "quantized_speed"):
         from bench.quantized_speed import section as quantized_section
 
