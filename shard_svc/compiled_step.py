@@ -218,6 +218,9 @@ def compile_decode(model: ShardModel, cache: KVCache) -> CompiledDecode | None:
         log.warning("--compile decode: %s; every step eager", why)
         return None
     compiled = CompiledDecode(model)
+    log.info("compiling decode steps of %s rows (a graph each, about a minute each on 2 "
+             "cores; less when inductor's cache holds them)",
+             " and ".join(map(str, compiled.buckets)))
     seconds = compiled.warm_up(cache)
     log.info("compiled decode: buckets %s rows, %d graphs, warm in %.1f s", compiled.buckets,
              compiled.graphs, seconds)

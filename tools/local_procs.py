@@ -32,6 +32,10 @@ PHASES = [
     (re.compile(r"weights loaded in ([\d.]+ s)"), r"weights loaded in \1; choosing kernels"),
     (re.compile(r"kernels chosen in ([\d.]+ s)"), r"kernels chosen in \1; joining the mesh"),
     (re.compile(r"warmed up in ([\d.]+ s)"), r"mesh formed; warmed up in \1"),
+    (re.compile(r"compiling decode steps of ([\d ,and]+) rows"),
+     r"compiling decode steps of \1 rows (about a minute each)"),
+    (re.compile(r"compiled decode: (\d+) rows warm in ([\d.]+ s)"),
+     r"compiled the \1-row decode step in \2"),
     (re.compile(r"router on port"), "connecting to the tokenizer and shards"),
 ]
 SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -1,7 +1,8 @@
 """The shard process with `--compile decode`: `python -m shard_svc` compiles its decode buckets
-before it says SERVING, logs how long, chooses plain kernels (the weights are frozen into the
-graphs), decodes transformers' greedy tokens over gRPC, and never falls back to an eager decode
-step or compiles while serving. `--compile decode --kernels packed` is refused at start."""
+before it says SERVING, logs how long (which `cpumesh local` shows), chooses plain kernels (the
+weights are frozen into the graphs), decodes transformers' greedy tokens over gRPC, and never
+falls back to an eager decode step or compiles while serving. `--compile decode --kernels
+packed` is refused at start."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from services.pb.cpumesh.v1 import shard_pb2_grpc
 from tests.checkpoints import tiny_checkpoint
 from tests.procs import free_ports, running, wait_serving
 from tests.service.test_kv_int8_service import PROMPT, STEPS, shard, teacher_forced
+from tools.local_procs import PHASES
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,6 +45,10 @@ def test_compiled_shard_decodes_greedy_tokens(tmp_path: Path) -> None:
     kernels = next(line for line in log.splitlines() if "kernels for float32" in line)
     assert "packed" not in kernels.split("(")[0], kernels
     assert "would recompile" not in log and "every step eager" not in log
+    # what `cpumesh local` shows while the shard compiles (the last phase its log names)
+    shown = [m.expand(text) for pattern, text in PHASES for m in pattern.finditer(log)]
+    assert "compiling decode steps of 1 and 8 rows (about a minute each)" in shown
+    assert re.fullmatch(r"compiled the 8-row decode step in [\d.]+ s", shown[-1]), shown
 
 
 def test_compile_with_packed_kernels_refused(tmp_path: Path) -> None:
