@@ -31,6 +31,11 @@ class ConnectionLost(MeshError):
     down to re-form (its ABORT, sent on ZeroMQ first, may arrive after the close is seen)."""
 
 
+class Reforming(ConnectionLost):
+    """A peer sent the HELLO of a new mesh: it restarted, or it saw this mesh break, sent ABORT
+    (naming the rank that failed) and re-formed at once; its HELLO can overtake its ABORT."""
+
+
 class Communicator(Protocol):
     """Sum-allreduce among the ranks of one tensor-parallel group."""
 

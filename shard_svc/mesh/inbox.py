@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from shard_svc.mesh.communicator import Aborted, ConnectionLost, MeshError
+from shard_svc.mesh.communicator import Aborted, ConnectionLost, MeshError, Reforming
 from shard_svc.mesh.handshake import Formation
 from shard_svc.mesh.hello import parse_hello, refusal, settings
 from shard_svc.mesh.links import Links, PeerEvent
@@ -53,8 +53,8 @@ class Inbox:
         """Raise if a peer we still need a message from is gone (others are remembered: the
         rank that needs them fails and sends ABORT)."""
         for peer in needed:
-            if peer in self.gone:
-                raise MeshError(f"rank {self.me}: rank {peer} {self.gone[peer]}", peer)
+            if peer in self.gone:  # it died, or closed this mesh to re-form (see `explain`)
+                raise ConnectionLost(f"rank {self.me}: rank {peer} {self.gone[peer]}", peer)
 
     def take(self, seq: int, senders: Sequence[int], step: int, nbytes: int,
              expect: tuple[int, int, int], dest: torch.Tensor | None = None
@@ -146,11 +146,12 @@ class Inbox:
         self.check(needed)
 
     def explain(self, lost: ConnectionLost, grace_s: float) -> MeshError:
-        """Why a peer's data connection closed: the ABORT that came with it (naming the rank
-        that really failed), if one arrives within `grace_s`, else `lost` (the peer died). A
-        rank that aborts sends ABORT on ZeroMQ and closes its data connections when it re-forms;
-        the close can be seen first. Other news meanwhile (its HELLO for the next formation) is
-        read and passed over: the ABORT is what names the culprit."""
+        """Why a peer's connection closed (or it began a new mesh): the ABORT that came with it
+        (naming the rank that really failed), if one arrives within `grace_s`, else `lost` (the
+        peer died or restarted). A rank that aborts sends ABORT on ZeroMQ, then re-forms: it
+        closes its connections and sends the new mesh's HELLO, and either can be seen first.
+        Other news meanwhile (more HELLOs, peers lost) is read and passed over: the ABORT is
+        what names the culprit."""
         deadline = time.monotonic() + grace_s
         while True:
             try:
@@ -161,8 +162,13 @@ class Inbox:
                 pass  # e.g. its new formation's HELLO: keep reading
             left = deadline - time.monotonic()
             if left <= 0:
-                return lost
+                break
             self._events(self.links.wait(left))
+        # no ABORT: a peer that began a new mesh while another is gone re-formed because of it
+        other = next((p for p in self.gone if p != lost.peer), None)
+        if isinstance(lost, Reforming) and other is not None:
+            return ConnectionLost(f"rank {self.me}: rank {other} {self.gone[other]}", other)
+        return lost
 
     def farewell(self, timeout_s: float) -> None:
         """After our BYE: wait (bounded) until every peer said BYE or is lost. A peer sends BYE
@@ -221,7 +227,7 @@ class Inbox:
                 refusal(self.links.config, self.settings, h, body, user, self.keys) is not None:
             self.strangers += 1
             return
-        raise MeshError(f"rank {self.me}: rank {h.rank} is forming a new mesh", h.rank)
+        raise Reforming(f"rank {self.me}: rank {h.rank} is forming a new mesh", h.rank)
 
     def buffer(self, nbytes: int) -> torch.Tensor:
         free = self.pool.get(nbytes)

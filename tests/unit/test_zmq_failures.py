@@ -42,11 +42,14 @@ def test_killed_rank_is_named_within_2s_and_the_mesh_reforms(transport: str) -> 
 
 
 @pytest.mark.timeout(90)
-def test_the_abort_names_the_culprit_though_the_aborting_rank_closes_at_once() -> None:
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_the_abort_names_the_culprit_though_the_aborting_rank_closes_at_once(
+        transport: str) -> None:
     """Rank 1 aborts a collective (naming rank 2) and re-forms at once, closing its data
-    connections: rank 0, waiting for rank 1's data, names rank 2 (from the ABORT, which must
-    still leave and be awaited), not rank 1 (whose connection closed first)."""
-    mesh_ports, overrides = ports(3), {"transport": "tcp"}
+    connections and sending the new mesh's HELLO: rank 0, waiting for rank 1's data, names
+    rank 2 (from the ABORT, which must still leave and be awaited), not rank 1 (whose
+    connection closed, or whose new HELLO came, first)."""
+    mesh_ports, overrides = ports(3), {"transport": transport}
     with ranks() as r:
         for rank in (0, 2):
             r.start(f"rank{rank}", rank_loop, rank, mesh_ports, overrides, 1)
