@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import shlex
 import subprocess
 import tempfile
 import time
@@ -28,7 +29,8 @@ from tools.loadtest import LoadConfig, run_load
 
 @contextlib.contextmanager
 def cpumesh_cluster(model_dir: Path, tp: int, cores: int, log_dir: Path,
-                    max_context: int = 1024, dtype: str = "float32") -> Iterator[str]:
+                    max_context: int = 1024, dtype: str = "float32",
+                    shard_args: tuple[str, ...] = ()) -> Iterator[str]:
     """Tokenizer, `tp` shards (cores // tp threads each) and a router; yields grpc://router."""
     ports = free_ports(2 + 2 * tp)
     tok, router = (f"127.0.0.1:{p}" for p in ports[:2])
@@ -40,14 +42,15 @@ def cpumesh_cluster(model_dir: Path, tp: int, cores: int, log_dir: Path,
         "-m", "shard_svc", "--model-dir", str(model_dir), "--tp-size", str(tp), "--tp-rank",
         str(r), "--peers", peers, "--listen", a, "--threads", str(max(1, cores // tp)),
         "--kv-capacity-tokens", "16384", "--max-context", str(max_context),
-        "--mesh-timeout", "120", "--dtype", dtype], log_dir) for r, a in enumerate(shards)]
+        "--mesh-timeout", "120", "--dtype", dtype, *shard_args], log_dir)
+        for r, a in enumerate(shards)]
     services.append(Service("router", ["-m", "router_svc", "--tokenizer", tok, "--shards",
                                        ",".join(shards), "--listen", router,
                                        "--max-running", "64", "--max-waiting", "256"], log_dir))
     try:
         for s in services:
             s.start()
-        wait_serving(router, services[-1], deadline_s=300)
+        wait_serving(router, services[-1], deadline_s=900)  # compiled shards take minutes
         yield f"grpc://{router}"
     finally:
         for s in reversed(services):
@@ -101,18 +104,21 @@ def sweep(target: str, users: list[int], requests: int, duration_s: float, promp
 def run(model_dir: Path, gguf: Path | None, cores: int, users: list[int], requests: int,
         duration_s: float, prompt: str = "16:64", output: str = "16:48",
         tps: tuple[int, ...] = (1, 2), slo_ttft_s: float = 2.0,
-        slo_itl_s: float = 0.5, dtype: str = "float32") -> dict[str, Any]:
+        slo_itl_s: float = 0.5, dtype: str = "float32",
+        shard_args: tuple[str, ...] = ()) -> dict[str, Any]:
     systems: dict[str, Any] = {}
     args = (users, requests, duration_s, prompt, output, slo_ttft_s, slo_itl_s)
     with tempfile.TemporaryDirectory() as logs:
         for tp in tps:
-            with cpumesh_cluster(model_dir, tp, cores, Path(logs), dtype=dtype) as target:
+            with cpumesh_cluster(model_dir, tp, cores, Path(logs), dtype=dtype,
+                                 shard_args=shard_args) as target:
                 systems[f"cpumesh tp {tp}"] = sweep(target, *args)
         if gguf is not None:
             with llama_server(gguf, cores, Path(logs)) as target:
                 systems[f"llama-cpp-python server ({gguf.name.split('.')[-2]})"] = sweep(
                     target, *args)
-    return {"dtype": dtype, "prompt_tokens": prompt, "output_tokens": output,
+    return {"dtype": dtype, "shard_args": list(shard_args), "prompt_tokens": prompt,
+            "output_tokens": output,
             "duration_s": duration_s,
             "requests": requests, "slo_ttft_s": slo_ttft_s, "slo_itl_s": slo_itl_s,
             "systems": systems}
@@ -128,6 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--duration", type=float, default=60.0)
     p.add_argument("--tp", default="1,2", help="tensor-parallel sizes of cpumesh")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--shard-args", default="", metavar="FLAGS",
+                   help="more flags for every shard: --shard-args='--compile decode'")
     p.add_argument("--out", type=Path, default=Path("bench/results/serving.json"))
     a = p.parse_args(argv)
     if a.model_dir is None:
@@ -135,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
         a.model_dir = default_model_dir()
     result = run(a.model_dir, a.gguf, a.cores, [int(u) for u in a.users.split(",")],
                  a.requests, a.duration, tps=tuple(int(t) for t in a.tp.split(",")),
-                 dtype=a.dtype)
+                 dtype=a.dtype, shard_args=tuple(shlex.split(a.shard_args)))
     a.out.write_text(json.dumps(result, indent=2))
 
 

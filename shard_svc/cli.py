@@ -53,11 +53,16 @@ def cli_arguments(p: argparse.ArgumentParser) -> None:
                    "default: %(default)s")
     p.add_argument("--max-context", type=int, help="default: the model's context length")
     p.add_argument("--compile", default="off", choices=COMPILE,
-                   help="decode: decode steps of up to 8 sequences run as torch.compile graphs "
-                   "with the weights frozen into them, compiled for 1 and 8 rows before the "
+                   help="decode: decode steps run as torch.compile graphs with the weights "
+                   "frozen into them, one per --compile-rows batch size, compiled before the "
                    "shard serves (float weights and KV cache; prefill stays eager, on plain "
                    "kernels; each graph holds one more copy of the weights); "
                    "default: %(default)s")
+    p.add_argument("--compile-rows", type=rows_list, default=(1, 8), metavar="N,N,...",
+                   help="with --compile decode: the batch sizes compiled (a step of more "
+                   "sequences than the largest runs eager; fewer are padded up to the next); "
+                   "each is a graph, a minute or so to compile and one more copy of the "
+                   "weights; default: 1,8")
     p.add_argument("--mesh-name", default="cpumesh")
     p.add_argument("--mesh-listen",
                    help="bind the mesh here (host:port; default: our --peers entry)")
@@ -83,6 +88,14 @@ def available_cpus() -> int:
     return len(os.sched_getaffinity(0))
 
 
+def rows_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas: {text!r}") \
+            from None
+
+
 def build_config(args: argparse.Namespace) -> ShardConfig:
     model_dir = args.model_dir
     if model_dir is None:
@@ -102,6 +115,7 @@ def build_config(args: argparse.Namespace) -> ShardConfig:
         kv_cache_mb=args.kv_cache_mb, kv_dtype=args.kv_dtype, kv_page_size=args.kv_page_size,
         prefix_cache=args.prefix_cache == "on", max_context=args.max_context,
         compile=getattr(args, "compile", "off"),
+        compile_rows=tuple(sorted(set(getattr(args, "compile_rows", (1, 8))))),
         mesh_name=args.mesh_name, mesh_listen=args.mesh_listen,
         mesh_transport=args.mesh_transport, mesh_stream_port=args.mesh_stream_port,
         mesh_timeout_s=args.mesh_timeout,

@@ -4,14 +4,14 @@ the graph (shard_svc/frozen_step.py) and `max-autotune`: inductor packs each mat
 its own C++ GEMM kernels (AMX / AVX-512 micro-kernels where the CPU has them), and fuses the
 element-wise work around them, so a step is a few fused kernels per layer and no Python.
 
-Shapes are static except one: a decode step of B <= 8 sequences is padded to the next bucket
-(1 and 8 rows by default; padding rows repeat row 0, and write row 0's K and V into row 0's
-slot again), and every sequence's history is read from the paged cache through a gather index
-[B, L] passed as an input (L: the longest history, rounded up to a multiple of `CONTEXT_ALIGN`;
-shorter histories padded with their own first slot and masked with -inf). L is the one dynamic
-dimension (`mark_dynamic`), so the graph of one batch bucket serves every context length. Each
-layer's K and V cache is its own input, written in place. The mesh's all-reduce is an opaque
-custom op (`cpumesh::all_reduce`), so the graph is not broken by it.
+Shapes are static except one: a decode step of B sequences is padded to the next bucket
+(`--compile-rows`, 1 and 8 by default; padding rows repeat row 0, and write row 0's K and V into
+row 0's slot again), and every sequence's history is read from the paged cache through a gather
+index [B, L] passed as an input (L: the longest history, rounded up to a multiple of
+`CONTEXT_ALIGN`; shorter histories padded with their own first slot and masked with -inf). L is
+the one dynamic dimension (`mark_dynamic`), so the graph of one batch bucket serves every
+context length. Each layer's K and V cache is its own input, written in place. The mesh's
+all-reduce is an opaque custom op (`cpumesh::all_reduce`), so the graph is not broken by it.
 
 Freezing needs plain weights: the shard then chooses among plain kernels for its eager steps
 (prefill), never oneDNN-packed ones. Inductor's packed constants are its own: each compiled
@@ -209,7 +209,8 @@ def not_compilable(model: ShardModel) -> str | None:
     return None
 
 
-def compile_decode(model: ShardModel, cache: KVCache) -> CompiledDecode | None:
+def compile_decode(model: ShardModel, cache: KVCache,
+                   buckets: tuple[int, ...] = BATCH_BUCKETS) -> CompiledDecode | None:
     """`--compile decode` at shard start: compile and warm every bucket, logged; None (eager,
     logged) when this model or cache cannot run compiled."""
     why = not_compilable(model) or (None if isinstance(cache.store, FloatKV)
@@ -217,10 +218,11 @@ def compile_decode(model: ShardModel, cache: KVCache) -> CompiledDecode | None:
     if why:
         log.warning("--compile decode: %s; every step eager", why)
         return None
-    compiled = CompiledDecode(model)
+    compiled = CompiledDecode(model, buckets=buckets)
     log.info("compiling decode steps of %s rows (a graph each, about a minute each on 2 "
              "cores; less when inductor's cache holds them)",
-             " and ".join(map(str, compiled.buckets)))
+             " and ".join(filter(None, (", ".join(map(str, compiled.buckets[:-1])),
+                                        str(compiled.buckets[-1])))))
     seconds = compiled.warm_up(cache)
     log.info("compiled decode: buckets %s rows, %d graphs, warm in %.1f s", compiled.buckets,
              compiled.graphs, seconds)

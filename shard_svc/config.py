@@ -10,7 +10,7 @@ from shard_svc.mesh.config import MeshConfig
 DTYPES = ("float32", "bfloat16", "float16", "int8", "int4")  # int8/int4: weight-only
 KERNELS = ("auto", "aten", "onednn", "packed", "ipex")
 KV_DTYPES = ("auto", "int8")  # auto: the activations' dtype; int8: a scale per token and head
-COMPILE = ("off", "decode")  # decode: decode steps of <= 8 sequences compiled (compiled_step.py)
+COMPILE = ("off", "decode")  # decode: decode steps compiled (compiled_step.py)
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class ShardConfig:
     prefix_cache: bool = True  # reuse the KV pages of identical full blocks of prompts
     max_context: int | None = None  # default: the model's max_position_embeddings
     compile: str = "off"
+    compile_rows: tuple[int, ...] = (1, 8)  # the batch buckets compiled (steps padded up to one)
     mesh_name: str = "cpumesh"
     mesh_listen: str | None = None  # bind the mesh here; default: our peers entry
     mesh_transport: str = "auto"  # see MeshConfig.transport
@@ -71,6 +72,8 @@ class ShardConfig:
             raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {self.kv_dtype!r}")
         if self.compile not in COMPILE:
             raise ValueError(f"compile must be one of {COMPILE}, got {self.compile!r}")
+        if not self.compile_rows or any(not 1 <= r <= 256 for r in self.compile_rows):
+            raise ValueError(f"compile_rows must be 1 to 256 rows each, got {self.compile_rows}")
         if self.compile == "decode" and self.kernels == "packed":
             raise ValueError("compile decode freezes plain weights into its graphs: kernels "
                              "'packed' cannot go with it (use auto, aten or onednn)")

@@ -135,7 +135,8 @@ class ShardProcess:
         log.info("mesh formed; weights prepared and warmed up in %.1f s", time.monotonic() - t1)
         compiled = None
         if cfg.compile == "decode":  # every bucket compiled now, never while serving
-            compiled = await loop.run_in_executor(servicer.executor, compile_decode, model, cache)
+            compiled = await loop.run_in_executor(servicer.executor, compile_decode, model, cache,
+                                                  cfg.compile_rows)
         engine = ShardEngine(model, cache, cfg.max_context, compiled)
         servicer.engine = engine
         await self.server.set_serving(True)

@@ -72,3 +72,24 @@ def test_compile_flag() -> None:
         ShardConfig(Path("m"), 0, 1, ("127.0.0.1:1",), compile="all")
     with pytest.raises(ValueError, match="packed"):
         ShardConfig(Path("m"), 0, 1, ("127.0.0.1:1",), compile="decode", kernels="packed")
+
+
+def test_compile_rows_through_cpumesh_shard(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from services.cli import build_parser, main, subcommand
+    from shard_svc.cli import build_config
+
+    def config(*flags: str) -> ShardConfig:
+        args = build_parser(subcommand("shard"), "shard").parse_args(
+            ["shard", "--model-dir", str(tmp_path), *flags])
+        args.environ = {}
+        return build_config(args)
+
+    assert config().compile_rows == (1, 8)
+    assert config("--compile", "decode", "--compile-rows", "16,1,4,4").compile_rows == (1, 4, 16)
+    with pytest.raises(SystemExit):
+        main(["shard", "--model-dir", str(tmp_path), "--compile-rows", "1,x"], environ={})
+    assert "expected numbers separated by commas: '1,x'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["shard", "--model-dir", str(tmp_path), "--compile-rows", "0,8"], environ={})
+    assert "compile_rows must be 1 to 256 rows each, got (0, 8)" in str(e.value)
