@@ -1,10 +1,10 @@
 """A SmolLM2 cluster whose KV cache holds 96 tokens (6 pages), less than its batch needs,
 at tp 1 and tp 2, with the shards' prefix cache on: greedy output equals transformers' (which
 caches nothing) for requests run alone (sharing a system prompt, so reusing its blocks), run
-together (so that sequences are preempted and recomputed, some cancelled meanwhile); KV is all
-free on every shard after the requests end or are cancelled. And a cache of 15 pages in which
-requests sharing a system prompt run together only because the router counts the shared pages
-once, as the shards hold them.
+together (so that sequences are preempted and recomputed, two longer ones cancelled meanwhile);
+KV is all free on every shard after the requests end or are cancelled. And a cache of 15 pages
+in which requests sharing a system prompt run together only because the router counts the
+shared pages once, as the shards hold them.
 """
 
 from __future__ import annotations
@@ -74,17 +74,22 @@ async def test_greedy_output_survives_preemption_and_prefix_reuse(
     await until_kv_free(c)
     assert metric(metrics, "cpumesh_prefix_cache_hit_tokens_total") >= 3 * 16
     assert metric(metrics, "cpumesh_preemptions_total") == 0
-    # Together, and two more cancelled early: each takes 3 pages to start and 4 to end, so any
-    # two admitted together (6 pages) cannot both grow: the newer is preempted, whatever the
-    # timing of their arrivals.
-    tasks = [asyncio.ensure_future(complete(c, p, **params))  # type: ignore[arg-type]
-             for p in [*PROMPTS, *PROMPTS[:2]]]
-    await asyncio.sleep(1.0)
+    # Together, beside two longer ones cancelled mid-stream. Two different prompts take 5 pages
+    # to start and 7 to end (their first page shared), so any two that run at once cannot both
+    # grow and the newer is preempted; a longer one (94 tokens: the whole cache) cannot grow
+    # beside anything. The long ones are cancelled once a preemption is seen, not at a set
+    # time: cancelled earlier they could free the pages the preemption needs.
+    long = dict(params, max_new_tokens=60)
+    tasks = [asyncio.ensure_future(complete(c, p, **kw))  # type: ignore[arg-type]
+             for p, kw in [*((p, params) for p in PROMPTS), *((p, long) for p in PROMPTS[:2])]]
+    async with asyncio.timeout(60):
+        while metric(metrics, "cpumesh_preemptions_total") == 0:
+            await asyncio.sleep(0.05)
+    assert not any(t.done() for t in tasks[4:])
     for t in tasks[4:]:
         t.cancel()
     together = await asyncio.gather(*tasks[:4])
     assert [t.token_ids for t in together] == reference
-    assert metric(metrics, "cpumesh_preemptions_total") > 0
     await until_kv_free(c, timeout=10)
 
 
