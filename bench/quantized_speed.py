@@ -1,7 +1,7 @@
 """int8 / int4 decode against llama.cpp on the same GGUF files, and tp-2 shard memory.
 
     python -m bench.quantized_speed [--models llama1b smollm2] [--threads 2] [--repeats 3]
-                                    [--no-rss]
+                                    [--no-rss] [--compile decode]
 
 GGUF files are made once with llama.cpp's own quantizer (bench/llamacpp_quantize.py, default
 mixes) from the F16 exports in build/bench-models: 1B Q8_0 and Q4_0, SmolLM2 Q8_0; SmolLM2 Q4_1
@@ -11,7 +11,9 @@ embedding and LM head int8 per row. Each point is a fresh process (bench.model_l
 decode (16 steps) after a 32-token prompt, medians of the repeats; the 1B bf16 path is measured
 in the same run.
 RSS: two `python -m shard_svc` ranks of the 1B model (tp 2) at float32 and at int8, VmRSS of
-each once SERVING. Writes bench/results/quantized_speed.json and prints Markdown.
+each once SERVING. Writes bench/results/quantized_speed.json (with `--compile decode`, every
+cpumesh point's decode step compiled, warm-up excluded: quantized_speed_compiled.json) and prints
+Markdown.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from bench.machine import BENCH_PYTHON
 from bench.model_level import _json_of, run_system
 
 MODELS = Path("build/bench-models")
-RESULTS = Path("bench/results/quantized_speed.json")
+RESULTS = Path("bench/results")
 TOKENS = 16  # decode steps per repeat
 
 
@@ -52,11 +54,14 @@ def linked(gguf: Path) -> Path:
 
 def points(models: list[str]) -> list[tuple[str, str, Path, Path]]:
     """(model, our dtype, our model directory, llama.cpp's GGUF)."""
+    from bench.gguf_export import export_gguf
+    from bench.models import llama_1b, smollm2
     from model_formats.embedded import embedded_gguf_path
 
     out = []
-    if "llama1b" in models:
-        f16 = MODELS / "llama-1b-random-F16.gguf"
+    MODELS.mkdir(parents=True, exist_ok=True)
+    if "llama1b" in models:  # made once, as bench.decode_speed makes them
+        f16 = export_gguf(llama_1b(MODELS).model_dir, MODELS / "llama-1b-random-F16.gguf", "F16")
         for dtype, qtype in (("int8", "Q8_0"), ("int4", "Q4_0")):
             gguf = quantized(f16, qtype)
             out.append(("llama-1b", dtype, linked(gguf), gguf))
@@ -64,7 +69,8 @@ def points(models: list[str]) -> list[tuple[str, str, Path, Path]]:
     if "smollm2" in models:
         q41 = embedded_gguf_path()
         out.append(("smollm2", "int4", linked(q41), q41))
-        q80 = quantized(MODELS / "smollm2-135m-F16.gguf", "Q8_0")
+        q80 = quantized(export_gguf(smollm2().model_dir, MODELS / "smollm2-135m-F16.gguf", "F16"),
+                        "Q8_0")
         out.append(("smollm2", "int8", linked(q80), q80))
     return out
 
@@ -110,10 +116,11 @@ def shard_rss(model_dir: Path, dtype: str, threads: int) -> list[float]:
             s.stop()
 
 
-def measure(models: list[str], threads: int, repeats: int, rss: bool) -> dict[str, Any]:
+def measure(models: list[str], threads: int, repeats: int, rss: bool,
+            compile: str = "off") -> dict[str, Any]:
     rows = []
     for model, dtype, model_dir, gguf in points(models):
-        ours = run_system("cpumesh", model_dir, 1, 32, TOKENS, threads, repeats, dtype)
+        ours = run_system("cpumesh", model_dir, 1, 32, TOKENS, threads, repeats, dtype, compile)
         peer = run_peer(gguf, threads, repeats)
         rows.append({"model": model, "dtype": dtype, "peer": f"llama.cpp {gguf.stem}",
                      "ours": ours, "llama.cpp": peer})
@@ -123,7 +130,7 @@ def measure(models: list[str], threads: int, repeats: int, rss: bool) -> dict[st
     import os
 
     result: dict[str, Any] = {"machine": cpu_name(), "threads": threads, "rows": rows,
-                              "load_avg": os.getloadavg()[0]}
+                              "load_avg": os.getloadavg()[0], "compile": compile}
     if rss:
         result["rss_mib"] = {d: shard_rss(MODELS / "llama-1b-random", d, max(1, threads // 2))
                              for d in ("float32", "int8")}
@@ -133,25 +140,33 @@ def measure(models: list[str], threads: int, repeats: int, rss: bool) -> dict[st
 
 def section(result: dict[str, Any]) -> list[str]:
     rows = result["rows"]
-    out = ["## int8 / int4 weights against llama.cpp (issue 17)", "",
+    compiled = result.get("compile", "off") == "decode"
+    out = ["## int8 / int4 weights against llama.cpp"
+           + (", with --compile decode" if compiled else "") + " (issue 17)", "",
            f"Machine: {result['machine']}, {result['threads']} threads for every system. Batch-1 "
            "decode after a 32-token prompt, ms per step, medians; cpumesh reads each GGUF in "
            "place (Q4 blocks as int4 g32, Q8_0 requantized per row to int8, the embedding and "
            "LM head int8 per row), llama.cpp runs the same file without its AMX repacking "
            "(`use_extra_bufts = false`: with it, llama-cpp-python 0.3.36 crashed with SIGSEGV on "
            "every quantized file here); *ratio* < 1: cpumesh faster."
+           + (" cpumesh's decode steps run compiled (`--compile decode`: the weights frozen "
+              "into one inductor graph, int8 as inductor's weight-only GEMM; compile time "
+              "excluded, in the warm-up column)." if compiled else "")
            + (f" Load average {result['load_avg']:.1f} on this machine during the run (others' "
               "jobs): noisy figures." if result.get("load_avg", 0) > 1 else ""), "",
-           "| model | cpumesh | llama.cpp | cpumesh ms | llama.cpp ms | ratio | kernels |",
-           "|---|---|---|---|---|---|---|"]
+           "| model | cpumesh | llama.cpp | cpumesh ms | llama.cpp ms | ratio | kernels |"
+           + (" warm-up s |" if compiled else ""),
+           "|---|---|---|---|---|---|---|" + ("---|" if compiled else "")]
     for r in rows:
         ours, peer = decode_ms(r["ours"]), decode_ms(r["llama.cpp"])
         kernels = (r["ours"].get("kernels") or "").split(" (us")[0]
         out.append(f"| {r['model']} | {r['dtype']} | {r['peer'].removeprefix('llama.cpp ')} | "
-                   f"{ours:.1f} | {peer:.1f} | {ours / peer:.2f} | {kernels} |")
+                   f"{ours:.1f} | {peer:.1f} | {ours / peer:.2f} | {kernels} |"
+                   + (f" {r['ours'].get('warm_up_s', 0):.0f} |" if compiled else ""))
     out += ["", *targets(result), "", *result.get("notes", []), "",
-            "Command: `python -m bench.quantized_speed --models llama1b smollm2` (llama.cpp from "
-            "`make bench-env`)", ""]
+            "Command: `python -m bench.quantized_speed --models llama1b smollm2"
+            + (" --compile decode" if compiled else "") + "` (llama.cpp from `make bench-env`)",
+            ""]
     return out
 
 
@@ -191,12 +206,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-rss", action="store_true", help="skip the tp-2 shard memory")
+    p.add_argument("--compile", default="off", choices=["off", "decode"],
+                   help="cpumesh's decode step compiled (as the shard's --compile decode)")
     a = p.parse_args(argv)
     if str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
-    result = measure(a.models, a.threads, a.repeats, not a.no_rss)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    result = measure(a.models, a.threads, a.repeats, not a.no_rss, a.compile)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = "quantized_speed" + ("_compiled" if a.compile == "decode" else "")
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     print("\n".join(section(result)))
 
 

@@ -261,10 +261,11 @@ def write(results: Path, out_dir: Path, command: str) -> Path:
         from bench.decode_speed import section
 
         lines += section(dsc)
-    if qs := _load(results, "quantized_speed"):
-        from bench.quantized_speed import section as quantized_section
+    from bench.quantized_speed import section as quantized_section
 
-        lines += quantized_section(qs)
+    for name in ("quantized_speed", "quantized_speed_compiled"):
+        if qs := _load(results, name):
+            lines += quantized_section(qs)
     if q := _load(results, "quality"):
         from bench.quality import section as quality_section
 

@@ -19,8 +19,10 @@ bucket holds one more copy of the weights.
 
 Every bucket is compiled at start (`warm_up`, which logs how long); while serving, a step runs
 under torch.compiler's "fail_on_recompile" stance: a shape never warmed up falls back to the
-eager path (logged), it never compiles. Prefill, batches above the largest bucket, int8 / int4
-weights, IPEX kernels and an int8 KV cache keep the eager path (`accepts`, `not_compilable`).
+eager path (logged), it never compiles. Prefill, batches above the largest bucket, IPEX kernels,
+int8 matrices whose width inductor cannot take (INT8_K_ALIGN) and an int8 KV cache keep the
+eager path (`accepts`, `not_compilable`). int8 / int4 weights are frozen as their codes
+(shard_svc/frozen_step.py).
 """
 
 from __future__ import annotations
@@ -34,16 +36,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from shard_svc.frozen_step import FrozenStep
+from shard_svc.frozen_step import FrozenStep, layer_tensors, linear
 from shard_svc.kernels import KernelPlan
 from shard_svc.kv_cache import KVCache
 from shard_svc.kv_store import FloatKV
 from shard_svc.mesh.communicator import Communicator, LocalOnly
 from shard_svc.model import Batch, ShardModel, apply_rope, rms_norm
+from shard_svc.quant import Int8Weight, Matrix
 
 log = logging.getLogger("cpumesh.shard")
 BATCH_BUCKETS = (1, 8)  # a step of 2-8 rows costs little more than one (weights read once)
 CONTEXT_ALIGN = 64
+# Inductor's weight-only int8 GEMM (torch 2.13) on K = 200 inputs: NaN at 1 row, a segmentation
+# fault at 4; K = 96, 192, 208, 224, 576, 1536 were right (bfloat16, AMX Xeon).
+INT8_K_ALIGN = 16
 _active = threading.local()  # .comm: the communicator of the step running on this thread
 
 
@@ -52,7 +58,10 @@ def mesh_all_reduce(x: Tensor) -> Tensor:
     """Sum x over the ranks of the step's communicator (a copy: ops may not mutate inputs)."""
     comm: Communicator = _active.comm
     with torch.inference_mode():  # as in the eager step: the mesh's buffers are made in it
-        return comm.all_reduce(x.contiguous().clone())
+        out = comm.all_reduce(x.contiguous().clone())
+    # An inference tensor must not leave: inductor reuses the op's output as the buffer of a
+    # later kernel (in place), which is refused for inference tensors outside the mode.
+    return out.clone()
 
 
 @mesh_all_reduce.register_fake
@@ -168,20 +177,21 @@ class CompiledDecode:
 
     def _layer(self, x: Tensor, cos: Tensor, sin: Tensor, write_slots: Tensor, src: Tensor,
                index: Tensor, mask: Tensor, k_cache: Tensor, v_cache: Tensor,
-               w: tuple[Tensor | None, ...]) -> Tensor:
+               w: tuple[Matrix | None, ...]) -> Tensor:
         """One decoder layer for Bb rows of one token each; K and V of the layer's cache
         [Hkv, P*S, D] written at `write_slots` and read at `index` [Bb, L]."""
         eps, hq, hkv, d, scale, reduce = self.dims
         input_norm, qkv_w, qkv_b, wo, post_norm, gate_up, w_down = w
-        assert input_norm is not None and qkv_w is not None and wo is not None
-        assert post_norm is not None and gate_up is not None and w_down is not None
+        assert isinstance(input_norm, Tensor) and isinstance(post_norm, Tensor)
+        assert qkv_w is not None and wo is not None and gate_up is not None and w_down is not None
+        assert qkv_b is None or isinstance(qkv_b, Tensor)
         n, width = x.shape[0], index.shape[1]
 
         def all_reduce(x: Tensor) -> Tensor:
             return mesh_all_reduce(x) if reduce else x
 
         h = rms_norm(x, input_norm, eps)
-        qkv = F.linear(h, qkv_w, qkv_b)  # [Bb, (Hq + 2 Hkv) * D]
+        qkv = linear(h, qkv_w, qkv_b)  # [Bb, (Hq + 2 Hkv) * D]
         qk = apply_rope(qkv[:, :(hq + hkv) * d].view(n, hq + hkv, d), cos, sin)
         q, k = qk[:, :hq], qk[:, hq:]
         v = qkv[:, (hq + hkv) * d:].view(n, hkv, d)
@@ -192,20 +202,24 @@ class CompiledDecode:
         vs = v_cache.index_select(1, flat).view(hkv, n, width, d).transpose(0, 1)
         o = F.scaled_dot_product_attention(q.reshape(n, hkv, hq // hkv, d), ks, vs,
                                            attn_mask=mask, scale=scale)  # [Bb, Hkv, G, D]
-        x = x + all_reduce(F.linear(o.reshape(n, -1), wo))
+        x = x + all_reduce(linear(o.reshape(n, -1), wo))
         h = rms_norm(x, post_norm, eps)
-        gate, up = F.linear(h, gate_up).chunk(2, dim=-1)
-        return x + all_reduce(F.linear(F.silu(gate) * up, w_down))
+        gate, up = linear(h, gate_up).chunk(2, dim=-1)
+        return x + all_reduce(linear(F.silu(gate) * up, w_down))
 
 
 def not_compilable(model: ShardModel) -> str | None:
     """Why this model's decode cannot run compiled (None: it can)."""
     if not isinstance(model.kernels, KernelPlan):
         return f"kernels {type(model.kernels).__name__} are not traced (only KernelPlan's)"
-    if model.kernels.quantized:
-        return "int8 / int4 weights run eager"
     if model.kernels.packed:
         return "oneDNN-packed weights cannot be frozen into the graph (plain kernels needed)"
+    matrices = [m for layer in model.w.layers for m in layer_tensors(layer)]
+    odd = sorted({m.shape[1] for m in [*matrices, model.w.lm_head]
+                  if isinstance(m, Int8Weight) and m.shape[1] % INT8_K_ALIGN})
+    if odd:
+        return (f"int8 matrices {odd} inputs wide (not multiples of {INT8_K_ALIGN}: inductor's "
+                "weight-only int8 GEMM computes NaN or crashes on them)")
     return None
 
 

@@ -10,16 +10,11 @@ PROMPTS = ([5, 17, 42, 7, 99, 250, 3], [11], [(7 * i) % 300 for i in range(70)])
 STEPS = 5
 
 
-def side_by_side(model_dir: Any, comm: Any, dtype: str,
-                 buckets: tuple[int, ...]) -> dict[str, Any]:
-    """Decode 1 sequence, then 3 together (padded to a bucket of 4 rows; one history over 64
-    tokens), feeding both engines the same tokens; return each step's top-5 (values, ids) of
-    both, the graphs compiled after warm-up and at the end, and the steps run compiled."""
+def compilable_model(model_dir: Any, comm: Any, dtype: str) -> Any:
+    """The rank's ShardModel with kernels as a shard with --compile decode chooses them."""
     import torch
 
     from model_formats.checkpoint import load_model_config
-    from shard_svc.compiled_step import CompiledDecode
-    from shard_svc.engine import SeqWork, ShardEngine
     from shard_svc.kernels import choose_kernels
     from shard_svc.model import ShardModel
     from shard_svc.sharding import plan_shard
@@ -29,8 +24,20 @@ def side_by_side(model_dir: Any, comm: Any, dtype: str,
     plan = plan_shard(config, comm.tp_rank, comm.tp_size)
     weights = load_shard_weights(model_dir, config, plan, getattr(torch, dtype))
     kernels = choose_kernels("auto", weights.embed.dtype, [w.gate_up for w in weights.layers],
-                             packing=False)  # as a shard with --compile decode chooses them
-    model = ShardModel(config, plan, weights, comm, kernels)
+                             packing=False)
+    return ShardModel(config, plan, weights, comm, kernels)
+
+
+def side_by_side(model_dir: Any, comm: Any, dtype: str,
+                 buckets: tuple[int, ...]) -> dict[str, Any]:
+    """Decode 1 sequence, then 3 together (padded to a bucket of 4 rows; one history over 64
+    tokens), feeding both engines the same tokens; return each step's top-5 (values, ids) of
+    both, the graphs compiled after warm-up and at the end, and the steps run compiled."""
+    from shard_svc.compiled_step import CompiledDecode
+    from shard_svc.engine import SeqWork, ShardEngine
+
+    model = compilable_model(model_dir, comm, dtype)
+    config = model.config
     eager = ShardEngine(model, model.new_cache(1024, page_size=4))
     compiled = CompiledDecode(model, buckets=buckets)
     cache = model.new_cache(1024, page_size=4)
@@ -55,7 +62,8 @@ def side_by_side(model_dir: Any, comm: Any, dtype: str,
 
 
 def rank_side_by_side(report: Callable[..., None], tp_rank: int, mesh_ports: list[int],
-                      model_dir: Any, dtypes: list[str]) -> None:
+                      points: dict[str, Any]) -> None:
+    """`points`: dtype -> model directory."""
     import torch
 
     from shard_svc.mesh.group import MeshGroup
@@ -63,4 +71,4 @@ def rank_side_by_side(report: Callable[..., None], tp_rank: int, mesh_ports: lis
 
     torch.set_num_threads(1)
     with MeshGroup(mesh_config(tp_rank, mesh_ports, recv_timeout_s=300.0)) as mesh:
-        report("done", {d: side_by_side(model_dir, mesh, d, (4,)) for d in dtypes})
+        report("done", {d: side_by_side(m, mesh, d, (4,)) for d, m in points.items()})

@@ -17,16 +17,24 @@ import torch
 
 from shard_svc.config import ShardConfig
 from shard_svc.mesh.communicator import SingleRank
+from shard_svc.quant import activations_dtype
 from tests.checkpoints import tiny_checkpoint
-from tests.compiled_ranks import rank_side_by_side, side_by_side
+from tests.compiled_ranks import compilable_model, rank_side_by_side, side_by_side
 from tests.mesh_procs import ports, ranks
 
 AGREEMENT = 0.95
+QUANT = ("int8", "int4")
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_checkpoint(tmp_path_factory.mktemp("llama"), "llama")
+
+
+@pytest.fixture(scope="module")
+def quant_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Intermediate 192: int4 groups of 32 and inductor's int8 GEMM need widths of 16 x n."""
+    return tiny_checkpoint(tmp_path_factory.mktemp("llama-q"), "llama", intermediate_size=192)
 
 
 def check(result: dict[str, Any], dtype: str) -> None:
@@ -47,23 +55,36 @@ def check(result: dict[str, Any], dtype: str) -> None:
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_compiled_decode_matches_eager_tp1(model_dir: Path, dtype: str) -> None:
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8", "int4"])
+def test_compiled_decode_matches_eager_tp1(model_dir: Path, quant_dir: Path, dtype: str) -> None:
+    """int8 / int4: weight-only matrices frozen as codes; the activations are bfloat16 on
+    AVX-512 (then held to bfloat16's tolerance) and float32 elsewhere."""
     torch.set_num_threads(2)
-    check(side_by_side(model_dir, SingleRank(), dtype, (1, 4)), dtype)
+    act = str(activations_dtype()).removeprefix("torch.") if dtype in QUANT else dtype
+    check(side_by_side(quant_dir if dtype in QUANT else model_dir, SingleRank(), dtype, (1, 4)),
+          act)
 
 
 @pytest.mark.timeout(600)
-def test_compiled_decode_matches_eager_tp2_processes(model_dir: Path) -> None:
-    dtypes = ["float32", "bfloat16"]
+def test_compiled_decode_matches_eager_tp2_processes(model_dir: Path, quant_dir: Path) -> None:
+    points = {"float32": model_dir, "bfloat16": model_dir, "int8": quant_dir}
     mesh_ports = ports(2)
     with ranks() as r:
         for rank in range(2):
-            r.start(f"rank{rank}", rank_side_by_side, rank, mesh_ports, model_dir, dtypes)
+            r.start(f"rank{rank}", rank_side_by_side, rank, mesh_ports, points)
         results = [r.wait(f"rank{rank}", "done", 580) for rank in range(2)]
+    act = str(activations_dtype()).removeprefix("torch.")
     for result in results:
-        for dtype in dtypes:
-            check(result[dtype], dtype)
+        for dtype in points:
+            check(result[dtype], act if dtype in QUANT else dtype)
+
+
+def test_int8_widths_inductor_cannot_take_stay_eager(model_dir: Path) -> None:
+    from shard_svc.compiled_step import not_compilable
+
+    why = not_compilable(compilable_model(model_dir, SingleRank(), "int8"))  # intermediate 200
+    assert why and "int8 matrices [200] inputs wide" in why
+    assert not_compilable(compilable_model(model_dir, SingleRank(), "float32")) is None
 
 
 def test_compile_flag() -> None:
