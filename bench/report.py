@@ -266,6 +266,10 @@ def write(results: Path, out_dir: Path, command: str) -> Path:
     for name in ("quantized_speed", "quantized_speed_compiled"):
         if qs := _load(results, name):
             lines += quantized_section(qs)
+    if ga := _load(results, "greedy_agreement"):
+        from bench.greedy_agreement import section as agreement_section
+
+        lines += agreement_section(ga)
     if q := _load(results, "quality"):
         from bench.quality import section as quality_section
 

@@ -100,3 +100,20 @@ def test_model_level_runs_each_precision(tmp_path: Path) -> None:
         r = run_system("cpumesh", tiny, 2, 8, 3, 1, 2, dtype)
         assert len(r["prefill_ms"]) == len(r["decode_step_ms"]) == 2
         assert r["kernels"].startswith(f"kernels for {dtype} on ")
+
+
+def test_greedy_agreement_runs(tmp_path: Path) -> None:
+    """`python -m bench.greedy_agreement` (the `make serve` default's evidence) runs and names
+    a default; each half precision's first difference lies within the tokens decoded."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "agreement.json"
+    run = subprocess.run([sys.executable, "-m", "bench.greedy_agreement", "--tokens", "6",
+                          "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "Default of `make serve`:" in run.stdout
+    result = json.loads(out.read_text())
+    assert [r["dtype"] for r in result["rows"]] == ["bfloat16", "float16"]
+    for r in result["rows"]:
+        assert all(f is None or 0 <= f < 6 for f in r["first_difference"])
