@@ -1,12 +1,14 @@
 """Shard step time for SmolLM2, split into compute and allreduce wait, at tp 1 and tp 2.
 
-    python -m bench.shard_steps [--model-dir DIR] [--steps 32] [--cores 2]
+    python -m bench.shard_steps [--model-dir DIR] [--steps 32] [--cores 2] [--dtype D]
+                                [--batches 1,8] [--compile decode]
 
 tp 1 runs one shard process with all cores; tp 2 runs two processes with one core each, joined
 by the ZeroMQ mesh on loopback. A driver (like the router, but greedy only) sends the same Step to
 every shard at once. Reported per decode step, medians: wall time seen by the driver, the
 shards' compute and allreduce wait (mean over ranks), and the rest (gRPC, driver, skew).
-Writes bench/results/shard_steps.json.
+`--compile decode`: the shards compile their decode step for the measured batch (compile time
+before SERVING, not measured). Writes bench/results/shard_steps.json.
 """
 
 from __future__ import annotations
@@ -24,15 +26,20 @@ from tests.service.test_shard_service import ShardGroup, shard_group
 
 
 def run(model_dir: Path, tp: int, batch: int, steps: int, cores: int,
-        dtype: str = "float32") -> dict[str, Any]:
+        dtype: str = "float32", compile: str = "off") -> dict[str, Any]:
     threads = max(1, cores // tp)
-    extra = ("--threads", str(threads), "--kv-capacity-tokens", "8192", "--dtype", dtype)
+    extra: tuple[str, ...] = ("--threads", str(threads), "--kv-capacity-tokens", "8192",
+                              "--dtype", dtype)
+    if compile == "decode":
+        extra += ("--compile", "decode", "--compile-rows", str(batch), "--mesh-timeout", "900")
     with tempfile.TemporaryDirectory() as logs, \
-            shard_group(model_dir, tp, Path(logs), extra=extra) as (_, addrs):
+            shard_group(model_dir, tp, Path(logs), extra=extra,
+                        serving_deadline_s=900) as (_, addrs):
         group = ShardGroup(addrs)
         r = measure(group, batch, steps)
         group.close()
-    return {"tp": tp, "batch": batch, "threads_per_shard": threads, "dtype": dtype, **r}
+    return {"tp": tp, "batch": batch, "threads_per_shard": threads, "dtype": dtype,
+            "compile": compile, **r}
 
 
 def measure(group: ShardGroup, batch: int, steps: int) -> dict[str, float]:
@@ -63,14 +70,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--cores", type=int, default=2)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--batches", default="1,8", help="batch sizes, comma-separated")
+    p.add_argument("--compile", default="off", choices=["off", "decode"])
     p.add_argument("--out", type=Path, default=Path("bench/results/shard_steps.json"))
     args = p.parse_args(argv)
     model_dir = args.model_dir
     if model_dir is None:
         from model_formats.embedded import default_model_dir
         model_dir = default_model_dir()
-    rows = [run(model_dir, tp, b, args.steps, args.cores, args.dtype)
-            for tp in (1, 2) for b in (1, 8)]
+    rows = [run(model_dir, tp, b, args.steps, args.cores, args.dtype, args.compile)
+            for tp in (1, 2) for b in map(int, args.batches.split(","))]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"model_dir": str(model_dir), "rows": rows}, indent=2))
     print(f"decode step, {args.steps} steps, medians (ms); {args.cores} cores in all")

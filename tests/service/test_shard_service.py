@@ -52,7 +52,8 @@ class ShardGroup:
 
 @contextlib.contextmanager
 def shard_group(model_dir: Path, tp: int, log_dir: Path, start: bool = True,
-                extra: tuple[str, ...] = ()) -> Iterator[tuple[list[Service], list[str]]]:
+                extra: tuple[str, ...] = (), serving_deadline_s: float = 120.0
+                ) -> Iterator[tuple[list[Service], list[str]]]:
     ports = free_ports(2 * tp)
     grpc_addrs = [f"127.0.0.1:{p}" for p in ports[:tp]]
     peers = ",".join(f"127.0.0.1:{p}" for p in ports[tp:])
@@ -67,7 +68,7 @@ def shard_group(model_dir: Path, tp: int, log_dir: Path, start: bool = True,
             for s in services:
                 s.start()
             for s, a in zip(services, grpc_addrs, strict=True):
-                wait_serving(a, s)
+                wait_serving(a, s, serving_deadline_s)
         yield services, grpc_addrs
     finally:
         for s in services:
