@@ -55,13 +55,14 @@ _active = threading.local()  # .comm: the communicator of the step running on th
 
 @torch.library.custom_op("cpumesh::all_reduce", mutates_args=())
 def mesh_all_reduce(x: Tensor) -> Tensor:
-    """Sum x over the ranks of the step's communicator (a copy: ops may not mutate inputs)."""
+    """Sum x over the ranks of the step's communicator, into a copy (ops may not mutate
+    inputs) made outside inference mode: inductor may reuse the op's output as a later kernel's
+    buffer, which torch refuses for an inference tensor outside the mode."""
     comm: Communicator = _active.comm
+    out = x.contiguous().clone()
     with torch.inference_mode():  # as in the eager step: the mesh's buffers are made in it
-        out = comm.all_reduce(x.contiguous().clone())
-    # An inference tensor must not leave: inductor reuses the op's output as the buffer of a
-    # later kernel (in place), which is refused for inference tensors outside the mode.
-    return out.clone()
+        comm.all_reduce(out)  # in place
+    return out
 
 
 @mesh_all_reduce.register_fake

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from shard_svc.kernels import embedding_rows
 from shard_svc.model import ShardModel, rms_norm, rope_cos_sin
 from shard_svc.quant import Int4Weight, Int8Weight, Matrix
 
@@ -95,13 +96,6 @@ def linear(x: Tensor, w: Matrix, b: Tensor | None = None) -> Tensor:
     return y if b is None else y + b
 
 
-def embedding(tokens: Tensor, table: Matrix) -> Tensor:
-    if isinstance(table, Int8Weight):
-        return table.q[tokens].to(table.dtype) * table.scales[tokens, None]
-    assert isinstance(table, Tensor), "int4 embedding tables are not supported"
-    return F.embedding(tokens, table)
-
-
 class FrozenStep(torch.nn.Module):
     """A decode step of Bb rows (one token each) from token ids to this rank's logits."""
 
@@ -115,7 +109,7 @@ class FrozenStep(torch.nn.Module):
         """k, v: each layer's cache [Hkv, P*S, D] (separate inputs, so that each is written
         in place); returns float32 logits [Bb, V]."""
         w = self.w
-        x = embedding(tokens, w.matrix("embed"))  # type: ignore[arg-type]  # [Bb, H]
+        x = embedding_rows(tokens, w.matrix("embed"))  # type: ignore[arg-type]  # [Bb, H]
         cos, sin = rope_cos_sin(w.inv_freq, positions, x.dtype)
         for i in range(w.num_layers):
             x = self.decode_layer(x, cos, sin, write_slots, src, index, mask, k[i], v[i],

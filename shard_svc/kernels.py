@@ -92,12 +92,7 @@ class KernelPlan:
             torch._C._set_mkldnn_enabled(self.libraries[bucket] != "aten")
 
     def embedding(self, tokens: torch.Tensor, table: Matrix) -> torch.Tensor:
-        """The rows of `tokens` (int8 tables expanded row by row, in the scales' dtype)."""
-        if isinstance(table, Int8Weight):
-            return table.q[tokens].to(table.dtype) * table.scales[tokens, None]
-        if isinstance(table, Int4Weight):
-            raise TypeError("int4 embedding tables are not supported")
-        return F.embedding(tokens, table)
+        return embedding_rows(tokens, table)
 
     def linear(self, x: torch.Tensor, w: Matrix,
                b: torch.Tensor | None = None) -> torch.Tensor:
@@ -155,6 +150,16 @@ def check_library(library: str, dtype: torch.dtype) -> None:
         raise InvalidArgument(f"kernels 'packed': oneDNN cannot pack {dtype} weights on this "
                               f"CPU ({torch.backends.cpu.get_cpu_capability()}); use auto, aten "
                               "or onednn")
+
+
+def embedding_rows(tokens: torch.Tensor, table: Matrix) -> torch.Tensor:
+    """The rows of `tokens` (int8 tables expanded row by row, in the scales' dtype); also traced
+    by the compiled step (shard_svc/frozen_step.py)."""
+    if isinstance(table, Int8Weight):
+        return table.q[tokens].to(table.dtype) * table.scales[tokens, None]
+    if isinstance(table, Int4Weight):
+        raise TypeError("int4 embedding tables are not supported")
+    return F.embedding(tokens, table)
 
 
 def choose_kernels(library: str, dtype: torch.dtype, weights: Sequence[Matrix],
