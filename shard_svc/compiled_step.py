@@ -23,6 +23,18 @@ eager path (logged), it never compiles. Prefill, batches above the largest bucke
 int8 matrices whose width inductor cannot take (INT8_K_ALIGN) and an int8 KV cache keep the
 eager path (`accepts`, `not_compilable`). int8 / int4 weights are frozen as their codes
 (shard_svc/frozen_step.py).
+
+Which GEMMs a graph may take (`gemm_backends`, from the weights and inductor's vector ISA):
+- int8 weights: inductor's C++ template only, never ATen's `_weight_int8pack_mm`. max-autotune
+  times the two on weights its repeated runs keep in cache, where ATen's wins for a matrix that
+  fits (SmolLM2's 3072 x 576 gate/up: 54 us against 72); serving reads them from memory, where
+  it loses (177 us a call in the step). Interleaved steps, 2 threads, AMD EPYC: SmolLM2 int8
+  13.9 -> 9.8 ms/step, the 1B 38.4 -> 35.7; 8 rows unchanged.
+- half precision where inductor vectorizes with AVX2 only: ATen's only. Its C++ template gave
+  NaN logits in every SmolLM2 bfloat16 step at 2 threads there (ATEN_CPU_CAPABILITY=avx2 on an
+  AVX-512 EPYC; right at 1 thread, and with ATen's GEMMs alone: 17.2 ms/step against 13.9).
+- otherwise max-autotune's choice: the C++ template alone doubled SmolLM2's bfloat16 8-row step
+  (51 ms against 27), and ATen's alone float32's 1-row step under AVX2 (54 against 22).
 """
 
 from __future__ import annotations
@@ -78,6 +90,7 @@ class CompiledDecode:
         if why:
             raise ValueError(f"compiled decode: {why}")
         self.model, self.mode = model, mode
+        self.gemms = gemm_backends(model)
         self.buckets = tuple(sorted(buckets))
         self.graphs = 0  # graphs compiled so far (the backend counts them)
         self.warm: set[int] = set()  # batch buckets compiled
@@ -100,6 +113,8 @@ class CompiledDecode:
         # round where eager rounds (half precision): fused kernels otherwise keep float32
         patches["emulate_precision_casts"] = True
         patches["freezing"] = True
+        if self.gemms:
+            patches["max_autotune_gemm_backends"] = self.gemms
         return compile_fx(gm, example_inputs, config_patches=patches)
 
     # -- which steps ------------------------------------------------------------------------
@@ -224,6 +239,21 @@ def not_compilable(model: ShardModel) -> str | None:
     return None
 
 
+def gemm_backends(model: ShardModel) -> str | None:
+    """The GEMM backends inductor may choose from for this model's graph (None: max-autotune's
+    own choice); see the module's docstring."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    isa = pick_vec_isa()
+    matrices = [getattr(layer, name) for layer in model.w.layers
+                for name in ("qkv", "wo", "gate_up", "w_down")] + [model.w.lm_head]
+    if isa and all(isinstance(m, Int8Weight) for m in matrices):
+        return "CPP"
+    if str(isa) == "avx2" and model.dtype in (torch.bfloat16, torch.float16):
+        return "ATEN"
+    return None
+
+
 def compile_decode(model: ShardModel, cache: KVCache,
                    buckets: tuple[int, ...] = BATCH_BUCKETS) -> CompiledDecode | None:
     """`--compile decode` at shard start: compile and warm every bucket, logged; None (eager,
@@ -235,9 +265,10 @@ def compile_decode(model: ShardModel, cache: KVCache,
         return None
     compiled = CompiledDecode(model, buckets=buckets)
     log.info("compiling decode steps of %s rows (a graph each, about a minute each on 2 "
-             "cores; less when inductor's cache holds them)",
+             "cores; less when inductor's cache holds them; GEMMs: %s)",
              " and ".join(filter(None, (", ".join(map(str, compiled.buckets[:-1])),
-                                        str(compiled.buckets[-1])))))
+                                        str(compiled.buckets[-1])))),
+             compiled.gemms or "max-autotune's choice")
     seconds = compiled.warm_up(cache)
     log.info("compiled decode: buckets %s rows, %d graphs, warm in %.1f s", compiled.buckets,
              compiled.graphs, seconds)

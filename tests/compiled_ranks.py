@@ -32,7 +32,10 @@ def side_by_side(model_dir: Any, comm: Any, dtype: str,
                  buckets: tuple[int, ...]) -> dict[str, Any]:
     """Decode 1 sequence, then 3 together (padded to a bucket of 4 rows; one history over 64
     tokens), feeding both engines the same tokens; return each step's top-5 (values, ids) of
-    both, the graphs compiled after warm-up and at the end, and the steps run compiled."""
+    both, the graphs compiled after warm-up and at the end, the steps run compiled, and the
+    names of the ops the compiled engine's decode steps ran (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
     from shard_svc.compiled_step import CompiledDecode
     from shard_svc.engine import SeqWork, ShardEngine
 
@@ -45,9 +48,14 @@ def side_by_side(model_dir: Any, comm: Any, dtype: str,
     warm_graphs = compiled.graphs
     engine = ShardEngine(model, cache, compiled=compiled)
     steps: list[tuple[Any, ...]] = []
+    ops: set[str] = set()
 
     def step(work: list[SeqWork]) -> None:
-        outs = [e.step(e.next_step_id, work).results for e in (eager, engine)]
+        outs = [eager.step(eager.next_step_id, work).results]
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            outs.append(engine.step(engine.next_step_id, work).results)
+        if not work[0].prefill:
+            ops.update(e.name for e in prof.events())
         steps.append(tuple(([r.logits for r in o], [r.token_ids for r in o]) for o in outs))
 
     for seqs in ([0], [1, 2, 3]):
@@ -58,7 +66,7 @@ def side_by_side(model_dir: Any, comm: Any, dtype: str,
         for e in (eager, engine):
             e.release(seqs)
     return {"steps": steps, "warm_graphs": warm_graphs, "graphs": compiled.graphs,
-            "compiled_steps": compiled.steps}
+            "compiled_steps": compiled.steps, "decode_ops": sorted(ops)}
 
 
 def rank_side_by_side(report: Callable[..., None], tp_rank: int, mesh_ports: list[int],
@@ -72,3 +80,18 @@ def rank_side_by_side(report: Callable[..., None], tp_rank: int, mesh_ports: lis
     torch.set_num_threads(1)
     with MeshGroup(mesh_config(tp_rank, mesh_ports, recv_timeout_s=300.0)) as mesh:
         report("done", {d: side_by_side(m, mesh, d, (4,)) for d, m in points.items()})
+
+
+def rank_side_by_side_alone(report: Callable[..., None], model_dir: Any, dtype: str) -> None:
+    """side_by_side at tp 1 and 2 threads in this (spawned) process, which may have been given
+    other ATEN_CPU_CAPABILITY than the tests'; reports it with inductor's vector ISA."""
+    import torch
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    from shard_svc.compiled_step import gemm_backends
+    from shard_svc.mesh.communicator import SingleRank
+
+    torch.set_num_threads(2)
+    result = side_by_side(model_dir, SingleRank(), dtype, (1, 4))
+    model = compilable_model(model_dir, SingleRank(), dtype)
+    report("done", result | {"isa": str(pick_vec_isa()), "gemms": gemm_backends(model)})

@@ -19,7 +19,12 @@ from shard_svc.config import ShardConfig
 from shard_svc.mesh.communicator import SingleRank
 from shard_svc.quant import activations_dtype
 from tests.checkpoints import tiny_checkpoint
-from tests.compiled_ranks import compilable_model, rank_side_by_side, side_by_side
+from tests.compiled_ranks import (
+    compilable_model,
+    rank_side_by_side,
+    rank_side_by_side_alone,
+    side_by_side,
+)
 from tests.mesh_procs import ports, ranks
 
 AGREEMENT = 0.95
@@ -61,8 +66,11 @@ def test_compiled_decode_matches_eager_tp1(model_dir: Path, quant_dir: Path, dty
     AVX-512 (then held to bfloat16's tolerance) and float32 elsewhere."""
     torch.set_num_threads(2)
     act = str(activations_dtype()).removeprefix("torch.") if dtype in QUANT else dtype
-    check(side_by_side(quant_dir if dtype in QUANT else model_dir, SingleRank(), dtype, (1, 4)),
-          act)
+    result = side_by_side(quant_dir if dtype in QUANT else model_dir, SingleRank(), dtype, (1, 4))
+    check(result, act)
+    if dtype == "int8":  # every product in inductor's C++ template (compiled_step.CPP_ONLY)
+        assert "aten::_weight_int8pack_mm" not in result["decode_ops"]
+        assert "aten::_scaled_dot_product_flash_attention_for_cpu" in result["decode_ops"]
 
 
 @pytest.mark.timeout(600)
@@ -77,6 +85,20 @@ def test_compiled_decode_matches_eager_tp2_processes(model_dir: Path, quant_dir:
     for result in results:
         for dtype in points:
             check(result[dtype], act if dtype in QUANT else dtype)
+
+
+@pytest.mark.timeout(300)
+def test_compiled_bfloat16_right_where_inductor_vectorizes_with_avx2(
+        model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With AVX2 only (ATEN_CPU_CAPABILITY=avx2 in a spawned process; the real thing on an AVX2
+    CPU), inductor's C++ GEMM template computed NaN logits at 2 threads in bfloat16: such a
+    graph takes ATen's GEMMs (compiled_step.gemm_backends)."""
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    with ranks() as r:
+        r.start("alone", rank_side_by_side_alone, model_dir, "bfloat16")
+        result = r.wait("alone", "done", 280)
+    assert (result["isa"], result["gemms"]) == ("avx2", "ATEN")
+    check(result, "bfloat16")
 
 
 def test_int8_widths_inductor_cannot_take_stay_eager(model_dir: Path) -> None:
