@@ -223,7 +223,8 @@ class ShardModel:
         k = min(k, logits.shape[-1])
         values, index = torch.topk(logits, k, dim=-1)
         lse = torch.logsumexp(logits, dim=-1)
-        lse_t = torch.logsumexp(logits / temperature.unsqueeze(1), dim=-1)
+        lse_t = (lse if bool((temperature == 1).all())  # greedy and plain sampling: the same
+                 else torch.logsumexp(logits / temperature.unsqueeze(1), dim=-1))
         return values, index + self.plan.vocab_range[0], lse, lse_t
 
 
