@@ -64,13 +64,25 @@ def measure(group: ShardGroup, batch: int, steps: int) -> dict[str, float]:
             "other_ms": wall - comp - ar}
 
 
+def batch_sizes(text: str) -> list[int]:
+    """--batches: positive integers, comma-separated (argparse reports anything else)."""
+    try:
+        sizes = [int(b) for b in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: positive integers, comma-separated")
+    return sizes
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-dir", type=Path)
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--cores", type=int, default=2)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--batches", default="1,8", help="batch sizes, comma-separated")
+    p.add_argument("--batches", type=batch_sizes, default="1,8",
+                   help="batch sizes, comma-separated")
     p.add_argument("--compile", default="off", choices=["off", "decode"])
     p.add_argument("--out", type=Path, default=Path("bench/results/shard_steps.json"))
     args = p.parse_args(argv)
@@ -79,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         from model_formats.embedded import default_model_dir
         model_dir = default_model_dir()
     rows = [run(model_dir, tp, b, args.steps, args.cores, args.dtype, args.compile)
-            for tp in (1, 2) for b in map(int, args.batches.split(","))]
+            for tp in (1, 2) for b in args.batches]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"model_dir": str(model_dir), "rows": rows}, indent=2))
     print(f"decode step, {args.steps} steps, medians (ms); {args.cores} cores in all")

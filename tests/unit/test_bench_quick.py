@@ -117,3 +117,14 @@ def test_greedy_agreement_runs(tmp_path: Path) -> None:
     assert [r["dtype"] for r in result["rows"]] == ["bfloat16", "float16"]
     for r in result["rows"]:
         assert all(f is None or 0 <= f < 6 for f in r["first_difference"])
+
+
+def test_shard_steps_batches_are_checked_by_argparse(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.shard_steps import batch_sizes, main
+
+    assert batch_sizes("1,8") == [1, 8]
+    for bad in ("x", "0", "1,,8"):
+        with pytest.raises(SystemExit) as e:
+            main(["--batches", bad])
+        assert e.value.code == 2
+        assert "positive integers, comma-separated" in capsys.readouterr().err
