@@ -128,3 +128,23 @@ def test_shard_steps_batches_are_checked_by_argparse(capsys: pytest.CaptureFixtu
             main(["--batches", bad])
         assert e.value.code == 2
         assert "positive integers, comma-separated" in capsys.readouterr().err
+
+
+def test_gemm_backends_runs(tmp_path: Path) -> None:
+    """`python -m bench.gemm_backends` (the int8 GEMM choice's evidence) runs both variants'
+    compiled graphs interleaved, every step compiled, and names the shard's choice."""
+    import subprocess
+    import sys
+
+    tiny = tiny_checkpoint(tmp_path / "tiny", "llama", intermediate_size=192)
+    out = tmp_path / "gemm.json"
+    run = subprocess.run([sys.executable, "-m", "bench.gemm_backends", "--model-dir", str(tiny),
+                          "--dtype", "int8", "--steps", "3", "--variants", "max-autotune,CPP",
+                          "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["shard_choice"] == "CPP"
+    assert list(result["variants"]) == ["max-autotune", "CPP"]
+    for v in result["variants"].values():
+        assert v["ms_per_step"] > 0 and v["nan_steps"] == 0
+    assert "greedy tokens equal in" in run.stdout

@@ -1,0 +1,117 @@
+"""Compiled decode steps with each choice of GEMM backends, interleaved in one process.
+
+    python -m bench.gemm_backends [--model-dir DIR] [--dtype int8] [--rows 1]
+        [--variants max-autotune,CPP,ATEN] [--steps 60] [--threads 2]
+
+One model (tp 1, the embedded SmolLM2 unless --model-dir), one compiled decode graph per variant
+(`CompiledDecode.gemms`: "max-autotune" lets inductor time ATen's GEMMs against its C++
+template, "CPP" / "ATEN" allow one of them; the shard's own choice is `gemm_backends`), each
+with its own KV cache. Every round runs one step of each graph in turn, all fed the first
+variant's greedy tokens, so a noisy machine slows them alike; reports median ms per step, steps
+with NaN logits and how often the variants' greedy tokens agree. Writes
+bench/results/gemm_backends.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+PROMPT = tuple(range(100, 132))
+
+
+def measure(model_dir: Path, dtype: str, rows: int, variants: list[str],
+            steps: int) -> dict[str, Any]:
+    import torch
+
+    from model_formats.checkpoint import load_model_config
+    from shard_svc.compiled_step import CompiledDecode, gemm_backends
+    from shard_svc.engine import SeqWork, ShardEngine
+    from shard_svc.kernels import choose_kernels, choose_quant
+    from shard_svc.mesh.communicator import SingleRank
+    from shard_svc.model import ShardModel
+    from shard_svc.quant import INT4
+    from shard_svc.sharding import plan_shard
+    from shard_svc.weights import load_shard_weights
+
+    torch_dtype = INT4 if dtype == "int4" else getattr(torch, dtype)
+    config = load_model_config(model_dir)
+    plan = plan_shard(config, 0, 1)
+    weights = load_shard_weights(model_dir, config, plan, torch_dtype)
+    gate_up = [w.gate_up for w in weights.layers]
+    kernels = (choose_quant("auto", gate_up) if dtype in ("int8", "int4") else
+               choose_kernels("auto", weights.embed.dtype, gate_up, packing=False))
+    model = ShardModel(config, plan, weights, SingleRank(), kernels)
+    engines, warm = {}, {}
+    for name in variants:
+        compiled = CompiledDecode(model, buckets=(rows,))
+        compiled.gemms = None if name == "max-autotune" else name
+        cache = model.new_cache(rows * (len(PROMPT) + steps + 16))
+        warm[name] = compiled.warm_up(cache)
+        engines[name] = ShardEngine(model, cache, compiled=compiled)
+    tokens = {}
+    for name, e in engines.items():
+        out = e.step(e.next_step_id, [SeqWork(s, PROMPT, True) for s in range(rows)])
+        tokens[name] = [r.token_ids[0] for r in out.results]
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    nan = dict.fromkeys(engines, 0)
+    agree = 0
+    for _ in range(steps):
+        feed = list(tokens[variants[0]])
+        for name, e in engines.items():
+            t0 = time.perf_counter()
+            out = e.step(e.next_step_id, [SeqWork(s, (feed[s],), False) for s in range(rows)])
+            times[name].append((time.perf_counter() - t0) * 1e3)
+            tokens[name] = [r.token_ids[0] for r in out.results]
+            nan[name] += any(v != v for r in out.results for v in r.logits)
+        agree += len({tuple(t) for t in tokens.values()}) == 1
+    assert all(e.compiled is not None and e.compiled.steps == steps
+               for e in engines.values()), "a step ran eager"
+    return {"model_dir": str(model_dir), "dtype": dtype, "rows": rows, "steps": steps,
+            "shard_choice": gemm_backends(model) or "max-autotune",
+            "load_avg": os.getloadavg()[0], "steps_agreeing": agree,
+            "variants": {name: {"ms_per_step": statistics.median(times[name]),
+                                "warm_up_s": warm[name], "nan_steps": nan[name]}
+                         for name in variants}}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model-dir", type=Path, help="default: the embedded SmolLM2")
+    p.add_argument("--dtype", default="int8",
+                   choices=["float32", "bfloat16", "float16", "int8", "int4"])
+    p.add_argument("--rows", type=int, default=1, help="sequences per step (one bucket)")
+    p.add_argument("--variants", default="max-autotune,CPP",
+                   help="comma-separated: max-autotune, CPP, ATEN")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=Path("bench/results/gemm_backends.json"))
+    a = p.parse_args(argv)
+    variants = a.variants.split(",")
+    if not variants or set(variants) - {"max-autotune", "CPP", "ATEN"} or a.rows < 1:
+        p.error("--variants: max-autotune, CPP, ATEN; --rows >= 1")
+    import torch
+
+    torch.set_num_threads(a.threads)
+    model_dir = a.model_dir
+    if model_dir is None:
+        from model_formats.embedded import default_model_dir
+        model_dir = default_model_dir()
+    r = measure(model_dir, a.dtype, a.rows, variants, a.steps)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(r, indent=2))
+    print(f"{a.dtype}, {a.rows} row(s), {a.steps} interleaved steps, {a.threads} threads "
+          f"(the shard's choice: {r['shard_choice']}; load {r['load_avg']:.1f})")
+    for name, v in r["variants"].items():
+        print(f"{name:>13}: {v['ms_per_step']:7.2f} ms/step, NaN in {v['nan_steps']} steps, "
+              f"warm-up {v['warm_up_s']:.0f} s")
+    print(f"greedy tokens equal in {r['steps_agreeing']} of {a.steps} steps")
+
+
+if __name__ == "__main__":
+    main()
