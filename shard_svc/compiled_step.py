@@ -35,6 +35,8 @@ Which GEMMs a graph may take (`gemm_backends`, from the weights and inductor's v
   AVX-512 EPYC; right at 1 thread, and with ATen's GEMMs alone: 17.2 ms/step against 13.9).
 - otherwise max-autotune's choice: the C++ template alone doubled SmolLM2's bfloat16 8-row step
   (51 ms against 27), and ATen's alone float32's 1-row step under AVX2 (54 against 22).
+A graph for which the allowed backends offer no kernel (inductor's NoValidChoicesError) compiles
+with max-autotune's choice instead, logged.
 """
 
 from __future__ import annotations
@@ -114,7 +116,15 @@ class CompiledDecode:
         patches["emulate_precision_casts"] = True
         patches["freezing"] = True
         if self.gemms:
-            patches["max_autotune_gemm_backends"] = self.gemms
+            try:
+                return compile_fx(gm, example_inputs, config_patches=patches | {
+                    "max_autotune_gemm_backends": self.gemms})
+            except Exception as e:  # inductor wraps it; only this one is retried
+                if "NoValidChoicesError" not in f"{type(e).__name__}: {e}":
+                    raise
+                log.warning("compiled decode: no %s GEMM for a product of this graph (%s); "
+                            "max-autotune's choice instead", self.gemms, str(e).splitlines()[0])
+                self.gemms = None
         return compile_fx(gm, example_inputs, config_patches=patches)
 
     # -- which steps ------------------------------------------------------------------------

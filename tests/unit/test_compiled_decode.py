@@ -101,6 +101,35 @@ def test_compiled_bfloat16_right_where_inductor_vectorizes_with_avx2(
     check(result, "bfloat16")
 
 
+@pytest.mark.timeout(300)
+def test_gemm_backends_without_a_choice_fall_back_to_max_autotune(
+        quant_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A graph whose allowed GEMM backends offer nothing for a product (here TRITON, absent on
+    CPU; inductor raises NoValidChoicesError) compiles with max-autotune's choice, logged, and
+    runs compiled, equal to eager."""
+    from shard_svc.compiled_step import CompiledDecode
+    from shard_svc.engine import SeqWork, ShardEngine
+
+    torch.set_num_threads(2)
+    model = compilable_model(quant_dir, SingleRank(), "int8")
+    compiled = CompiledDecode(model, buckets=(1,))
+    compiled.gemms = "TRITON"
+    cache = model.new_cache(64, page_size=4)
+    with caplog.at_level("WARNING", logger="cpumesh.shard"):
+        compiled.warm_up(cache)
+    assert compiled.gemms is None and compiled.warm == {1}
+    assert "no TRITON GEMM for a product of this graph (NoValidChoicesError" in caplog.text
+    engines = [ShardEngine(model, model.new_cache(64, page_size=4)),
+               ShardEngine(model, cache, compiled=compiled)]
+    outs = []
+    for e in engines:
+        e.step(1, [SeqWork(0, (5, 17, 42), True, top_k=5)])
+        outs.append(e.step(2, [SeqWork(0, (7,), False, top_k=5)]).results[0])
+    assert compiled.steps == 1
+    eager, comp = (torch.tensor(o.logits) for o in outs)
+    assert torch.allclose(eager, comp, rtol=0, atol=0.05 * eager.abs().max().item())
+
+
 def test_int8_widths_inductor_cannot_take_stay_eager(model_dir: Path) -> None:
     from shard_svc.compiled_step import not_compilable
 
