@@ -27,26 +27,12 @@ PROMPT = tuple(range(100, 132))
 
 def measure(model_dir: Path, dtype: str, rows: int, variants: list[str],
             steps: int) -> dict[str, Any]:
-    import torch
-
-    from model_formats.checkpoint import load_model_config
     from shard_svc.compiled_step import CompiledDecode, gemm_backends
     from shard_svc.engine import SeqWork, ShardEngine
-    from shard_svc.kernels import choose_kernels, choose_quant
     from shard_svc.mesh.communicator import SingleRank
-    from shard_svc.model import ShardModel
-    from shard_svc.quant import INT4
-    from shard_svc.sharding import plan_shard
-    from shard_svc.weights import load_shard_weights
+    from tests.compiled_ranks import compilable_model  # as a --compile decode shard builds it
 
-    torch_dtype = INT4 if dtype == "int4" else getattr(torch, dtype)
-    config = load_model_config(model_dir)
-    plan = plan_shard(config, 0, 1)
-    weights = load_shard_weights(model_dir, config, plan, torch_dtype)
-    gate_up = [w.gate_up for w in weights.layers]
-    kernels = (choose_quant("auto", gate_up) if dtype in ("int8", "int4") else
-               choose_kernels("auto", weights.embed.dtype, gate_up, packing=False))
-    model = ShardModel(config, plan, weights, SingleRank(), kernels)
+    model = compilable_model(model_dir, SingleRank(), dtype)
     engines, warm = {}, {}
     for name in variants:
         compiled = CompiledDecode(model, buckets=(rows,))

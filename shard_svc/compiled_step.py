@@ -255,9 +255,7 @@ def gemm_backends(model: ShardModel) -> str | None:
     from torch._inductor.cpu_vec_isa import pick_vec_isa
 
     isa = pick_vec_isa()
-    matrices = [getattr(layer, name) for layer in model.w.layers
-                for name in ("qkv", "wo", "gate_up", "w_down")] + [model.w.lm_head]
-    if isa and all(isinstance(m, Int8Weight) for m in matrices):
+    if isa and model.kernels.dtype == torch.int8:  # then every matrix is int8 (weights.py)
         return "CPP"
     if str(isa) == "avx2" and model.dtype in (torch.bfloat16, torch.float16):
         return "ATEN"

@@ -32,8 +32,9 @@ def side_by_side(model_dir: Any, comm: Any, dtype: str,
                  buckets: tuple[int, ...]) -> dict[str, Any]:
     """Decode 1 sequence, then 3 together (padded to a bucket of 4 rows; one history over 64
     tokens), feeding both engines the same tokens; return each step's top-5 (values, ids) of
-    both, the graphs compiled after warm-up and at the end, the steps run compiled, and the
-    names of the ops the compiled engine's decode steps ran (torch.profiler)."""
+    both, the graphs compiled after warm-up and at the end, the steps run compiled, the GEMM
+    backends it compiled with, and the names of the ops the compiled engine's decode steps ran
+    (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
 
     from shard_svc.compiled_step import CompiledDecode
@@ -66,7 +67,8 @@ def side_by_side(model_dir: Any, comm: Any, dtype: str,
         for e in (eager, engine):
             e.release(seqs)
     return {"steps": steps, "warm_graphs": warm_graphs, "graphs": compiled.graphs,
-            "compiled_steps": compiled.steps, "decode_ops": sorted(ops)}
+            "compiled_steps": compiled.steps, "gemms": compiled.gemms,
+            "decode_ops": sorted(ops)}
 
 
 def rank_side_by_side(report: Callable[..., None], tp_rank: int, mesh_ports: list[int],
@@ -88,10 +90,8 @@ def rank_side_by_side_alone(report: Callable[..., None], model_dir: Any, dtype: 
     import torch
     from torch._inductor.cpu_vec_isa import pick_vec_isa
 
-    from shard_svc.compiled_step import gemm_backends
     from shard_svc.mesh.communicator import SingleRank
 
     torch.set_num_threads(2)
     result = side_by_side(model_dir, SingleRank(), dtype, (1, 4))
-    model = compilable_model(model_dir, SingleRank(), dtype)
-    report("done", result | {"isa": str(pick_vec_isa()), "gemms": gemm_backends(model)})
+    report("done", result | {"isa": str(pick_vec_isa())})

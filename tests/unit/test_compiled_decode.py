@@ -68,7 +68,7 @@ def test_compiled_decode_matches_eager_tp1(model_dir: Path, quant_dir: Path, dty
     act = str(activations_dtype()).removeprefix("torch.") if dtype in QUANT else dtype
     result = side_by_side(quant_dir if dtype in QUANT else model_dir, SingleRank(), dtype, (1, 4))
     check(result, act)
-    if dtype == "int8":  # every product in inductor's C++ template (compiled_step.CPP_ONLY)
+    if dtype == "int8":  # every product in inductor's C++ template (gemm_backends)
         assert "aten::_weight_int8pack_mm" not in result["decode_ops"]
         assert "aten::_scaled_dot_product_flash_attention_for_cpu" in result["decode_ops"]
 
