@@ -17,18 +17,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 from pathlib import Path
 from typing import Any
 
-PROMPT = tuple(range(100, 132))
+PROMPT = 32  # tokens before the measured steps
 
 
 def measure(model_dir: Path, dtype: str, rows: int, variants: list[str],
             steps: int) -> dict[str, Any]:
+    from bench.interleaved import interleave
     from shard_svc.compiled_step import CompiledDecode, gemm_backends
-    from shard_svc.engine import SeqWork, ShardEngine
+    from shard_svc.engine import ShardEngine
     from shard_svc.mesh.communicator import SingleRank
     from tests.compiled_ranks import compilable_model  # as a --compile decode shard builds it
 
@@ -37,32 +36,15 @@ def measure(model_dir: Path, dtype: str, rows: int, variants: list[str],
     for name in variants:
         compiled = CompiledDecode(model, buckets=(rows,))
         compiled.gemms = None if name == "max-autotune" else name
-        cache = model.new_cache(rows * (len(PROMPT) + steps + 16))
+        cache = model.new_cache(rows * (PROMPT + steps + 16))
         warm[name] = compiled.warm_up(cache)
         engines[name] = ShardEngine(model, cache, compiled=compiled)
-    tokens = {}
-    for name, e in engines.items():
-        out = e.step(e.next_step_id, [SeqWork(s, PROMPT, True) for s in range(rows)])
-        tokens[name] = [r.token_ids[0] for r in out.results]
-    times: dict[str, list[float]] = {name: [] for name in engines}
-    nan = dict.fromkeys(engines, 0)
-    agree = 0
-    for _ in range(steps):
-        feed = list(tokens[variants[0]])
-        for name, e in engines.items():
-            t0 = time.perf_counter()
-            out = e.step(e.next_step_id, [SeqWork(s, (feed[s],), False) for s in range(rows)])
-            times[name].append((time.perf_counter() - t0) * 1e3)
-            tokens[name] = [r.token_ids[0] for r in out.results]
-            nan[name] += any(v != v for r in out.results for v in r.logits)
-        agree += len({tuple(t) for t in tokens.values()}) == 1
-    assert all(e.compiled is not None and e.compiled.steps == steps
-               for e in engines.values()), "a step ran eager"
+    r = interleave(engines, [PROMPT], rows, steps, model.config.vocab_size)
     return {"model_dir": str(model_dir), "dtype": dtype, "rows": rows, "steps": steps,
             "shard_choice": gemm_backends(model) or "max-autotune",
-            "load_avg": os.getloadavg()[0], "steps_agreeing": agree,
-            "variants": {name: {"ms_per_step": statistics.median(times[name]),
-                                "warm_up_s": warm[name], "nan_steps": nan[name]}
+            "load_avg": os.getloadavg()[0], "steps_agreeing": r["steps_agreeing"][0],
+            "variants": {name: {"ms_per_step": r["ms_per_step"][name][0],
+                                "warm_up_s": warm[name], "nan_steps": r["nan_steps"][name][0]}
                          for name in variants}}
 
 

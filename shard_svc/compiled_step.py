@@ -6,11 +6,14 @@ element-wise work around them, so a step is a few fused kernels per layer and no
 
 Shapes are static except one: a decode step of B sequences is padded to the next bucket
 (`--compile-rows`, 1 and 8 by default; padding rows repeat row 0, and write row 0's K and V into
-row 0's slot again), and every sequence's history is read from the paged cache through a gather
-index [B, L] passed as an input (L: the longest history, rounded up to a multiple of
-`CONTEXT_ALIGN`; shorter histories padded with their own first slot and masked with -inf). L is
-the one dynamic dimension (`mark_dynamic`), so the graph of one batch bucket serves every
-context length. Each layer's K and V cache is its own input, written in place. The mesh's
+row 0's slot again), and every sequence's history in the paged cache is named by a slot index
+[B, L] passed as an input with each row's length (L: the longest history, rounded up to a
+multiple of `CONTEXT_ALIGN`; shorter histories padded with their own first slot). L is the one
+dynamic dimension (`mark_dynamic`), so the graph of one batch bucket serves every context
+length. Attention reads the history in place through the index, by the C++ kernel of
+shard_svc/decode_attention.py (built at start for inductor's vector ISA; 4096 tokens of context
+cost SmolLM2 16.2 ms/step instead of 28.1 through a gather); where it cannot build, the graph
+gathers K and V at the index and calls SDPA with the padding masked (-inf). Each layer's K and V cache is its own input, written in place. The mesh's
 all-reduce is an opaque custom op (`cpumesh::all_reduce`), so the graph is not broken by it.
 
 Freezing needs plain weights: the shard then chooses among plain kernels for its eager steps
@@ -50,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from shard_svc import decode_attention
 from shard_svc.frozen_step import FrozenStep, layer_tensors, linear
 from shard_svc.kernels import KernelPlan
 from shard_svc.kv_cache import KVCache
@@ -93,6 +97,7 @@ class CompiledDecode:
             raise ValueError(f"compiled decode: {why}")
         self.model, self.mode = model, mode
         self.gemms = gemm_backends(model)
+        self.attention = decode_attention.load(model.config.head_dim)  # its ISA; None: SDPA
         self.buckets = tuple(sorted(buckets))
         self.graphs = 0  # graphs compiled so far (the backend counts them)
         self.warm: set[int] = set()  # batch buckets compiled
@@ -166,16 +171,19 @@ class CompiledDecode:
         width = -(-longest // CONTEXT_ALIGN) * CONTEXT_ALIGN
         index = torch.stack([F.pad(g, (0, width - len(g)), value=int(g[0])) for g in gather])
         lengths = torch.tensor([len(g) for g in gather])
-        mask = torch.zeros(n, 1, 1, width, dtype=cache.dtype).masked_fill(
-            torch.arange(width).view(1, 1, 1, -1) >= lengths.view(-1, 1, 1, 1), float("-inf"))
-        index, mask = index[src], mask[src]  # [Bb, L], [Bb, 1, 1, L]
+        index, lengths = index[src], lengths[src]  # [Bb, L], [Bb]
         torch._dynamo.mark_dynamic(index, 1)
-        torch._dynamo.mark_dynamic(mask, 3)
+        mask = None
+        if not self.attention:  # SDPA's: -inf past each row's history, [Bb, 1, 1, L]
+            mask = torch.zeros(rows, 1, 1, width, dtype=cache.dtype).masked_fill(
+                torch.arange(width).view(1, 1, 1, -1) >= lengths.view(-1, 1, 1, 1),
+                float("-inf"))
+            torch._dynamo.mark_dynamic(mask, 3)
         self.model.kernels.for_step(rows)
         _active.comm = comm
         with torch._inductor.config.patch(freezing=True):  # dynamo reads it while tracing
             logits = self._compiled(tokens[src], positions[src], write_slots[src], src, index,
-                                    mask, list(cache.k.unbind()), list(cache.v.unbind()))
+                                    lengths, mask, list(cache.k.unbind()), list(cache.v.unbind()))
         return logits[:n]
 
     def warm_up(self, cache: KVCache) -> float:
@@ -202,10 +210,11 @@ class CompiledDecode:
     # -- the math (traced) ------------------------------------------------------------------
 
     def _layer(self, x: Tensor, cos: Tensor, sin: Tensor, write_slots: Tensor, src: Tensor,
-               index: Tensor, mask: Tensor, k_cache: Tensor, v_cache: Tensor,
-               w: tuple[Matrix | None, ...]) -> Tensor:
+               index: Tensor, lengths: Tensor, mask: Tensor | None, k_cache: Tensor,
+               v_cache: Tensor, w: tuple[Matrix | None, ...]) -> Tensor:
         """One decoder layer for Bb rows of one token each; K and V of the layer's cache
-        [Hkv, P*S, D] written at `write_slots` and read at `index` [Bb, L]."""
+        [Hkv, P*S, D] written at `write_slots`, row b's history read at index[b, :lengths[b]]
+        (by the C++ kernel in place, else gathered for SDPA with `mask`)."""
         eps, hq, hkv, d, scale, reduce = self.dims
         input_norm, qkv_w, qkv_b, wo, post_norm, gate_up, w_down = w
         assert isinstance(input_norm, Tensor) and isinstance(post_norm, Tensor)
@@ -223,11 +232,14 @@ class CompiledDecode:
         v = qkv[:, (hq + hkv) * d:].view(n, hkv, d)
         k_cache.index_copy_(1, write_slots, k[src].transpose(0, 1).to(k_cache.dtype))
         v_cache.index_copy_(1, write_slots, v[src].transpose(0, 1).to(v_cache.dtype))
-        flat = index.reshape(-1)
-        ks = k_cache.index_select(1, flat).view(hkv, n, width, d).transpose(0, 1)
-        vs = v_cache.index_select(1, flat).view(hkv, n, width, d).transpose(0, 1)
-        o = F.scaled_dot_product_attention(q.reshape(n, hkv, hq // hkv, d), ks, vs,
-                                           attn_mask=mask, scale=scale)  # [Bb, Hkv, G, D]
+        q = q.reshape(n, hkv, hq // hkv, d)
+        if mask is None:
+            o = decode_attention.decode_attention(q, k_cache, v_cache, index, lengths, scale)
+        else:
+            flat = index.reshape(-1)
+            ks = k_cache.index_select(1, flat).view(hkv, n, width, d).transpose(0, 1)
+            vs = v_cache.index_select(1, flat).view(hkv, n, width, d).transpose(0, 1)
+            o = F.scaled_dot_product_attention(q, ks, vs, attn_mask=mask, scale=scale)
         x = x + all_reduce(linear(o.reshape(n, -1), wo))
         h = rms_norm(x, post_norm, eps)
         gate, up = linear(h, gate_up).chunk(2, dim=-1)
@@ -273,10 +285,11 @@ def compile_decode(model: ShardModel, cache: KVCache,
         return None
     compiled = CompiledDecode(model, buckets=buckets)
     log.info("compiling decode steps of %s rows (a graph each, about a minute each on 2 "
-             "cores; less when inductor's cache holds them; GEMMs: %s)",
+             "cores; less when inductor's cache holds them; GEMMs: %s; decode attention: %s)",
              " and ".join(filter(None, (", ".join(map(str, compiled.buckets[:-1])),
                                         str(compiled.buckets[-1])))),
-             compiled.gemms or "max-autotune's choice")
+             compiled.gemms or "max-autotune's choice",
+             f"C++ kernel ({compiled.attention})" if compiled.attention else "gather + SDPA")
     seconds = compiled.warm_up(cache)
     log.info("compiled decode: buckets %s rows, %d graphs, warm in %.1f s", compiled.buckets,
              compiled.graphs, seconds)

@@ -105,15 +105,16 @@ class FrozenStep(torch.nn.Module):
         self.decode_layer, self.eps = layer, eps
 
     def forward(self, tokens: Tensor, positions: Tensor, write_slots: Tensor, src: Tensor,
-                index: Tensor, mask: Tensor, k: list[Tensor], v: list[Tensor]) -> Tensor:
+                index: Tensor, lengths: Tensor, mask: Tensor | None, k: list[Tensor],
+                v: list[Tensor]) -> Tensor:
         """k, v: each layer's cache [Hkv, P*S, D] (separate inputs, so that each is written
         in place); returns float32 logits [Bb, V]."""
         w = self.w
         x = embedding_rows(tokens, w.matrix("embed"))  # type: ignore[arg-type]  # [Bb, H]
         cos, sin = rope_cos_sin(w.inv_freq, positions, x.dtype)
         for i in range(w.num_layers):
-            x = self.decode_layer(x, cos, sin, write_slots, src, index, mask, k[i], v[i],
-                                  w.layer(i))
+            x = self.decode_layer(x, cos, sin, write_slots, src, index, lengths, mask, k[i],
+                                  v[i], w.layer(i))
         head = w.matrix("lm_head")
         assert head is not None
         return linear(rms_norm(x, w.final_norm, self.eps), head).float()

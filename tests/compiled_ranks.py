@@ -28,13 +28,14 @@ def compilable_model(model_dir: Any, comm: Any, dtype: str) -> Any:
     return ShardModel(config, plan, weights, comm, kernels)
 
 
-def side_by_side(model_dir: Any, comm: Any, dtype: str,
-                 buckets: tuple[int, ...]) -> dict[str, Any]:
+def side_by_side(model_dir: Any, comm: Any, dtype: str, buckets: tuple[int, ...],
+                 kernel: bool = True) -> dict[str, Any]:
     """Decode 1 sequence, then 3 together (padded to a bucket of 4 rows; one history over 64
     tokens), feeding both engines the same tokens; return each step's top-5 (values, ids) of
     both, the graphs compiled after warm-up and at the end, the steps run compiled, the GEMM
-    backends it compiled with, and the names of the ops the compiled engine's decode steps ran
-    (torch.profiler)."""
+    backends and decode attention it compiled with, and the names of the ops the compiled
+    engine's decode steps ran (torch.profiler). kernel=False: gather + SDPA, not the C++
+    decode attention."""
     from torch.profiler import ProfilerActivity, profile
 
     from shard_svc.compiled_step import CompiledDecode
@@ -44,6 +45,8 @@ def side_by_side(model_dir: Any, comm: Any, dtype: str,
     config = model.config
     eager = ShardEngine(model, model.new_cache(1024, page_size=4))
     compiled = CompiledDecode(model, buckets=buckets)
+    if not kernel:
+        compiled.attention = None
     cache = model.new_cache(1024, page_size=4)
     compiled.warm_up(cache)
     warm_graphs = compiled.graphs
@@ -68,6 +71,7 @@ def side_by_side(model_dir: Any, comm: Any, dtype: str,
             e.release(seqs)
     return {"steps": steps, "warm_graphs": warm_graphs, "graphs": compiled.graphs,
             "compiled_steps": compiled.steps, "gemms": compiled.gemms,
+            "attention": compiled.attention,
             "decode_ops": sorted(ops)}
 
 

@@ -148,3 +148,27 @@ def test_gemm_backends_runs(tmp_path: Path) -> None:
     for v in result["variants"].values():
         assert v["ms_per_step"] > 0 and v["nan_steps"] == 0
     assert "greedy tokens equal in" in run.stdout
+
+
+def test_decode_attention_bench_runs(tmp_path: Path) -> None:
+    """`python -m bench.decode_attention` (the C++ decode attention's evidence) runs both graphs
+    interleaved at two contexts, every step compiled, and reports growth from the first."""
+    import subprocess
+    import sys
+
+    tiny = tiny_checkpoint(tmp_path / "tiny", "llama")
+    out = tmp_path / "attention.json"
+    run = subprocess.run([sys.executable, "-m", "bench.decode_attention", "--model-dir",
+                          str(tiny), "--dtype", "float32", "--contexts", "8,100", "--steps", "3",
+                          "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["contexts"] == [8, 100] and result["isa"]
+    assert result["steps_agreeing"] == [3, 3]  # float32: the same greedy tokens
+    for name in ("sdpa", "kernel"):
+        assert len(result["ms_per_step"][name]) == 2 and result["nan_steps"][name] == [0, 0]
+        assert result["growth"][name][0] == 1.0
+    assert "| 100 |" in run.stdout
+    bad = subprocess.run([sys.executable, "-m", "bench.decode_attention", "--contexts", "8,x"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "positive integers, comma-separated" in bad.stderr
