@@ -13,8 +13,9 @@ dynamic dimension (`mark_dynamic`), so the graph of one batch bucket serves ever
 length. Attention reads the history in place through the index, by the C++ kernel of
 shard_svc/decode_attention.py (built at start for inductor's vector ISA; 4096 tokens of context
 cost SmolLM2 16.2 ms/step instead of 28.1 through a gather); where it cannot build, the graph
-gathers K and V at the index and calls SDPA with the padding masked (-inf). Each layer's K and V cache is its own input, written in place. The mesh's
-all-reduce is an opaque custom op (`cpumesh::all_reduce`), so the graph is not broken by it.
+gathers K and V at the index and calls SDPA with the padding masked (-inf). Each layer's K and
+V cache is its own input, written in place. The mesh's all-reduce is an opaque custom op
+(`cpumesh::all_reduce`), so the graph is not broken by it.
 
 Freezing needs plain weights: the shard then chooses among plain kernels for its eager steps
 (prefill), never oneDNN-packed ones. Inductor's packed constants are its own: each compiled

@@ -22,7 +22,7 @@ import fcntl
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -139,6 +139,11 @@ def _register_fake() -> None:
         return q.new_empty(q.shape)
 
     _register_fake.done = True  # type: ignore[attr-defined]
+
+
+def kernel(head_dim: int) -> Callable[..., Tensor] | None:
+    """`decode_attention` where the kernel builds for this head size here, else None."""
+    return decode_attention if load(head_dim) else None
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, lengths: Tensor,

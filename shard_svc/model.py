@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from services.config import ModelConfig
+from shard_svc import decode_attention
 from shard_svc.ipex_backend import IpexPlan, block_tables
 from shard_svc.kernels import KernelPlan, choose_kernels
 from shard_svc.kv_cache import KVCache, Reservation
@@ -56,9 +57,12 @@ class Batch:
     spans: tuple[SeqSpan, ...]  # [B]
     last: torch.Tensor  # int64 [B]: index in N of each sequence's last new token
     reservation: Reservation  # the cache room this step took; `undo()` if the step fails
-    # A decode batch with short histories attends as one padded batch (one gather of at most
-    # PADDED_MAX_SLOTS slots per layer beats B separate calls); longer ones read views per span.
+    # A decode step: each sequence's history by slot and its length (the C++ decode attention
+    # reads them in place). Without it, short histories attend as one padded batch (one gather
+    # of at most PADDED_MAX_SLOTS slots per layer beats B separate calls: `padding_mask` set);
+    # longer ones read views per span.
     padded_slots: torch.Tensor | None = None  # int64 [B, Lmax], padding repeats a real slot
+    history: torch.Tensor | None = None  # int64 [B]: tokens of each sequence in the cache
     padding_mask: torch.Tensor | None = None  # additive [B, 1, 1, Lmax]: -inf on padding
     # A decode batch read by the backend's paged attention: each sequence's pages and length
     block_tables: tuple[torch.Tensor, torch.Tensor] | None = None  # int32 [B, pages], [B]
@@ -85,20 +89,21 @@ def make_batch(steps: Sequence[tuple[int, Sequence[int]]], cache: KVCache) -> Ba
         positions.append(torch.arange(cached, cached + len(ids)))
         spans.append(SeqSpan(seq_id, n, n + len(ids), cached))
         n += len(ids)
-    padded_slots = padding_mask = None
+    padded_slots = history = padding_mask = None
     lengths = [cache.length(seq_id) for seq_id, _ in steps]
-    if n == len(spans) > 1 and len(spans) * max(lengths) <= PADDED_MAX_SLOTS:
-        longest = max(lengths)
+    if n == len(spans):  # decode
+        longest, history = max(lengths), torch.tensor(lengths)
         padded_slots = torch.stack([F.pad(cache.slots(s, 0, length), (0, longest - length),
                                           value=int(cache.slots(s, 0, 1)))
                                     for (s, _), length in zip(steps, lengths, strict=True)])
-        padding_mask = torch.zeros(len(spans), 1, 1, longest, dtype=cache.dtype).masked_fill(
-            torch.arange(longest).view(1, 1, 1, -1) >= torch.tensor(lengths).view(-1, 1, 1, 1),
-            float("-inf"))
+        if len(spans) > 1 and len(spans) * longest <= PADDED_MAX_SLOTS:
+            padding_mask = torch.zeros(len(spans), 1, 1, longest, dtype=cache.dtype).masked_fill(
+                torch.arange(longest).view(1, 1, 1, -1) >= history.view(-1, 1, 1, 1),
+                float("-inf"))
     return Batch(torch.tensor(tokens, dtype=torch.int64), torch.cat(positions),
                  torch.cat(reservation.writes), tuple(spans),
                  torch.tensor([s.stop - 1 for s in spans], dtype=torch.int64), reservation,
-                 padded_slots, padding_mask)
+                 padded_slots, history, padding_mask)
 
 
 class ShardModel:
@@ -120,6 +125,8 @@ class ShardModel:
         self.apply_rope: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = (
             partial(ipex.apply_rope, q_heads=plan.num_q_heads) if ipex else apply_rope)
         self.paged_decode = ipex.attend_decode if ipex else None
+        # else decode reads the cache in place by the C++ kernel where it builds (float KV)
+        self.slot_decode = None if ipex else decode_attention.kernel(config.head_dim)
         self.inv_freq = rope_inv_freq(config)  # float32 [D/2]
         self.scale = 1.0 / math.sqrt(config.head_dim)
 
@@ -166,7 +173,11 @@ class ShardModel:
             assert self.paged_decode is not None
             o = self.paged_decode(q, *cache.layer(index), *batch.block_tables, cache.page_size,
                                   self.scale)
-        elif batch.padded_slots is not None:  # decode, N == B: one query per sequence
+        elif (self.slot_decode is not None and batch.history is not None
+              and cache.k.dtype == q.dtype):  # decode, N == B, the history read in place
+            o = self.slot_decode(q, *cache.layer(index), batch.padded_slots, batch.history,
+                                 self.scale)
+        elif batch.padding_mask is not None:  # decode, N == B: one padded batch
             o = self.attend_padded(index, q, cache, batch)
         else:
             o = self.attend_each(index, q, cache, batch)
@@ -234,7 +245,8 @@ def with_block_tables(batch: Batch, cache: KVCache) -> Batch:
     if len(batch.tokens) != len(batch.spans) or cache.k.dtype == torch.int8:
         return batch
     tables = block_tables(cache, [span.seq_id for span in batch.spans])
-    return dataclasses.replace(batch, block_tables=tables, padded_slots=None, padding_mask=None)
+    return dataclasses.replace(batch, block_tables=tables, padded_slots=None, history=None,
+                               padding_mask=None)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

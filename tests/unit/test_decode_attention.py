@@ -129,10 +129,9 @@ def test_avx2_build() -> None:
 
 def test_builders_take_turns_with_a_deadline(tmp_path: Path) -> None:
     lock = tmp_path / "cpumesh.lock"
-    with decode_attention._exclusive(lock, 1.0):
-        with pytest.raises(TimeoutError, match="held"):
-            with decode_attention._exclusive(lock, 0.3):
-                pass
+    with (decode_attention._exclusive(lock, 1.0), pytest.raises(TimeoutError, match="held"),
+          decode_attention._exclusive(lock, 0.3)):
+        pass
     with decode_attention._exclusive(lock, 0.3):  # released: free again
         pass
 

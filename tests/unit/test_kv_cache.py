@@ -4,6 +4,7 @@ reservations all-or-nothing and undone exactly."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -110,15 +111,23 @@ def test_model_output_is_the_same_from_scattered_pages(model_dir: Path) -> None:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_padded_and_per_sequence_decode_attention_agree(
-        model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A decode batch attends as one padded batch when short, per sequence (views) when long:
-    the same logits either way."""
+def test_decode_attention_paths_agree(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decode batch attends by the C++ kernel reading the cache in place; without it, as one
+    padded batch when short, per sequence (views) when long: the same logits every way."""
     import shard_svc.model
 
     config = load_model_config(model_dir)
     plan = plan_shard(config, 0, 1)
     model = ShardModel(config, plan, load_shard_weights(model_dir, config, plan), SingleRank())
+    kernel_op = model.slot_decode
+    assert kernel_op is not None, "the C++ decode attention did not build here"
+    calls: list[int] = []
+
+    def counted(*args: Any) -> torch.Tensor:
+        calls.append(1)
+        return kernel_op(*args)
+
+    model.slot_decode = counted
     prompts = [list(range(3, 20)), [7], list(range(50, 90))]
 
     def run() -> list[torch.Tensor]:
@@ -129,10 +138,14 @@ def test_padded_and_per_sequence_decode_attention_agree(
             batch = make_batch(steps, c)
             out.append(model.local_logits(model.forward(batch, c)))
             steps = [(i, [int(t)]) for i, t in enumerate(out[-1].argmax(-1))]
-        assert (batch.padded_slots is None) == (shard_svc.model.PADDED_MAX_SLOTS == 0)
+        assert (batch.padding_mask is None) == (shard_svc.model.PADDED_MAX_SLOTS == 0)
         return out
 
+    kernel = run()
+    assert len(calls) == 4 * config.num_layers  # every decode step, every layer
+    model.slot_decode = None
     padded = run()
     monkeypatch.setattr(shard_svc.model, "PADDED_MAX_SLOTS", 0)
-    for a, b in zip(padded, run(), strict=True):
+    for a, b, c in zip(kernel, padded, run(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-5)
