@@ -81,6 +81,29 @@ def eager_model(model_dir: Path, dtype: str) -> Any:
                                                        getattr(torch, dtype)), SingleRank())
 
 
+def table(r: dict[str, Any]) -> list[str]:
+    lines = ["| context | gather + SDPA ms | kernel ms | kernel / SDPA | greedy equal |",
+             "|---|---|---|---|---|"]
+    for c, n in enumerate(r["contexts"]):
+        lines.append(f"| {n} | {r['ms_per_step']['sdpa'][c]:.2f} | "
+                     f"{r['ms_per_step']['kernel'][c]:.2f} | {r['kernel_over_sdpa'][c]:.2f} | "
+                     f"{r['steps_agreeing'][c]} / {r['steps']} |")
+    for name in ("sdpa", "kernel"):
+        lines.append(f"\ngrowth from {r['contexts'][0]} tokens ({name}): " + ", ".join(
+            f"{n}: {g:.2f}x" for n, g in zip(r["contexts"], r["growth"][name], strict=True)))
+    return lines
+
+
+def section(r: dict[str, Any]) -> list[str]:
+    """The BENCHMARKS.md section for bench/results/decode_attention.json."""
+    return ["## Decode attention read in place (the decode-speed issue, 4k context)", "",
+            f"{Path(r['model_dir']).name}, {r['dtype']}, --compile {r.get('compile', 'decode')},"
+            f" {r['rows']} row(s), {r['steps']} steps per context interleaved in one process "
+            f"(bench.interleaved), C++ kernel built for {r['isa']}, load {r['load_avg']:.1f}. "
+            "*gather + SDPA*: the path before the kernel (and its fallback).", "", *table(r), "",
+            "Command: `python -m bench.decode_attention`", ""]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-dir", type=Path, help="default: the embedded SmolLM2")
@@ -108,15 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{a.dtype}, --compile {a.compile}, {a.rows} row(s), {a.steps} interleaved steps per "
           f"context, {a.threads} "
           f"threads, kernel built for {r['isa']} (load {r['load_avg']:.1f})")
-    print("| context | gather + SDPA ms | kernel ms | kernel / SDPA | greedy equal |")
-    print("|---|---|---|---|---|")
-    for c, n in enumerate(a.contexts):
-        print(f"| {n} | {r['ms_per_step']['sdpa'][c]:.2f} | {r['ms_per_step']['kernel'][c]:.2f} "
-              f"| {r['kernel_over_sdpa'][c]:.2f} | {r['steps_agreeing'][c]} / {a.steps} |")
-    for name in ("sdpa", "kernel"):
-        print(f"growth from {a.contexts[0]} tokens ({name}): "
-              + ", ".join(f"{n}: {g:.2f}x" for n, g in zip(a.contexts, r["growth"][name],
-                                                            strict=True)))
+    print("\n".join(table(r)))
 
 
 if __name__ == "__main__":

@@ -29,9 +29,10 @@ GGUF = {"float32": "F32", "bfloat16": "F16", "float16": "F16"}  # llama.cpp's pe
 
 
 def measure(m: BenchModel, gguf: dict[str, Path], threads: int, repeats: int,
-            full: bool, compile: str = "off") -> list[dict[str, Any]]:
+            full: bool, compile: str = "off", only_context: bool = False) -> list[dict[str, Any]]:
     """compile: "decode" runs cpumesh as a shard with --compile decode (its kernels chosen as
-    that shard chooses them, decode steps compiled; prefill eager)."""
+    that shard chooses them, decode steps compiled; prefill eager). only_context: the
+    128 / 1024 / 4096-token points alone."""
     rows: list[dict[str, Any]] = []
 
     def point(kind: str, dtype: str, batch: int, prompt: int, tokens: int) -> None:
@@ -45,9 +46,9 @@ def measure(m: BenchModel, gguf: dict[str, Path], threads: int, repeats: int,
         print(json.dumps({k: v for k, v in row.items() if k not in ("ours", "llama.cpp")}
                          | {"ours_ms": med(ours, kind), "peer_ms": med(peer, kind)}), flush=True)
 
-    for dtype in ("float32", "bfloat16", "float16"):
+    for dtype in () if only_context else ("float32", "bfloat16", "float16"):
         point("decode", dtype, 1, 32, 32)
-    for dtype in ("float32", "bfloat16"):
+    for dtype in () if only_context else ("float32", "bfloat16"):
         point("decode", dtype, 8, 32, 32)
         point("prefill", dtype, 1, 512, 2)
     if full:
@@ -133,6 +134,7 @@ def cpu_name() -> str:
 def section(result: dict[str, Any]) -> list[str]:
     """The BENCHMARKS.md section for bench/results/decode_speed.json."""
     compiled = any(r.get("compile", "off") == "decode" for r in result["rows"])
+    context_only = all(r["prompt"] in (128, 1024, 4096) for r in result["rows"])
     return ["## Decode speed " + ("with --compile decode (the decode-speed issue)" if compiled
                                   else "by precision (the decode-speed issue)"), "",
             f"Machine: {result['machine']}, {result['threads']} threads for every system. "
@@ -145,8 +147,10 @@ def section(result: dict[str, Any]) -> list[str]:
             "Command: `python -m bench.decode_speed --models "
             + " ".join(n for n, prefix in (("smollm2", "smollm2"), ("llama1b", "llama-1b"))
                        if any(r["model"].startswith(prefix) for r in result["rows"]))
-            + (" --compile decode --out bench/results/decode_speed_compiled.json" if compiled
-               else "") + "` (llama.cpp from `make bench-env`)", ""]
+            + (" --compile decode" if compiled else "")
+            + (" --only-context --out bench/results/decode_speed_context.json" if context_only
+               else " --out bench/results/decode_speed_compiled.json" if compiled else "")
+            + "` (llama.cpp from `make bench-env`)", ""]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -157,6 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cache", type=Path, default=Path("build/bench-models"))
     p.add_argument("--compile", default="off", choices=["off", "decode"],
                    help="run cpumesh as a shard with this --compile")
+    p.add_argument("--only-context", action="store_true",
+                   help="only decode at 128, 1024 and 4096 tokens of context (SmolLM2)")
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
     if not BENCH_PYTHON.exists():
@@ -167,7 +173,8 @@ def main(argv: list[str] | None = None) -> None:
         m = smollm2() if name == "smollm2" else llama_1b(a.cache)
         gguf = {f: export_gguf(m.model_dir, a.cache / f"{m.name}-{f}.gguf", f)
                 for f in ("F32", "F16")}
-        rows += measure(m, gguf, a.threads, a.repeats, name == "smollm2", a.compile)
+        rows += measure(m, gguf, a.threads, a.repeats, name == "smollm2", a.compile,
+                        a.only_context)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps({"machine": cpu_name(), "threads": a.threads,
                                    "rows": rows}, indent=1))

@@ -257,10 +257,15 @@ def write(results: Path, out_dir: Path, command: str) -> Path:
         from bench.decode_speed import section
 
         lines += section(ds)
-    if dsc := _load(results, "decode_speed_compiled"):
-        from bench.decode_speed import section
+    for name in ("decode_speed_compiled", "decode_speed_context"):
+        if dsc := _load(results, name):
+            from bench.decode_speed import section
 
-        lines += section(dsc)
+            lines += section(dsc)
+    if da := _load(results, "decode_attention"):
+        from bench.decode_attention import section as attention_section
+
+        lines += attention_section(da)
     from bench.quantized_speed import section as quantized_section
 
     for name in ("quantized_speed", "quantized_speed_compiled"):
