@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: all install protos test test-ipex lint typecheck serve bench bench-quick bench-env clean
+.PHONY: all install protos kernels test test-ipex lint typecheck serve bench bench-quick bench-env clean
 
 all: test
 
@@ -34,7 +34,12 @@ install: $(STAMP)
 protos: $(STAMP)
 	$(PY) -m services.protogen
 
-test: protos
+# The C++ decode attention for this CPU (shard_svc/decode_attention.py; ~30 s the first time,
+# then cached in ~/.cache/cpumesh/kernels): built here so that no shard start waits for it.
+kernels: $(STAMP)
+	$(PY) -m shard_svc.decode_attention
+
+test: protos kernels
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
@@ -73,7 +78,7 @@ test-ipex: $(IPEX_VENV)/.ipex-stamp
 # The embedded SmolLM2 (or any model: SERVE_ARGS="--model-dir DIR --tp 4") on this machine:
 # tokenizer, shards and router as separate processes until Ctrl-C. See `cpumesh local --help`.
 SERVE_ARGS ?=
-serve: protos
+serve: protos kernels
 	$(PY) -m services.cli local --tp 2 $(SERVE_ARGS)
 
 # Benchmarks (bench/): `make bench` regenerates BENCHMARKS.md, bench/plots/ and bench/results/;

@@ -12,7 +12,7 @@ multiple of `CONTEXT_ALIGN`; shorter histories padded with their own first slot)
 dynamic dimension (`mark_dynamic`), so the graph of one batch bucket serves every context
 length. Attention reads the history in place through the index, by the C++ kernel of
 shard_svc/decode_attention.py (built at start for inductor's vector ISA; 4096 tokens of context
-cost SmolLM2 16.2 ms/step instead of 28.1 through a gather); where it cannot build, the graph
+cost SmolLM2 16.5 ms/step instead of 33.3 through a gather); where it cannot build, the graph
 gathers K and V at the index and calls SDPA with the padding masked (-inf). Each layer's K and
 V cache is its own input, written in place. The mesh's all-reduce is an opaque custom op
 (`cpumesh::all_reduce`), so the graph is not broken by it.

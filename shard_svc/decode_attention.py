@@ -44,16 +44,16 @@ def supports(head_dim: int, vector_width: int) -> bool:
     return head_dim % vector_width == 0 and head_dim // vector_width in VECTORS
 
 
-def load(head_dim: int) -> str | None:
+def load(head_dim: int | None = None) -> str | None:
     """Build (once) and load the kernel for this CPU; return the ISA it was built for, or None
-    (logged) when it cannot run here."""
+    (logged) when it cannot run here (or not for `head_dim`)."""
     from torch._inductor.cpu_vec_isa import pick_vec_isa
 
     isa = pick_vec_isa()
     if not isa:
         log.warning("decode attention: no vector ISA inductor compiles for; gather + SDPA")
         return None
-    if not supports(head_dim, isa.nelements()):
+    if head_dim is not None and not supports(head_dim, isa.nelements()):
         log.warning("decode attention: head_dim %d is not %s vectors of %d floats (%s); "
                     "gather + SDPA", head_dim, VECTORS, isa.nelements(), isa)
         return None
@@ -74,7 +74,10 @@ def _build(name: str, flags: list[str]) -> bool:
         directory.mkdir(parents=True, exist_ok=True)
         with _exclusive(directory / "cpumesh.lock", BUILD_WAIT_S):
             (directory / "lock").unlink(missing_ok=True)  # torch's, left by a killed builder
-            cpp_extension.load(name, [str(SOURCE)], extra_cflags=["-O3", "-fopenmp", *flags],
+            source = directory / SOURCE.name  # one path for every checkout: rebuilt on change only
+            if not source.exists() or source.read_bytes() != SOURCE.read_bytes():
+                source.write_bytes(SOURCE.read_bytes())
+            cpp_extension.load(name, [str(source)], extra_cflags=["-O3", "-fopenmp", *flags],
                                extra_ldflags=["-fopenmp"],  # at::parallel_for is OpenMP's
                                build_directory=str(directory), is_python_module=False,
                                verbose=False)
@@ -151,3 +154,9 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, lengths: Te
     """q [B, Hkv, G, D]; k, v [Hkv, slots, D] (a layer's cache); index int64 [B, L]: row b's
     history at slots index[b, :lengths[b]]; returns [B, Hkv, G, D] in q's dtype."""
     return torch.ops.cpumesh_kernels.decode_attention(q, k, v, index, lengths, scale)
+
+
+if __name__ == "__main__":  # `make kernels`: build before shards start (they would wait for it)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    built = load()
+    print(f"decode attention: {'C++ kernel for ' + built if built else 'SDPA (see above)'}")

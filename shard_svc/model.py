@@ -13,6 +13,8 @@ residuals and the embedding lookup are computed redundantly, identically, on eve
 Given the IPEX backend's kernels (shard_svc/ipex_backend.py), the model calls its fused RMSNorm,
 rotary and paged decode attention in place of the plain functions at the bottom of this file:
 the choice is made once, when the model is built (decode attention: over a float KV cache only).
+Without IPEX, decode attention over a float KV cache is the C++ kernel of
+shard_svc/decode_attention.py where it builds (`slot_decode`), else SDPA.
 """
 
 from __future__ import annotations
