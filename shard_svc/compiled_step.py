@@ -62,13 +62,14 @@ from shard_svc.kv_store import FloatKV
 from shard_svc.mesh.communicator import Communicator, LocalOnly
 from shard_svc.model import Batch, ShardModel, apply_rope, rms_norm
 from shard_svc.quant import Int8Weight, Matrix
+from shard_svc.quant_linear import INT8_K_ALIGN
 
 log = logging.getLogger("cpumesh.shard")
 BATCH_BUCKETS = (1, 8)  # a step of 2-8 rows costs little more than one (weights read once)
 CONTEXT_ALIGN = 64
 # Inductor's weight-only int8 GEMM (torch 2.13) on K = 200 inputs: NaN at 1 row, a segmentation
-# fault at 4; K = 96, 192, 208, 224, 576, 1536 were right (bfloat16, AMX Xeon).
-INT8_K_ALIGN = 16
+# fault at 4; K = 96, 192, 208, 224, 576, 1536 were right (bfloat16, AMX Xeon). ATen's eager
+# kernel has the same limit (quant_linear.INT8_K_ALIGN).
 _active = threading.local()  # .comm: the communicator of the step running on this thread
 
 

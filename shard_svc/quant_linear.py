@@ -24,6 +24,10 @@ import torch.nn.functional as F
 from shard_svc.quant import Int4Weight, Int8Weight, QuantWeight
 
 WEIGHT_ONLY, DEQUANTIZE = "weight-only", "dequantize"
+# ATen's `_weight_int8pack_mm` (torch 2.13, AVX-512 EPYC) on inputs not a multiple of 16 wide:
+# garbage at 1 row (K = 100), NaN (K = 104), a segmentation fault at 4 rows (K = 100, 200). Such
+# an int8 matrix (a row-parallel slice at tp 2 of an intermediate of 200) is dequantized instead.
+INT8_K_ALIGN = 16
 CHUNK_BYTES = 8 * 2**20  # scratch per thread for the dequantized rows
 _scratch = threading.local()
 
@@ -31,6 +35,8 @@ _scratch = threading.local()
 def weight_only(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     """x [N, K] (the weight's scale dtype) @ w.T → [N, rows]"""
     if isinstance(w, Int8Weight):
+        if w.shape[1] % INT8_K_ALIGN:
+            return dequantized(x, w)
         return torch.ops.aten._weight_int8pack_mm(x, w.q, w.scales)
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x, w.packed, w.group, w.scale_zeros)
 
