@@ -1,6 +1,7 @@
 """Decode attention read in place from the KV cache: a C++ kernel (shard_svc/csrc/
 decode_attention.cpp), built at shard start for the vector ISA inductor compiles for, and
-registered as the op `cpumesh_kernels::decode_attention`, which a compiled decode graph calls.
+registered as the op `cpumesh_kernels::decode_attention`, which compiled decode graphs and
+eager decode steps (`ShardModel.slot_decode`) call over a float KV cache.
 
 Why: a compiled step used to gather each row's history out of the paged cache (a copy of K and
 V per layer) and hand the copy to scaled_dot_product_attention, whose CPU kernel is slow for
@@ -13,7 +14,8 @@ at 4096 tokens of context the gather + SDPA took 36.8 ms a step, SDPA on views o
 ~/.cache/cpumesh/kernels or $CPUMESH_KERNEL_CACHE: ~30 s on 2 cores the first time, then a
 load; processes that start together take turns, see `_exclusive`) and returns
 None, logged with why, where it cannot: no vectorizing ISA, no compiler, head_dim not a
-supported multiple of the vector width. The caller then keeps gather + SDPA.
+supported multiple of the vector width. The caller then keeps SDPA (over a gathered history
+in a compiled graph). `python -m shard_svc.decode_attention` (`make kernels`) builds it ahead.
 """
 
 from __future__ import annotations
