@@ -148,32 +148,31 @@ class CompiledDecode:
     def logits(self, batch: Batch, cache: KVCache) -> Tensor | None:
         """This rank's logits of the step [B, V], as `ShardModel.local_logits` gives them;
         None when the compiled graphs would have to compile (the caller then runs eager)."""
-        lengths = [cache.length(s.seq_id) for s in batch.spans]
-        gather = [cache.slots(s.seq_id, 0, n) for s, n in zip(batch.spans, lengths, strict=True)]
+        assert batch.padded_slots is not None and batch.history is not None  # a decode step
         try:
             with torch.compiler.set_stance("fail_on_recompile"):
-                out = self.run(batch.tokens, batch.positions, batch.write_slots, gather,
-                               cache, self.model.comm)
+                out = self.run(batch.tokens, batch.positions, batch.write_slots,
+                               batch.padded_slots, batch.history, cache, self.model.comm)
             self.steps += 1
             return out
         except RuntimeError as e:
             if "recompil" not in str(e).lower():
                 raise
             log.warning("compiled decode: %d rows would recompile; eager step (%s)",
-                        len(lengths), str(e).splitlines()[0])
+                        len(batch.spans), str(e).splitlines()[0])
             return None
 
     @torch.no_grad()
-    def run(self, tokens: Tensor, positions: Tensor, write_slots: Tensor,
-            gather: list[Tensor], cache: KVCache, comm: Communicator) -> Tensor:
+    def run(self, tokens: Tensor, positions: Tensor, write_slots: Tensor, slots: Tensor,
+            lengths: Tensor, cache: KVCache, comm: Communicator) -> Tensor:
+        """slots [n, Lmax]: each row's history by slot (padding: any of its slots, as
+        `make_batch` gives it), lengths [n]."""
         n = len(tokens)
         rows = self.bucket(n)
         src = torch.cat([torch.arange(n), torch.zeros(rows - n, dtype=torch.int64)])  # [Bb]
-        longest = max(len(g) for g in gather)
-        width = -(-longest // CONTEXT_ALIGN) * CONTEXT_ALIGN
-        index = torch.stack([F.pad(g, (0, width - len(g)), value=int(g[0])) for g in gather])
-        lengths = torch.tensor([len(g) for g in gather])
-        index, lengths = index[src], lengths[src]  # [Bb, L], [Bb]
+        width = -(-slots.shape[1] // CONTEXT_ALIGN) * CONTEXT_ALIGN
+        pad = slots[:, :1].expand(n, width - slots.shape[1])  # more of each row's first slot
+        index, lengths = torch.cat([slots, pad], dim=1)[src], lengths[src]  # [Bb, L], [Bb]
         torch._dynamo.mark_dynamic(index, 1)
         mask = None
         if not self.attention:  # SDPA's: -inf past each row's history, [Bb, 1, 1, L]
@@ -198,7 +197,8 @@ class CompiledDecode:
             for rows in self.buckets:
                 t1 = time.monotonic()
                 zeros = torch.zeros(rows, dtype=torch.int64)
-                self.run(zeros, zeros, slot.repeat(rows), [slot] * rows, cache,
+                self.run(zeros, zeros, slot.repeat(rows), slot.repeat(rows, 1),
+                         torch.ones(rows, dtype=torch.int64), cache,
                          LocalOnly(self.model.plan.tp_rank, self.model.plan.tp_size))
                 self.warm.add(rows)
                 log.info("compiled decode: %d rows warm in %.1f s", rows, time.monotonic() - t1)
