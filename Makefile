@@ -34,10 +34,11 @@ install: $(STAMP)
 protos: $(STAMP)
 	$(PY) -m services.protogen
 
-# The C++ decode attention for this CPU (shard_svc/decode_attention.py; ~30 s the first time,
-# then cached in ~/.cache/cpumesh/kernels): built here so that no shard start waits for it.
+# cpumesh's C++ kernels for this CPU (shard_svc/native.py: decode attention, int8 products;
+# ~40 s the first time, then cached in ~/.cache/cpumesh/kernels): built here so that no shard
+# start waits for them.
 kernels: $(STAMP)
-	$(PY) -m shard_svc.decode_attention
+	$(PY) -m shard_svc.native
 
 test: protos kernels
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -1,20 +1,22 @@
 """Compiled decode steps with each choice of GEMM backends, interleaved in one process.
 
     python -m bench.gemm_backends [--model-dir DIR] [--dtype int8] [--rows 1]
-        [--variants max-autotune,CPP,ATEN] [--steps 60] [--threads 2]
+        [--variants max-autotune,CPP,ATEN,cpumesh] [--steps 60] [--threads 2]
 
 One model (tp 1, the embedded SmolLM2 unless --model-dir), one compiled decode graph per variant
 (`CompiledDecode.gemms`: "max-autotune" lets inductor time ATen's GEMMs against its C++
-template, "CPP" / "ATEN" allow one of them; the shard's own choice is `gemm_backends`), each
-with its own KV cache. Every round runs one step of each graph in turn, all fed the first
-variant's greedy tokens, so a noisy machine slows them alike; reports median ms per step, steps
-with NaN logits and how often the variants' greedy tokens agree. Writes
+template, "CPP" / "ATEN" allow one of them; the shard's own choice is `gemm_backends`;
+"cpumesh": every int8 product by cpumesh's int8 kernel, an opaque op), each with its own KV
+cache. Every round runs one step of each graph in turn, all fed the first variant's greedy
+tokens, so a noisy machine slows them alike; reports median ms per step, steps with NaN logits
+and how often the variants' greedy tokens agree. Writes
 bench/results/gemm_backends.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -29,13 +31,18 @@ def measure(model_dir: Path, dtype: str, rows: int, variants: list[str],
     from shard_svc.compiled_step import CompiledDecode, gemm_backends
     from shard_svc.engine import ShardEngine
     from shard_svc.mesh.communicator import SingleRank
+    from shard_svc.quant_linear import INT8_KERNEL, WEIGHT_ONLY
     from tests.compiled_ranks import compilable_model  # as a --compile decode shard builds it
 
     model = compilable_model(model_dir, SingleRank(), dtype)
+    plan = model.kernels
     engines, warm = {}, {}
-    for name in variants:
+    for name in variants:  # each graph takes its int8 method from the plan when it is built
+        method = INT8_KERNEL if name == "cpumesh" else WEIGHT_ONLY
+        model.kernels = dataclasses.replace(plan, libraries=(method,) * len(plan.libraries))
         compiled = CompiledDecode(model, buckets=(rows,))
-        compiled.gemms = None if name == "max-autotune" else name
+        if name != "cpumesh":
+            compiled.gemms = None if name == "max-autotune" else name
         cache = model.new_cache(rows * (PROMPT + steps + 16))
         warm[name] = compiled.warm_up(cache)
         engines[name] = ShardEngine(model, cache, compiled=compiled)
@@ -55,14 +62,16 @@ def main(argv: list[str] | None = None) -> None:
                    choices=["float32", "bfloat16", "float16", "int8", "int4"])
     p.add_argument("--rows", type=int, default=1, help="sequences per step (one bucket)")
     p.add_argument("--variants", default="max-autotune,CPP",
-                   help="comma-separated: max-autotune, CPP, ATEN")
+                   help="comma-separated: max-autotune, CPP, ATEN, cpumesh (int8 only)")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("bench/results/gemm_backends.json"))
     a = p.parse_args(argv)
     variants = a.variants.split(",")
-    if not variants or set(variants) - {"max-autotune", "CPP", "ATEN"} or a.rows < 1:
-        p.error("--variants: max-autotune, CPP, ATEN; --rows >= 1")
+    if not variants or set(variants) - {"max-autotune", "CPP", "ATEN", "cpumesh"} or a.rows < 1:
+        p.error("--variants: max-autotune, CPP, ATEN, cpumesh; --rows >= 1")
+    if "cpumesh" in variants and a.dtype != "int8":
+        p.error("--variants cpumesh is cpumesh's int8 kernel: --dtype int8 only")
     import torch
 
     torch.set_num_threads(a.threads)

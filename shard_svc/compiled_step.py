@@ -24,12 +24,20 @@ bucket holds one more copy of the weights.
 Every bucket is compiled at start (`warm_up`, which logs how long); while serving, a step runs
 under torch.compiler's "fail_on_recompile" stance: a shape never warmed up falls back to the
 eager path (logged), it never compiles. Prefill, batches above the largest bucket, IPEX kernels,
-int8 matrices whose width inductor cannot take (INT8_K_ALIGN) and an int8 KV cache keep the
-eager path (`accepts`, `not_compilable`). int8 / int4 weights are frozen as their codes
-(shard_svc/frozen_step.py).
+int8 matrices whose width inductor's int8 GEMM cannot take (INT8_K_ALIGN) where a bucket uses
+it, and an int8 KV cache keep the eager path (`accepts`, `not_compilable`). int8 / int4
+weights are frozen as their codes (shard_svc/frozen_step.py).
+
+int8 products: by cpumesh's int8 kernel (an opaque op, shard_svc/quant_linear.py) in every bucket
+whose kernel plan chose it (at start, by timing, as for eager steps; `--kernels cpumesh` forces
+it), else by inductor's C++ GEMM template. Interleaved steps, 2 threads, AMD EPYC (python -m
+bench.gemm_backends --variants CPP,cpumesh): the 1B 34.5 -> 31.6 ms/step at 1 row, 247 -> 155 at
+8; SmolLM2 8.0 -> 9.1 at 1 row (its 576-wide matrices: per-call overhead decides), 33.9 -> 21.7
+at 8. The kernel also takes every input width; inductor's int8 GEMM does not (INT8_K_ALIGN).
 
 Which GEMMs a graph may take (`gemm_backends`, from the weights and inductor's vector ISA):
-- int8 weights: inductor's C++ template only, never ATen's `_weight_int8pack_mm`. max-autotune
+- int8 weights (where the plan did not choose cpumesh's kernel): inductor's C++ template only,
+  never ATen's `_weight_int8pack_mm`. max-autotune
   times the two on weights its repeated runs keep in cache, where ATen's wins for a matrix that
   fits (SmolLM2's 3072 x 576 gate/up: 54 us against 72); serving reads them from memory, where
   it loses (177 us a call in the step). Interleaved steps, 2 threads, AMD EPYC: SmolLM2 int8
@@ -62,7 +70,7 @@ from shard_svc.kv_store import FloatKV
 from shard_svc.mesh.communicator import Communicator, LocalOnly
 from shard_svc.model import Batch, ShardModel, apply_rope, rms_norm
 from shard_svc.quant import Int8Weight, Matrix
-from shard_svc.quant_linear import INT8_K_ALIGN
+from shard_svc.quant_linear import INT8_K_ALIGN, INT8_KERNEL
 
 log = logging.getLogger("cpumesh.shard")
 BATCH_BUCKETS = (1, 8)  # a step of 2-8 rows costs little more than one (weights read once)
@@ -94,11 +102,15 @@ class CompiledDecode:
     def __init__(self, model: ShardModel, mode: str = "max-autotune",
                  buckets: tuple[int, ...] = BATCH_BUCKETS) -> None:
         """mode: torch.compile's; buckets: the batch sizes warmed up."""
-        why = not_compilable(model)
+        why = not_compilable(model, buckets)
         if why:
             raise ValueError(f"compiled decode: {why}")
         self.model, self.mode = model, mode
         self.gemms = gemm_backends(model)
+        # the buckets whose int8 products take cpumesh's kernel: where the kernel plan chose it
+        assert isinstance(model.kernels, KernelPlan)  # (not_compilable)
+        self.int8_kernel_rows = frozenset(b for b in buckets
+                                          if model.kernels.method(b) == INT8_KERNEL)
         self.attention = decode_attention.load(model.config.head_dim)  # its ISA; None: SDPA
         self.buckets = tuple(sorted(buckets))
         self.graphs = 0  # graphs compiled so far (the backend counts them)
@@ -107,7 +119,8 @@ class CompiledDecode:
         c, p = model.config, model.plan
         self.dims = (c.rms_norm_eps, p.num_q_heads, p.num_kv_heads, c.head_dim, model.scale,
                      p.tp_size > 1)
-        self._compiled = torch.compile(FrozenStep(model, self._layer, c.rms_norm_eps),
+        self._compiled = torch.compile(FrozenStep(model, self._layer, c.rms_norm_eps,
+                                                  self.int8_kernel_rows),
                                        backend=self._backend, dynamic=False)
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         torch._dynamo.config.accumulated_recompile_limit = max(
@@ -223,12 +236,13 @@ class CompiledDecode:
         assert qkv_w is not None and wo is not None and gate_up is not None and w_down is not None
         assert qkv_b is None or isinstance(qkv_b, Tensor)
         n, width = x.shape[0], index.shape[1]
+        k8 = n in self.int8_kernel_rows
 
         def all_reduce(x: Tensor) -> Tensor:
             return mesh_all_reduce(x) if reduce else x
 
         h = rms_norm(x, input_norm, eps)
-        qkv = linear(h, qkv_w, qkv_b)  # [Bb, (Hq + 2 Hkv) * D]
+        qkv = linear(h, qkv_w, qkv_b, k8)  # [Bb, (Hq + 2 Hkv) * D]
         qk = apply_rope(qkv[:, :(hq + hkv) * d].view(n, hq + hkv, d), cos, sin)
         q, k = qk[:, :hq], qk[:, hq:]
         v = qkv[:, (hq + hkv) * d:].view(n, hkv, d)
@@ -242,14 +256,14 @@ class CompiledDecode:
             ks = k_cache.index_select(1, flat).view(hkv, n, width, d).transpose(0, 1)
             vs = v_cache.index_select(1, flat).view(hkv, n, width, d).transpose(0, 1)
             o = F.scaled_dot_product_attention(q, ks, vs, attn_mask=mask, scale=scale)
-        x = x + all_reduce(linear(o.reshape(n, -1), wo))
+        x = x + all_reduce(linear(o.reshape(n, -1), wo, int8_kernel=k8))
         h = rms_norm(x, post_norm, eps)
-        gate, up = linear(h, gate_up).chunk(2, dim=-1)
-        return x + all_reduce(linear(F.silu(gate) * up, w_down))
+        gate, up = linear(h, gate_up, int8_kernel=k8).chunk(2, dim=-1)
+        return x + all_reduce(linear(F.silu(gate) * up, w_down, int8_kernel=k8))
 
 
-def not_compilable(model: ShardModel) -> str | None:
-    """Why this model's decode cannot run compiled (None: it can)."""
+def not_compilable(model: ShardModel, buckets: tuple[int, ...] = BATCH_BUCKETS) -> str | None:
+    """Why this model's decode cannot run compiled in these batch buckets (None: it can)."""
     if not isinstance(model.kernels, KernelPlan):
         return f"kernels {type(model.kernels).__name__} are not traced (only KernelPlan's)"
     if model.kernels.packed:
@@ -257,7 +271,7 @@ def not_compilable(model: ShardModel) -> str | None:
     matrices = [m for layer in model.w.layers for m in layer_tensors(layer)]
     odd = sorted({m.shape[1] for m in [*matrices, model.w.lm_head]
                   if isinstance(m, Int8Weight) and m.shape[1] % INT8_K_ALIGN})
-    if odd:
+    if odd and any(model.kernels.method(b) != INT8_KERNEL for b in buckets):
         return (f"int8 matrices {odd} inputs wide (not multiples of {INT8_K_ALIGN}: inductor's "
                 "weight-only int8 GEMM computes NaN or crashes on them)")
     return None
@@ -280,7 +294,7 @@ def compile_decode(model: ShardModel, cache: KVCache,
                    buckets: tuple[int, ...] = BATCH_BUCKETS) -> CompiledDecode | None:
     """`--compile decode` at shard start: compile and warm every bucket, logged; None (eager,
     logged) when this model or cache cannot run compiled."""
-    why = not_compilable(model) or (None if isinstance(cache.store, FloatKV)
+    why = not_compilable(model, buckets) or (None if isinstance(cache.store, FloatKV)
                                     else "an int8 KV cache runs eager")
     if why:
         log.warning("--compile decode: %s; every step eager", why)

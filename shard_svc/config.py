@@ -8,7 +8,7 @@ from pathlib import Path
 from shard_svc.mesh.config import MeshConfig
 
 DTYPES = ("float32", "bfloat16", "float16", "int8", "int4")  # int8/int4: weight-only
-KERNELS = ("auto", "aten", "onednn", "packed", "ipex")
+KERNELS = ("auto", "aten", "onednn", "packed", "cpumesh", "ipex")
 KV_DTYPES = ("auto", "int8")  # auto: the activations' dtype; int8: a scale per token and head
 COMPILE = ("off", "decode")  # decode: decode steps compiled (compiled_step.py)
 

@@ -6,9 +6,11 @@ AVX-512 micro-kernels where the CPU has them) and fuses the element-wise work ar
 on SmolLM2's 120 layer products (bench/frozen_gemm.py, bfloat16, one token, 2 threads, AMX Xeon):
 9.9 ms against 14.3 ms through oneDNN's packed weights and 22.3 ms through its plain ones.
 
-Weight-only int8 and int4 matrices are frozen too, written in the forms inductor lowers to its
-weight-only GEMMs: int8 as `(x @ q.T.to(x.dtype)) * s` (its `_weight_int8pack_mm` pattern, with
-bfloat16 activations), int4 as ATen's `_weight_int4pack_mm_for_cpu` on the packed codes.
+Weight-only int8 and int4 matrices are frozen too. int8 ones go to cpumesh's int8 kernel (an
+opaque op, shard_svc/quant_linear.py) in the batch buckets whose kernel plan chose it, else are
+written in the form inductor lowers to its weight-only GEMM, `(x @ q.T.to(x.dtype)) * s` (its
+`_weight_int8pack_mm` pattern, with bfloat16 activations); int4 ones are ATen's
+`_weight_int4pack_mm_for_cpu` on the packed codes.
 Measured on 30 matrices of 3072 x 576 (one token, bfloat16, 2 threads, AMX Xeon): int8 2.0 ms
 (26 GB/s of codes) against 4.2 ms in bfloat16; int4 2.1 ms against 2.5 ms eager.
 
@@ -29,6 +31,7 @@ from torch import Tensor
 from shard_svc.kernels import embedding_rows
 from shard_svc.model import ShardModel, rms_norm, rope_cos_sin
 from shard_svc.quant import Int4Weight, Int8Weight, Matrix
+from shard_svc.quant_linear import int8_linear
 
 LAYER_TENSORS = ("input_norm", "qkv", "qkv_bias", "wo", "post_norm", "gate_up", "w_down")
 
@@ -85,9 +88,13 @@ class FrozenWeights(torch.nn.Module):
         return tuple(self.matrix(f"l{i}_{name}") for name in LAYER_TENSORS)
 
 
-def linear(x: Tensor, w: Matrix, b: Tensor | None = None) -> Tensor:
-    """x @ w.T + b, in the forms inductor lowers to its GEMMs (see above)."""
-    if isinstance(w, Int8Weight):
+def linear(x: Tensor, w: Matrix, b: Tensor | None = None,
+           int8_kernel: bool = False) -> Tensor:
+    """x @ w.T + b, in the forms inductor lowers to its GEMMs, or by cpumesh's int8 kernel
+    (see above)."""
+    if isinstance(w, Int8Weight) and int8_kernel:
+        y = int8_linear(x, w)
+    elif isinstance(w, Int8Weight):
         y = (x @ w.q.t().to(x.dtype)) * w.scales
     elif isinstance(w, Int4Weight):
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, w.packed, w.group, w.scale_zeros)
@@ -99,10 +106,12 @@ def linear(x: Tensor, w: Matrix, b: Tensor | None = None) -> Tensor:
 class FrozenStep(torch.nn.Module):
     """A decode step of Bb rows (one token each) from token ids to this rank's logits."""
 
-    def __init__(self, model: ShardModel, layer: Callable[..., Tensor], eps: float) -> None:
+    def __init__(self, model: ShardModel, layer: Callable[..., Tensor], eps: float,
+                 int8_kernel_rows: frozenset[int] = frozenset()) -> None:
+        """int8_kernel_rows: the batch buckets whose int8 products take cpumesh's kernel."""
         super().__init__()
         self.w = FrozenWeights(model)
-        self.decode_layer, self.eps = layer, eps
+        self.decode_layer, self.eps, self.int8_kernel_rows = layer, eps, int8_kernel_rows
 
     def forward(self, tokens: Tensor, positions: Tensor, write_slots: Tensor, src: Tensor,
                 index: Tensor, lengths: Tensor, mask: Tensor | None, k: list[Tensor],
@@ -117,4 +126,5 @@ class FrozenStep(torch.nn.Module):
                                   v[i], w.layer(i))
         head = w.matrix("lm_head")
         assert head is not None
-        return linear(rms_norm(x, w.final_norm, self.eps), head).float()
+        return linear(rms_norm(x, w.final_norm, self.eps), head,
+                      int8_kernel=len(tokens) in self.int8_kernel_rows).float()

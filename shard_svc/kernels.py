@@ -21,9 +21,9 @@ all buckets when they win clearly (by 15 %) at both one and eight tokens (half p
 kept, and the choice is logged in one line.
 `ShardConfig.kernels` (--kernels) forces one; tests compare each against transformers.
 
-int8 / int4 weights (shard_svc.quant) have their own two methods, weight-only kernels or
-dequantize-per-call, timed the same way per bucket (shard_svc.quant_linear); float matrices
-beside them (the LM head) go through oneDNN.
+int8 / int4 weights (shard_svc.quant) have their own methods, timed the same way per bucket
+(shard_svc.quant_linear): cpumesh's int8 kernel where it builds (int8 only), ATen's weight-only
+kernels, or dequantize-per-call; float matrices beside them (the LM head) go through oneDNN.
 """
 
 from __future__ import annotations
@@ -41,10 +41,17 @@ import torch.nn.functional as F
 from services.errors import InvalidArgument
 from shard_svc.ipex_detect import require_ipex
 from shard_svc.quant import INT4, Int4Weight, Int8Weight, Matrix
-from shard_svc.quant_linear import DEQUANTIZE, WEIGHT_ONLY, quant_linear
+from shard_svc.quant_linear import (
+    DEQUANTIZE,
+    INT8_KERNEL,
+    METHODS,
+    WEIGHT_ONLY,
+    int8_kernel,
+    quant_linear,
+)
 from shard_svc.weights import ShardWeights
 
-LIBRARIES = ("auto", "aten", "onednn", "packed", "ipex")
+LIBRARIES = ("auto", "aten", "onednn", "packed", "cpumesh", "ipex")
 BUCKETS = (1, 16, 2**31)  # tokens in the step: one sequence's decode, a decode batch, a prefill
 PROBE_TOKENS = (1, 8, 128)
 # Packed weights are kept only when at least 15 % faster at 1 and 8 tokens, and never tried for
@@ -55,21 +62,26 @@ PACKED_MARGIN = 0.85
 T = TypeVar("T", bound=torch.Tensor | Int8Weight | Int4Weight)
 PROBE_BYTES = 32 * 2**20  # the probe times products over this much of the weights (or all)
 QUANT_DTYPES = (torch.int8, INT4)
-# --kernels for int8 / int4: aten = ATen's weight-only kernels, onednn = dequantize per call
-QUANT_METHODS = {"aten": WEIGHT_ONLY, "onednn": DEQUANTIZE}
+# --kernels for int8 / int4: aten = ATen's weight-only kernels, onednn = dequantize per call,
+# cpumesh = cpumesh's int8 kernel (int8 only)
+QUANT_METHODS = {"aten": WEIGHT_ONLY, "onednn": DEQUANTIZE, "cpumesh": INT8_KERNEL}
 
 
 @dataclass(frozen=True)
 class KernelPlan:
     dtype: torch.dtype
     libraries: tuple[str, ...]  # per bucket: "aten", "onednn" or "packed" (then all are);
-    # with int8 / int4 weights: WEIGHT_ONLY or DEQUANTIZE
+    # with int8 / int4 weights: one of quant_linear.METHODS
     timings_us: dict[str, tuple[float, ...]] = dataclasses.field(default_factory=dict)
     bucket: list[int] = dataclasses.field(default_factory=lambda: [0])  # the step's, for_step's
 
     @property
     def quantized(self) -> bool:
-        return self.libraries[0] in (WEIGHT_ONLY, DEQUANTIZE)
+        return self.libraries[0] in METHODS
+
+    def method(self, tokens: int) -> str:
+        """The library (or int8 / int4 method) of a step of `tokens` tokens."""
+        return self.libraries[bucket_of(tokens)]
 
     @property
     def packed(self) -> bool:
@@ -86,8 +98,7 @@ class KernelPlan:
 
     def for_step(self, tokens: int) -> None:
         """Set oneDNN on or off for a step of `tokens` tokens (plain weights only)."""
-        bucket = next(i for i, limit in enumerate(BUCKETS) if tokens <= limit)
-        self.bucket[0] = bucket
+        bucket = self.bucket[0] = bucket_of(tokens)
         if torch.backends.mkldnn.is_available():
             torch._C._set_mkldnn_enabled(self.libraries[bucket] != "aten")
 
@@ -120,6 +131,10 @@ class KernelPlan:
         return w
 
 
+def bucket_of(tokens: int) -> int:
+    return next(i for i, limit in enumerate(BUCKETS) if tokens <= limit)
+
+
 def pack(w: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1)
 
@@ -140,6 +155,14 @@ def check_library(library: str, dtype: torch.dtype) -> None:
         raise InvalidArgument(f"kernel library must be one of {LIBRARIES}, got {library!r}")
     if library == "ipex":
         require_ipex()
+        return
+    if library == "cpumesh":
+        if dtype != torch.int8:
+            raise InvalidArgument(f"kernels 'cpumesh' is cpumesh's int8 kernel, for --dtype "
+                                  f"int8; with {dtype} use auto, aten or onednn")
+        if not int8_kernel():
+            raise InvalidArgument("kernels 'cpumesh': cpumesh's C++ kernels do not build on "
+                                  "this machine (see the log); use auto, aten or onednn")
         return
     if dtype in QUANT_DTYPES:
         if library == "packed":
@@ -191,15 +214,16 @@ def choose_kernels(library: str, dtype: torch.dtype, weights: Sequence[Matrix],
 
 
 def choose_quant(library: str, weights: Sequence[Matrix]) -> KernelPlan:
-    """The plan for int8 / int4 weights: weight-only kernels or dequantize-per-call per bucket."""
+    """The plan for int8 / int4 weights: the fastest method per bucket (quant_linear's)."""
     quant = [w for w in weights if isinstance(w, (Int8Weight, Int4Weight))]
     dtype = torch.int8 if isinstance(quant[0], Int8Weight) else INT4
     check_library(library, dtype)
     if library != "auto":
         return KernelPlan(dtype, (QUANT_METHODS[library],) * len(BUCKETS))
     probe = _prefix(quant, PROBE_BYTES)
-    timings = {m: tuple(_time_quant(m, probe, n) for n in PROBE_TOKENS)
-               for m in (WEIGHT_ONLY, DEQUANTIZE)}
+    methods = (INT8_KERNEL, WEIGHT_ONLY, DEQUANTIZE) if dtype == torch.int8 and int8_kernel() \
+        else (WEIGHT_ONLY, DEQUANTIZE)
+    timings = {m: tuple(_time_quant(m, probe, n) for n in PROBE_TOKENS) for m in methods}
     best = tuple(min(timings, key=lambda m: timings[m][i]) for i in range(len(BUCKETS)))
     return KernelPlan(dtype, best, timings)
 

@@ -4,7 +4,7 @@ A matrix is first held as *codes* (one byte per weight, easy to slice and stack 
 fused QKV and gate/up matrices need), then *finished* into the layout the kernels read:
 
   int8  symmetric, one scale per output row:   w[n, k] ≈ q[n, k] * s[n]          (q in -127..127)
-        served by `aten._weight_int8pack_mm(x, q [N, K], s [N])`
+        served by cpumesh's int8 kernel or `aten._weight_int8pack_mm(x, q [N, K], s [N])`
   int4  asymmetric, groups of `group` inputs:  w[n, k] ≈ (q[n, k] - 8) * s[n, g] + z[n, g]
         (q in 0..15, g = k // group): the layout of `aten._weight_int4pack_mm_for_cpu`, whose
         packed weight is `_convert_weight_to_int4pack_for_cpu(q)` and scales-and-zeros

@@ -1,5 +1,12 @@
-"""The two ways to multiply by an int8 / int4 weight, and the timing that picks one per bucket.
+"""The ways to multiply by an int8 / int4 weight; `choose_quant` (kernels.py) times them and
+picks one per bucket.
 
+  int8 kernel  cpumesh's C++ product for int8 weights (shard_svc/csrc/int8_linear.cpp, built by
+               shard_svc/native.py): each row of x quantized to int16, exact integer dot
+               products (AVX-512 VNNI / AVX2), one weight row streamed at a time, every input
+               width. At one token it reads the weights at memory speed: the 1B's 16 layer
+               products (243 MB of codes), 2 threads, AMD EPYC: 9.6 ms against 14.7 through
+               ATen's weight-only kernel and 19.7 for the same matrices in bfloat16.
   weight-only  ATen's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu`: read the packed
                weight once per call. Fast at one token with bfloat16 activations (int8 ~30 GB/s
                on this AVX-512 BF16/AMX Xeon, 2 threads, H 2048 x 8192), but they scale with the
@@ -10,7 +17,7 @@
                to the product. Costs an expansion per call (int8 ~0.4 ms per 2M weights, int4
                ~4 ms), so it wins for prefills and loses at one token.
 
-`choose_quant` times both on the shard's own weights at 1, 8 and 128 tokens and keeps the faster
+`choose_quant` times them on the shard's own weights at 1, 8 and 128 tokens and keeps the fastest
 per bucket (`--kernels aten` forces weight-only, `onednn` forces dequantize).
 """
 
@@ -20,16 +27,20 @@ import threading
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
+from shard_svc import native
 from shard_svc.quant import Int4Weight, Int8Weight, QuantWeight
 
-WEIGHT_ONLY, DEQUANTIZE = "weight-only", "dequantize"
+INT8_KERNEL, WEIGHT_ONLY, DEQUANTIZE = "int8 kernel", "weight-only", "dequantize"
+METHODS = (INT8_KERNEL, WEIGHT_ONLY, DEQUANTIZE)
 # ATen's `_weight_int8pack_mm` (torch 2.13, AVX-512 EPYC) on inputs not a multiple of 16 wide:
 # garbage at 1 row (K = 100), NaN (K = 104), a segmentation fault at 4 rows (K = 100, 200). Such
 # an int8 matrix (a row-parallel slice at tp 2 of an intermediate of 200) is dequantized instead.
 INT8_K_ALIGN = 16
 CHUNK_BYTES = 8 * 2**20  # scratch per thread for the dequantized rows
 _scratch = threading.local()
+_int8_kernel: list[bool] = []  # int8_kernel()'s answer, once known
 
 
 def weight_only(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
@@ -62,7 +73,28 @@ def _buffer(dtype: torch.dtype, elements: int) -> torch.Tensor:
     return buffers[(dtype, elements)]
 
 
+def int8_kernel() -> bool:
+    """Whether cpumesh's int8 kernel runs here (built and loaded once; logged where it cannot)."""
+    if not _int8_kernel:
+        _int8_kernel.append(native.load() is not None)
+        if _int8_kernel[0]:
+            @torch.library.register_fake("cpumesh_kernels::int8_linear")
+            def _(x: Tensor, q: Tensor, s: Tensor) -> Tensor:
+                return x.new_empty((*x.shape[:-1], q.shape[0]))
+    return _int8_kernel[0]
+
+
+def int8_linear(x: Tensor, w: Int8Weight) -> Tensor:
+    """x [..., K] (the scales' dtype) @ (q * s[:, None]).T by cpumesh's kernel."""
+    return torch.ops.cpumesh_kernels.int8_linear(x, w.q, w.scales)
+
+
 def quant_linear(x: torch.Tensor, w: QuantWeight, b: torch.Tensor | None,
                  method: str) -> torch.Tensor:
-    y = weight_only(x, w) if method == WEIGHT_ONLY else dequantized(x, w)
+    if method == INT8_KERNEL and isinstance(w, Int8Weight) and int8_kernel():
+        y = int8_linear(x, w)
+    elif method == DEQUANTIZE:
+        y = dequantized(x, w)
+    else:
+        y = weight_only(x, w)
     return y if b is None else y + b

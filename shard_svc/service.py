@@ -20,7 +20,7 @@ from services.errors import Unavailable
 from services.pb.cpumesh.v1 import shard_pb2
 from services.server import bind, create_server
 from services.transport import server_credentials
-from shard_svc import decode_attention
+from shard_svc import native
 from shard_svc.compiled_step import compile_decode
 from shard_svc.config import ShardConfig
 from shard_svc.engine import ShardEngine
@@ -102,10 +102,9 @@ class ShardProcess:
                                           auth=internal_auth(cfg.internal_token))
         await self.server.start(serving=False)  # answers health (NOT_SERVING) while loading
         await self.server.set_serving(True, LIVENESS)
-        # The C++ decode attention, built (~30 s the first time) or loaded before the weights:
-        # its libraries are not the model's memory, and no formed mesh waits for its build
-        await loop.run_in_executor(servicer.executor, decode_attention.load,
-                                   self.model_config.head_dim)
+        # The C++ kernels, built (~40 s the first time) or loaded before the weights: their
+        # libraries are not the model's memory, and no formed mesh waits for their build
+        await loop.run_in_executor(servicer.executor, native.load)
         rss_before = memory_mb()["VmRSS"]
         log.info("rank %d/%d on port %d: loading %s, %s", cfg.tp_rank, cfg.tp_size, port,
                  cfg.model_dir, self.plan)

@@ -10,8 +10,9 @@ PROMPTS = ([5, 17, 42, 7, 99, 250, 3], [11], [(7 * i) % 300 for i in range(70)])
 STEPS = 5
 
 
-def compilable_model(model_dir: Any, comm: Any, dtype: str) -> Any:
-    """The rank's ShardModel with kernels as a shard with --compile decode chooses them."""
+def compilable_model(model_dir: Any, comm: Any, dtype: str, library: str = "auto") -> Any:
+    """The rank's ShardModel with kernels as a shard with --compile decode and --kernels
+    `library` chooses them."""
     import torch
 
     from model_formats.checkpoint import load_model_config
@@ -23,25 +24,25 @@ def compilable_model(model_dir: Any, comm: Any, dtype: str) -> Any:
     config = load_model_config(model_dir)
     plan = plan_shard(config, comm.tp_rank, comm.tp_size)
     weights = load_shard_weights(model_dir, config, plan, getattr(torch, dtype))
-    kernels = choose_kernels("auto", weights.embed.dtype, [w.gate_up for w in weights.layers],
+    kernels = choose_kernels(library, weights.embed.dtype, [w.gate_up for w in weights.layers],
                              packing=False)
     return ShardModel(config, plan, weights, comm, kernels)
 
 
 def side_by_side(model_dir: Any, comm: Any, dtype: str, buckets: tuple[int, ...],
-                 kernel: bool = True) -> dict[str, Any]:
+                 kernel: bool = True, library: str = "auto") -> dict[str, Any]:
     """Decode 1 sequence, then 3 together (padded to a bucket of 4 rows; one history over 64
     tokens), feeding both engines the same tokens; return each step's top-5 (values, ids) of
     both, the graphs compiled after warm-up and at the end, the steps run compiled, the GEMM
     backends and decode attention it compiled with, and the names of the ops the compiled
     engine's decode steps ran (torch.profiler). kernel=False: gather + SDPA, not the C++
-    decode attention."""
+    decode attention; library: --kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     from shard_svc.compiled_step import CompiledDecode
     from shard_svc.engine import SeqWork, ShardEngine
 
-    model = compilable_model(model_dir, comm, dtype)
+    model = compilable_model(model_dir, comm, dtype, library)
     config = model.config
     eager = ShardEngine(model, model.new_cache(1024, page_size=4))
     compiled = CompiledDecode(model, buckets=buckets)

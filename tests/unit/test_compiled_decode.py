@@ -71,8 +71,20 @@ def test_compiled_decode_matches_eager_tp1(model_dir: Path, quant_dir: Path, dty
     assert result["attention"], "the C++ decode attention did not build here"
     assert "cpumesh_kernels::decode_attention" in result["decode_ops"]
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" not in result["decode_ops"]
-    if dtype == "int8":  # every product in inductor's C++ template (gemm_backends)
+    if dtype == "int8":  # products by cpumesh's int8 kernel or inductor's C++ template
         assert "aten::_weight_int8pack_mm" not in result["decode_ops"]
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("library", ["aten", "cpumesh"])
+def test_compiled_int8_products_as_the_kernel_plan_chose(quant_dir: Path, library: str) -> None:
+    """--kernels aten: the graph's int8 products are inductor's C++ GEMM template (never ATen's
+    `_weight_int8pack_mm`, gemm_backends); cpumesh: cpumesh's int8 kernel, an opaque op."""
+    torch.set_num_threads(2)
+    result = side_by_side(quant_dir, SingleRank(), "int8", (1, 4), library=library)
+    check(result, str(activations_dtype()).removeprefix("torch."))
+    assert "aten::_weight_int8pack_mm" not in result["decode_ops"]
+    assert ("cpumesh_kernels::int8_linear" in result["decode_ops"]) == (library == "cpumesh")
 
 
 @pytest.mark.timeout(600)
@@ -144,12 +156,19 @@ def test_gemm_backends_without_a_choice_fall_back_to_max_autotune(
     assert torch.allclose(eager, comp, rtol=0, atol=0.05 * eager.abs().max().item())
 
 
+@pytest.mark.timeout(600)
 def test_int8_widths_inductor_cannot_take_stay_eager(model_dir: Path) -> None:
+    """Inductor's int8 GEMM cannot take inputs 200 wide (intermediate 200); cpumesh's int8
+    kernel takes every width, so with it such a model compiles (and equals eager)."""
     from shard_svc.compiled_step import not_compilable
 
-    why = not_compilable(compilable_model(model_dir, SingleRank(), "int8"))  # intermediate 200
+    why = not_compilable(compilable_model(model_dir, SingleRank(), "int8", "aten"))
     assert why and "int8 matrices [200] inputs wide" in why
     assert not_compilable(compilable_model(model_dir, SingleRank(), "float32")) is None
+    torch.set_num_threads(2)
+    result = side_by_side(model_dir, SingleRank(), "int8", (1, 4), library="cpumesh")
+    check(result, str(activations_dtype()).removeprefix("torch."))
+    assert "cpumesh_kernels::int8_linear" in result["decode_ops"]
 
 
 def test_compile_flag() -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shard_svc import decode_attention
+from shard_svc import decode_attention, native
 
 ROOT = Path(__file__).resolve().parents[2]
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
@@ -102,7 +102,7 @@ def test_refuses_what_it_cannot_read() -> None:
 
 CHILD = """
 import json, torch
-from shard_svc import decode_attention
+from shard_svc import decode_attention, native
 from tests.unit.test_decode_attention import case
 isa = decode_attention.load(64)
 errors = {}
@@ -129,10 +129,10 @@ def test_avx2_build() -> None:
 
 def test_builders_take_turns_with_a_deadline(tmp_path: Path) -> None:
     lock = tmp_path / "cpumesh.lock"
-    with (decode_attention._exclusive(lock, 1.0), pytest.raises(TimeoutError, match="held"),
-          decode_attention._exclusive(lock, 0.3)):
+    with (native._exclusive(lock, 1.0), pytest.raises(TimeoutError, match="held"),
+          native._exclusive(lock, 0.3)):
         pass
-    with decode_attention._exclusive(lock, 0.3):  # released: free again
+    with native._exclusive(lock, 0.3):  # released: free again
         pass
 
 
@@ -141,12 +141,11 @@ def test_a_killed_builders_lock_file_does_not_block_the_next(built: str) -> None
     """torch's extension builder waits without end while its lock file exists; a builder killed
     mid-build leaves it. The next load (here `make kernels`' command) removes it under its own
     (flock) lock."""
-    name = "cpumesh_decode_attention_" + built.replace(" ", "_")
-    stale = decode_attention.build_root() / name / "lock"
+    stale = native.build_root() / native.extension_name(built) / "lock"
     stale.write_text("")
-    done = subprocess.run([sys.executable, "-m", "shard_svc.decode_attention"], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "shard_svc.native"], cwd=ROOT,
                           capture_output=True, text=True, timeout=280,
                           env=os.environ | {"PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == f"decode attention: C++ kernel for {built}"
+    assert done.stdout.strip() == f"C++ kernels: built for {built}"
     assert not stale.exists()

@@ -143,8 +143,8 @@ def test_every_value_the_schema_allows_is_parsed_by_the_binaries():
     for i in range(rows):
         values: dict[str, Any] = {"tp": 2, "shard": {"kvCacheMb": mbs[i % len(mbs)]},
                                   "router": {"defaultMaxNewTokens": max_new[i % len(max_new)]}}
-        # kernels one step on, so that packed meets a float dtype (the schema refuses it with
-        # int8/int4, as the shard does at start: tested below)
+        # kernels one step on, so that packed meets a float dtype and cpumesh int8 (the schema
+        # refuses other pairs, as the shard does at start: tested below)
         picked = {ck: choices[(i + (ck == ("shard", "kernels"))) % len(choices)]
                   for ck, choices in enums.items()}
         for (component, key), choice in picked.items():
@@ -181,7 +181,8 @@ def test_manifests_with_every_serving_value_pass_strict_validation():
     ("router.kvReservation=lazy", "at '/router/kvReservation': value must be one of"),
     ("router.defaultMaxNewTokens=0", "at '/router/defaultMaxNewTokens': minimum: got 0, want 1"),
     ("shard.dtype=int8,shard.kernels=packed",
-     "at '/shard/kernels': value must be one of 'auto', 'aten', 'onednn', 'ipex'"),
+     "at '/shard/kernels': value must be one of 'auto', 'aten', 'onednn', 'cpumesh', 'ipex'"),
+    ("shard.dtype=int4,shard.kernels=cpumesh", "at '/shard/dtype': value must be 'int8'"),
 ])
 def test_render_refuses_a_value_the_binary_would_refuse(setting, message):
     sets = [arg for s in setting.split(",") for arg in ("--set", s)]
@@ -215,8 +216,9 @@ def test_each_schema_refusal_is_one_the_binary_makes_too():
 
 
 def test_the_shard_refuses_packed_kernels_with_quantized_weights_at_start():
-    """The schema's one rule across values (no packed with int8/int4) is the shard's own start
-    check, which it runs on its config's dtype before loading anything (shard_svc/service.py)."""
+    """The schema's rules across values (no packed with int8/int4, cpumesh with int8 only) are
+    the shard's own start checks, which it runs on its config's dtype before loading anything
+    (shard_svc/service.py)."""
     torch = pytest.importorskip("torch")
     from services.errors import InvalidArgument
     from shard_svc.kernels import check_library
@@ -226,9 +228,16 @@ def test_the_shard_refuses_packed_kernels_with_quantized_weights_at_start():
     every = SCHEMA["properties"]["shard"]["properties"]["kernels"]["enum"]
     assert sorted(quantized) == ["int4", "int8"] and sorted(set(every) - set(allowed)) == [
         "packed"]
+    only = SCHEMA["properties"]["shard"]["allOf"][0]
+    assert only["if"]["properties"]["kernels"]["const"] == "cpumesh"
+    assert only["then"]["properties"]["dtype"]["const"] == "int8"
     for dtype in quantized:
         with pytest.raises(InvalidArgument, match="'packed' is for float weights"):
             check_library("packed", getattr(torch, dtype))
         for kernels in set(allowed) - {"ipex"}:  # ipex: whether it is installed, tested apart
-            check_library(kernels, getattr(torch, dtype))
+            if kernels == "cpumesh" and dtype != "int8":
+                with pytest.raises(InvalidArgument, match="'cpumesh' is cpumesh's int8 kernel"):
+                    check_library(kernels, getattr(torch, dtype))
+            else:
+                check_library(kernels, getattr(torch, dtype))
 

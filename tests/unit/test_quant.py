@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from shard_svc.quant import INT4, INT4_GROUP, finish, quantize_int4, quantize_int8
-from shard_svc.quant_linear import DEQUANTIZE, WEIGHT_ONLY, quant_linear
+from shard_svc.quant_linear import DEQUANTIZE, INT8_KERNEL, WEIGHT_ONLY, quant_linear
 from tests.checkpoints import tiny_checkpoint
 from tests.unit.test_half_precision import (
     AVX2_ENV,
@@ -71,7 +71,7 @@ def test_int4_codes_match_numpy_and_error_is_half_a_step(group: int) -> None:
 
 @pytest.mark.parametrize(("kind", "width"), [("int8", 256), ("int8", 100), ("int8", 104),
                                              ("int4", 256)])
-@pytest.mark.parametrize("method", [WEIGHT_ONLY, DEQUANTIZE])
+@pytest.mark.parametrize("method", [INT8_KERNEL, WEIGHT_ONLY, DEQUANTIZE])
 @pytest.mark.parametrize("tokens", [1, 8, 130])
 def test_products_equal_float64_on_the_dequantized_weight(kind: str, width: int, method: str,
                                                           tokens: int) -> None:
