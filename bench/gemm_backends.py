@@ -16,7 +16,6 @@ bench/results/gemm_backends.json.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -31,15 +30,15 @@ def measure(model_dir: Path, dtype: str, rows: int, variants: list[str],
     from shard_svc.compiled_step import CompiledDecode, gemm_backends
     from shard_svc.engine import ShardEngine
     from shard_svc.mesh.communicator import SingleRank
-    from shard_svc.quant_linear import INT8_KERNEL, WEIGHT_ONLY
     from tests.compiled_ranks import compilable_model  # as a --compile decode shard builds it
 
-    model = compilable_model(model_dir, SingleRank(), dtype)
-    plan = model.kernels
+    models = {}  # cpumesh's kernel (its weights blocked) or ATen's weight-only kernels (plain)
     engines, warm = {}, {}
-    for name in variants:  # each graph takes its int8 method from the plan when it is built
-        method = INT8_KERNEL if name == "cpumesh" else WEIGHT_ONLY
-        model.kernels = dataclasses.replace(plan, libraries=(method,) * len(plan.libraries))
+    for name in variants:
+        library = "cpumesh" if name == "cpumesh" else "aten" if dtype == "int8" else "auto"
+        if library not in models:
+            models[library] = compilable_model(model_dir, SingleRank(), dtype, library)
+        model = models[library]
         compiled = CompiledDecode(model, buckets=(rows,))
         if name != "cpumesh":
             compiled.gemms = None if name == "max-autotune" else name
@@ -48,7 +47,7 @@ def measure(model_dir: Path, dtype: str, rows: int, variants: list[str],
         engines[name] = ShardEngine(model, cache, compiled=compiled)
     r = interleave(engines, [PROMPT], rows, steps, model.config.vocab_size)
     return {"model_dir": str(model_dir), "dtype": dtype, "rows": rows, "steps": steps,
-            "shard_choice": gemm_backends(model) or "max-autotune",
+            "shard_choice": gemm_backends(model) or "max-autotune",  # (the last model's)
             "load_avg": os.getloadavg()[0], "steps_agreeing": r["steps_agreeing"][0],
             "variants": {name: {"ms_per_step": r["ms_per_step"][name][0],
                                 "warm_up_s": warm[name], "nan_steps": r["nan_steps"][name][0]}

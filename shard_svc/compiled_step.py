@@ -30,10 +30,12 @@ weights are frozen as their codes (shard_svc/frozen_step.py).
 
 int8 products: by cpumesh's int8 kernel (an opaque op, shard_svc/quant_linear.py) in every bucket
 whose kernel plan chose it (at start, by timing, as for eager steps; `--kernels cpumesh` forces
-it), else by inductor's C++ GEMM template. Interleaved steps, 2 threads, AMD EPYC (python -m
-bench.gemm_backends --variants CPP,cpumesh): the 1B 34.5 -> 31.6 ms/step at 1 row, 247 -> 155 at
-8; SmolLM2 8.0 -> 9.1 at 1 row (its 576-wide matrices: per-call overhead decides), 33.9 -> 21.7
-at 8. The kernel also takes every input width; inductor's int8 GEMM does not (INT8_K_ALIGN).
+it; the plan's weights are then blocked for it, kernels.block_weights), else by inductor's C++
+GEMM template. Interleaved steps, 2 threads, AMD EPYC (python -m bench.gemm_backends --variants
+CPP,cpumesh): the 1B 38.7 -> 39.3 ms/step at 1 row, 251 -> 89 at 8; SmolLM2 7.8 -> 8.4 at 1 row
+(its 576-wide products alone tie, 4.0 ms; the template fuses the element-wise work around them),
+33.8 -> 17.5 at 8. The kernel also takes every input width; inductor's int8 GEMM does not
+(INT8_K_ALIGN).
 
 Which GEMMs a graph may take (`gemm_backends`, from the weights and inductor's vector ISA):
 - int8 weights (where the plan did not choose cpumesh's kernel): inductor's C++ template only,

@@ -92,7 +92,7 @@ def linear(x: Tensor, w: Matrix, b: Tensor | None = None,
            int8_kernel: bool = False) -> Tensor:
     """x @ w.T + b, in the forms inductor lowers to its GEMMs, or by cpumesh's int8 kernel
     (see above)."""
-    if isinstance(w, Int8Weight) and int8_kernel:
+    if isinstance(w, Int8Weight) and (int8_kernel or w.blocked):
         y = int8_linear(x, w)
     elif isinstance(w, Int8Weight):
         y = (x @ w.q.t().to(x.dtype)) * w.scales

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from services.errors import InvalidArgument
 from shard_svc.ipex_detect import require_ipex
-from shard_svc.quant import INT4, Int4Weight, Int8Weight, Matrix
+from shard_svc.quant import INT4, INT8_BLOCK, Int4Weight, Int8Weight, Matrix, block_int8
 from shard_svc.quant_linear import (
     DEQUANTIZE,
     INT8_KERNEL,
@@ -119,6 +119,8 @@ class KernelPlan:
         place (one matrix at a time, so memory grows by one matrix, not by the model): the
         plain matrices of `w` are gone afterwards. A tied LM head (a view of the embedding,
         which the lookup needs plain) stays plain: packing it would copy it."""
+        if self.quantized and INT8_KERNEL in self.libraries and WEIGHT_ONLY not in self.libraries:
+            return block_weights(w)
         if not self.packed or w.packed or self.quantized:
             return w
         for layer in w.layers:
@@ -129,6 +131,31 @@ class KernelPlan:
             w.lm_head = pack(w.lm_head)
         w.packed = True
         return w
+
+
+def block_weights(w: ShardWeights) -> ShardWeights:
+    """int8 matrices in cpumesh's blocked layout (one at a time, in place), for a plan whose
+    every int8 product is cpumesh's kernel or dequantize; a tied LM head (a slice of the
+    embedding's rows) stays a slice of the blocked table, which the lookup reads as it is."""
+    for layer in w.layers:
+        for name in ("qkv", "wo", "gate_up", "w_down"):
+            m = getattr(layer, name)
+            if isinstance(m, Int8Weight):
+                setattr(layer, name, block_int8(m))
+    head, embed = w.lm_head, w.embed
+    if not isinstance(head, Int8Weight):
+        return w
+    if isinstance(embed, Int8Weight) and (head.q.untyped_storage().data_ptr()
+                                          == embed.q.untyped_storage().data_ptr()):  # tied
+        start, rows = (head.q.data_ptr() - embed.q.data_ptr()) // embed.q.stride(0), head.shape[0]
+        blocked = block_int8(embed)
+        if blocked.blocked and start % INT8_BLOCK == 0 and rows % INT8_BLOCK == 0:
+            w.embed = blocked
+            w.lm_head = Int8Weight(blocked.q[start // INT8_BLOCK:(start + rows) // INT8_BLOCK],
+                                   head.scales)
+    else:
+        w.lm_head = block_int8(head)
+    return w
 
 
 def bucket_of(tokens: int) -> int:
@@ -178,6 +205,9 @@ def check_library(library: str, dtype: torch.dtype) -> None:
 def embedding_rows(tokens: torch.Tensor, table: Matrix) -> torch.Tensor:
     """The rows of `tokens` (int8 tables expanded row by row, in the scales' dtype); also traced
     by the compiled step (shard_svc/frozen_step.py)."""
+    if isinstance(table, Int8Weight) and table.blocked:  # row t: block t // 16, lane t % 16
+        rows = table.q[tokens // INT8_BLOCK, :, tokens % INT8_BLOCK].flatten(-2)
+        return rows.to(table.dtype) * table.scales[tokens, None]
     if isinstance(table, Int8Weight):
         return table.q[tokens].to(table.dtype) * table.scales[tokens, None]
     if isinstance(table, Int4Weight):

@@ -25,6 +25,7 @@ import torch
 # x2.4; g128 60 %, x1.6 (its weights are a Q4_1 g32 grid: coarser groups round them again).
 INT4_GROUP = 32
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes the int4 kernel takes
+INT8_BLOCK = 16  # rows per block of cpumesh's blocked int8 layout (block_int8)
 
 
 @dataclass
@@ -91,13 +92,20 @@ def cat_codes(parts: list[Codes]) -> Codes:
 
 @dataclass
 class Int8Weight:
-    """What `KernelPlan.linear` multiplies by: x @ (q * s[:, None]).T"""
+    """What `KernelPlan.linear` multiplies by: x @ (q * s[:, None]).T, q as rows [N, K] or
+    blocked for cpumesh's int8 kernel, [N / 16, K / 2, 16, 2] (`block_int8`)."""
 
-    q: torch.Tensor  # int8 [N, K]
+    q: torch.Tensor  # int8 [N, K] or [N / 16, K / 2, 16, 2]
     scales: torch.Tensor  # [N], the activations' dtype
 
     @property
+    def blocked(self) -> bool:
+        return self.q.dim() == 4
+
+    @property
     def shape(self) -> tuple[int, int]:
+        if self.blocked:
+            return (self.q.shape[0] * INT8_BLOCK, self.q.shape[1] * 2)
         return (self.q.shape[0], self.q.shape[1])
 
     @property
@@ -108,9 +116,16 @@ class Int8Weight:
     def dtype(self) -> torch.dtype:
         return self.scales.dtype
 
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """The codes of rows start:stop [n, K] (a copy when blocked: then multiples of 16)."""
+        if not self.blocked:
+            return self.q[start:stop]
+        b = self.q[start // INT8_BLOCK:-(-stop // INT8_BLOCK)]
+        return b.permute(0, 2, 1, 3).reshape(-1, self.shape[1])[:stop - start]
+
     def dequantize_rows(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         """Rows start:stop as integers in `out`'s dtype (exact); scales are applied after."""
-        return out[:stop - start].copy_(self.q[start:stop])
+        return out[:stop - start].copy_(self.rows(start, stop))
 
 
 @dataclass
@@ -144,6 +159,16 @@ class Int4Weight:
         sz = self.scale_zeros[:, start:stop].transpose(0, 1)  # [n, K / group, 2]
         w.mul_(sz[..., :1]).add_(sz[..., 1:] - 8 * sz[..., :1])
         return out[:n]
+
+
+def block_int8(w: Int8Weight) -> Int8Weight:
+    """`w` in cpumesh's int8 kernel's blocked layout: 16 rows at a time, their inputs in pairs
+    (csrc/int8_linear.cpp); as it is where the shape does not divide so (N % 16, odd K)."""
+    n, k = w.shape
+    if w.blocked or n % INT8_BLOCK or k % 2:
+        return w
+    q = w.q.view(n // INT8_BLOCK, INT8_BLOCK, k // 2, 2).permute(0, 2, 1, 3).contiguous()
+    return Int8Weight(q, w.scales)
 
 
 QuantWeight = Int8Weight | Int4Weight

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from services.errors import InvalidArgument
-from shard_svc.kernels import check_library, choose_kernels
-from shard_svc.quant import INT4, finish, quantize_int8
-from shard_svc.quant_linear import INT8_KERNEL, int8_kernel, quant_linear
+from shard_svc.kernels import check_library, choose_kernels, embedding_rows
+from shard_svc.quant import INT4, Int8Weight, block_int8, finish, quantize_int8
+from shard_svc.quant_linear import DEQUANTIZE, INT8_KERNEL, int8_kernel, quant_linear
 
 ROOT = Path(__file__).resolve().parents[2]
 # relative to the largest output: the dtype's rounding of the output and the scales, plus x's
@@ -30,13 +30,17 @@ def built() -> None:
     assert int8_kernel(), "cpumesh's C++ kernels did not build here"
 
 
-def case(dtype: torch.dtype, rows: int, n: int, k: int, seed: int = 0
+def case(dtype: torch.dtype, rows: int, n: int, k: int, seed: int = 0, blocked: bool = False
          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(kernel's product, float64 product) of random x [rows, k] and int8 codes [n, k]."""
+    """(kernel's product, float64 product) of random x [rows, k] and int8 codes [n, k], the
+    codes as rows or blocked (block_int8)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, k, generator=g).to(dtype)
     w = finish(quantize_int8(torch.randn(n, k, generator=g)), dtype)
     want = x.double() @ (w.q.double() * w.scales.double()[:, None]).T
+    if blocked:
+        w = block_int8(w)
+        assert w.blocked and w.shape == (n, k)
     got = quant_linear(x, w, None, INT8_KERNEL)
     assert got.dtype == dtype and got.shape == (rows, n)
     return got, want
@@ -50,22 +54,50 @@ def test_product_equals_float64(dtype: torch.dtype, rows: int, k: int) -> None:
     assert (got.double() - want).abs().max() <= TOL[dtype] * want.abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("rows", "k"), [(1, 2), (1, 102), (2, 576), (3, 1026), (6, 4160)])
+def test_blocked_product_equals_float64(dtype: torch.dtype, rows: int, k: int) -> None:
+    """Blocked codes: 16 rows a block, inputs in pairs; odd pair counts, rows of x past a tile
+    of 4, a long row's several 512-input partial sums."""
+    got, want = case(dtype, rows, 48, k, blocked=True)
+    assert (got.double() - want).abs().max() <= TOL[dtype] * want.abs().max()
+
+
+def test_blocked_layout_reads_back_as_rows() -> None:
+    """The blocked layout's rows, the lookup of a blocked table, the dequantize method on it;
+    shapes it cannot take stay as rows."""
+    w = finish(quantize_int8(torch.randn(64, 40)), torch.float32)
+    b = block_int8(w)
+    assert torch.equal(b.rows(16, 48), w.q[16:48]) and torch.equal(b.rows(0, 64), w.q)
+    tokens = torch.tensor([0, 17, 63, 5])
+    assert torch.equal(embedding_rows(tokens, b), embedding_rows(tokens, w))
+    x = torch.randn(3, 40)
+    want = quant_linear(x, w, None, DEQUANTIZE)
+    assert torch.allclose(quant_linear(x, b, None, DEQUANTIZE), want)
+    for shape in ((40, 64), (64, 41)):  # rows not in 16s, an odd width
+        odd = finish(quantize_int8(torch.randn(*shape)), torch.float32)
+        assert not block_int8(odd).blocked
+    assert isinstance(b, Int8Weight) and block_int8(b) is b
+
+
 def test_large_products_do_not_overflow() -> None:
     """Inputs all at the row's maximum against codes all 127, 16384 wide: each output is
     16384 * 32767 * 127 in integers, past 2^31 (the kernel's 32-bit lanes are flushed into a
-    64-bit total); a thread count changes no bit (integer sums)."""
+    wider total), in both layouts; a thread count changes no bit."""
     k = 16384
-    w = finish(quantize_int8(torch.ones(8, k)), torch.float32)
+    w = finish(quantize_int8(torch.ones(16, k)), torch.float32)
     x = torch.full((2, k), 0.5)
-    got = quant_linear(x, w, None, INT8_KERNEL)
-    assert torch.allclose(got, torch.full((2, 8), 0.5 * k), rtol=1e-6)
+    for codes in (w, block_int8(w)):
+        got = quant_linear(x, codes, None, INT8_KERNEL)
+        assert torch.allclose(got, torch.full((2, 16), 0.5 * k), rtol=1e-6)
     before = torch.get_num_threads()
     try:
         outs = []
         for threads in (1, 2):
             torch.set_num_threads(threads)
             outs.append(case(torch.bfloat16, 5, 301, 1000)[0])
-        assert torch.equal(*outs)
+            outs.append(case(torch.bfloat16, 5, 304, 1000, blocked=True)[0])
+        assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])
     finally:
         torch.set_num_threads(before)
 
@@ -74,8 +106,9 @@ def test_nan_and_infinity_stay_in_their_row() -> None:
     w = finish(quantize_int8(torch.randn(16, 64)), torch.float32)
     x = torch.randn(3, 64)
     x[0, 5], x[2, 60] = float("nan"), float("inf")
-    got = quant_linear(x, w, None, INT8_KERNEL)
-    assert got[0].isnan().all() and got[2].isnan().all() and got[1].isfinite().all()
+    for codes in (w, block_int8(w)):
+        got = quant_linear(x, codes, None, INT8_KERNEL)
+        assert got[0].isnan().all() and got[2].isnan().all() and got[1].isfinite().all()
 
 
 def test_bad_shapes_and_dtypes_are_refused() -> None:
@@ -89,6 +122,11 @@ def test_bad_shapes_and_dtypes_are_refused() -> None:
         op(torch.zeros(1, 64), q, torch.ones(4, dtype=torch.bfloat16))
     with pytest.raises(RuntimeError, match="q must be int8"):
         op(torch.zeros(1, 64), q.float(), torch.ones(4))
+    blocked = torch.ops.cpumesh_kernels.int8_linear_blocked
+    with pytest.raises(RuntimeError, match=r"q must be \[N / 16, K / 2, 16, 2\]"):
+        blocked(torch.zeros(1, 64), q, torch.ones(4))
+    with pytest.raises(RuntimeError, match="last dimension must be 64"):
+        blocked(torch.zeros(1, 62), torch.zeros(1, 32, 16, 2, dtype=torch.int8), torch.ones(16))
 
 
 def test_the_plan_times_the_kernel_and_cpumesh_forces_it() -> None:
@@ -108,16 +146,18 @@ from tests.unit.test_int8_linear import case
 isa = native.load()
 errors = {}
 for dtype in (torch.float32, torch.bfloat16):
-    got, want = case(dtype, 5, 37, 2049)
-    errors[str(dtype)] = ((got.double() - want).abs().max() / want.abs().max()).item()
+    for blocked in (False, True):
+        got, want = case(dtype, 5, 48, 2050, blocked=blocked)
+        errors[f"{dtype} {blocked}"] = ((got.double() - want).abs().max() / want.abs().max()).item()
 print(json.dumps({"isa": isa, "errors": errors}))
 """
 
 
 @pytest.mark.timeout(300)
 def test_avx2_build() -> None:
-    """The kernel as an AVX2-only CPU builds it (`vpmaddwd`, 16 inputs a vector), in a process
-    with ATEN_CPU_CAPABILITY=avx2 (inductor's vector ISA follows it)."""
+    """The kernel as an AVX2-only CPU builds it (`vpmaddwd`, 16 inputs a vector; a block in two
+    vectors of 8 rows), in a process with ATEN_CPU_CAPABILITY=avx2 (inductor's vector ISA
+    follows it)."""
     env = os.environ | {"ATEN_CPU_CAPABILITY": "avx2", "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=280)
@@ -125,4 +165,5 @@ def test_avx2_build() -> None:
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["isa"] == "avx2"
     for dtype in (torch.float32, torch.bfloat16):
-        assert result["errors"][str(dtype)] <= TOL[dtype]
+        for blocked in (False, True):
+            assert result["errors"][f"{dtype} {blocked}"] <= TOL[dtype]
