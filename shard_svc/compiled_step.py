@@ -121,9 +121,14 @@ class CompiledDecode:
         c, p = model.config, model.plan
         self.dims = (c.rms_norm_eps, p.num_q_heads, p.num_kv_heads, c.head_dim, model.scale,
                      p.tp_size > 1)
-        self._compiled = torch.compile(FrozenStep(model, self._layer, c.rms_norm_eps,
-                                                  self.int8_kernel_rows),
-                                       backend=self._backend, dynamic=False)
+        # No guards on the step module's attributes (its weights, frozen into the graph, and
+        # settings, never changed after this): each step checked them all, 0.3-0.6 ms of a
+        # SmolLM2 step (interleaved: bfloat16 10.7 -> 10.1 ms, int8 6.8 -> 6.5). The inputs'
+        # guards stay: they pick the bucket's graph and catch a shape never warmed up.
+        self._compiled = torch.compile(
+            FrozenStep(model, self._layer, c.rms_norm_eps, self.int8_kernel_rows),
+            backend=self._backend, dynamic=False,
+            options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         torch._dynamo.config.accumulated_recompile_limit = max(
             torch._dynamo.config.accumulated_recompile_limit, 1024)
