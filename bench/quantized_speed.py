@@ -150,8 +150,9 @@ def section(result: dict[str, Any]) -> list[str]:
            "(`use_extra_bufts = false`: with it, llama-cpp-python 0.3.36 crashed with SIGSEGV on "
            "every quantized file here); *ratio* < 1: cpumesh faster."
            + (" cpumesh's decode steps run compiled (`--compile decode`: the weights frozen "
-              "into one inductor graph, int8 as inductor's weight-only GEMM; compile time "
-              "excluded, in the warm-up column)." if compiled else "")
+              "into one inductor graph; int8 products by the method the shard's kernel plan "
+              "chose, cpumesh's int8 kernel (blocked weights) or inductor's weight-only GEMM; "
+              "compile time excluded, in the warm-up column)." if compiled else "")
            + (f" Load average {result['load_avg']:.1f} on this machine during the run (others' "
               "jobs): noisy figures." if result.get("load_avg", 0) > 1 else ""), "",
            "| model | cpumesh | llama.cpp | cpumesh ms | llama.cpp ms | ratio | kernels |"

@@ -49,7 +49,7 @@ from shard_svc.quant_linear import (
     int8_kernel,
     quant_linear,
 )
-from shard_svc.weights import ShardWeights
+from shard_svc.weights import ShardWeights, release_freed_memory
 
 LIBRARIES = ("auto", "aten", "onednn", "packed", "cpumesh", "ipex")
 BUCKETS = (1, 16, 2**31)  # tokens in the step: one sequence's decode, a decode batch, a prefill
@@ -143,18 +143,17 @@ def block_weights(w: ShardWeights) -> ShardWeights:
             if isinstance(m, Int8Weight):
                 setattr(layer, name, block_int8(m))
     head, embed = w.lm_head, w.embed
-    if not isinstance(head, Int8Weight):
-        return w
-    if isinstance(embed, Int8Weight) and (head.q.untyped_storage().data_ptr()
-                                          == embed.q.untyped_storage().data_ptr()):  # tied
+    if (isinstance(head, Int8Weight) and isinstance(embed, Int8Weight)
+            and head.q.untyped_storage().data_ptr() == embed.q.untyped_storage().data_ptr()):
         start, rows = (head.q.data_ptr() - embed.q.data_ptr()) // embed.q.stride(0), head.shape[0]
         blocked = block_int8(embed)
         if blocked.blocked and start % INT8_BLOCK == 0 and rows % INT8_BLOCK == 0:
             w.embed = blocked
             w.lm_head = Int8Weight(blocked.q[start // INT8_BLOCK:(start + rows) // INT8_BLOCK],
                                    head.scales)
-    else:
+    elif isinstance(head, Int8Weight):
         w.lm_head = block_int8(head)
+    release_freed_memory()  # the matrices' row layouts (glibc would keep them)
     return w
 
 

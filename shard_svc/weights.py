@@ -287,16 +287,17 @@ def load_shard_weights(model_dir: Path, config: ModelConfig, plan: ShardPlan,
     weights = ShardWeights(embed, layers, get("model.norm.weight"), lm_head,
                            served=_served(reader.served, act))
     _check_shapes(weights, config, plan)
-    _release_freed_memory()
+    release_freed_memory()
     unused = {n for n in reader.entries if n not in used and "rotary_emb" not in n}
     if unused - {"lm_head.weight"}:
         raise CheckpointError(f"tensors the model does not use: {sorted(unused)[:5]}")
     return weights
 
 
-def _release_freed_memory() -> None:
-    """Hand the slices' freed float buffers back to the system (glibc keeps freed heap memory
-    of allocations under its adaptive mmap threshold, ~30 % of a quantized shard's RSS)."""
+def release_freed_memory() -> None:
+    """Hand freed buffers (the slices' float ones, matrices replaced by a new layout) back to
+    the system (glibc keeps freed heap memory of allocations under its adaptive mmap threshold,
+    ~30 % of a quantized shard's RSS)."""
     with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
