@@ -136,7 +136,7 @@ def test_gemm_backends_without_a_choice_fall_back_to_max_autotune(
     from shard_svc.engine import SeqWork, ShardEngine
 
     torch.set_num_threads(2)
-    model = compilable_model(quant_dir, SingleRank(), "int8")
+    model = compilable_model(quant_dir, SingleRank(), "int8", "aten")  # inductor's int8 GEMM
     compiled = CompiledDecode(model, buckets=(1,))
     compiled.gemms = "TRITON"
     cache = model.new_cache(64, page_size=4)
