@@ -206,21 +206,27 @@ void dot_block(const int16_t* x, int64_t ldx, const int8_t* block, int64_t K, fl
 
 // The rows of x as int16 [M, ldx] (rows start on cache lines: torch's allocator aligns to 64
 // bytes; a vector load of x that straddles two lines cost the rows kernel ~10 %), and their scales.
+struct QuantizedRows {
+  at::Tensor xq;  // owns `data`
+  int16_t* data;
+  int64_t ldx;
+  std::vector<float> sx;
+  const int16_t* row(int64_t m) const { return data + m * ldx; }
+};
+
 template <typename T>
-at::Tensor quantize_rows(const T* x, int64_t M, int64_t K, std::vector<float>& sx) {
+QuantizedRows quantize_rows(const T* x, int64_t M, int64_t K) {
   const int64_t ldx = (K + 31) / 32 * 32;
   auto xq = at::empty({M, ldx}, at::kShort);
-  sx.resize(M);
-  for (int64_t m = 0; m < M; ++m) quantize_row(x + m * K, K, xq.data_ptr<int16_t>() + m * ldx, &sx[m]);
-  return xq;
+  QuantizedRows r{xq, xq.data_ptr<int16_t>(), ldx, std::vector<float>(M)};
+  for (int64_t m = 0; m < M; ++m) quantize_row(x + m * K, K, r.data + m * ldx, &r.sx[m]);
+  return r;
 }
 
 template <typename T>
 void product(const T* x, const int8_t* q, const T* s, T* y, int64_t M, int64_t N, int64_t K) {
-  std::vector<float> sx;
-  const at::Tensor xq = quantize_rows(x, M, K, sx);
-  const int64_t ldx = xq.size(1);
-  const int16_t* xp = xq.data_ptr<int16_t>();
+  const auto xq = quantize_rows(x, M, K);
+  const auto& sx = xq.sx;
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     int64_t dots[kTileRows];
     for (int64_t n = n0; n < n1; ++n) {
@@ -228,11 +234,11 @@ void product(const T* x, const int8_t* q, const T* s, T* y, int64_t M, int64_t N
       const float scale = float(s[n]);
       int64_t m = 0;
       for (; m + kTileRows <= M; m += kTileRows) {
-        dot_rows<kTileRows>(xp + m * ldx, ldx, row, K, dots);
+        dot_rows<kTileRows>(xq.row(m), xq.ldx, row, K, dots);
         for (int64_t i = 0; i < kTileRows; ++i) y[(m + i) * N + n] = T(float(dots[i]) * sx[m + i] * scale);
       }
       for (; m < M; ++m) {
-        dot_rows<1>(xp + m * ldx, ldx, row, K, dots);
+        dot_rows<1>(xq.row(m), xq.ldx, row, K, dots);
         y[m * N + n] = T(float(dots[0]) * sx[m] * scale);
       }
     }
@@ -241,22 +247,20 @@ void product(const T* x, const int8_t* q, const T* s, T* y, int64_t M, int64_t N
 
 template <typename T>
 void product_blocked(const T* x, const int8_t* q, const T* s, T* y, int64_t M, int64_t N, int64_t K) {
-  std::vector<float> sx;
-  const at::Tensor xq = quantize_rows(x, M, K, sx);
-  const int64_t ldx = xq.size(1);
-  const int16_t* xp = xq.data_ptr<int16_t>();
+  const auto xq = quantize_rows(x, M, K);
+  const auto& sx = xq.sx;
   at::parallel_for(0, N / kBlock, 1, [&](int64_t b0, int64_t b1) {
     float out[kTileRows * kBlock];
     for (int64_t b = b0; b < b1; ++b) {
       const int8_t* block = q + b * kBlock * K;
       for (int64_t m = 0; m < M; m += kTileRows) {
         const int64_t rows = std::min(kTileRows, M - m);
-        const int16_t* xm = xp + m * ldx;
+        const int16_t* xm = xq.row(m);
         switch (rows) {
-          case 4: dot_block<4>(xm, ldx, block, K, out); break;
-          case 3: dot_block<3>(xm, ldx, block, K, out); break;
-          case 2: dot_block<2>(xm, ldx, block, K, out); break;
-          default: dot_block<1>(xm, ldx, block, K, out);
+          case 4: dot_block<4>(xm, xq.ldx, block, K, out); break;
+          case 3: dot_block<3>(xm, xq.ldx, block, K, out); break;
+          case 2: dot_block<2>(xm, xq.ldx, block, K, out); break;
+          default: dot_block<1>(xm, xq.ldx, block, K, out);
         }
         for (int64_t i = 0; i < rows; ++i)
           for (int64_t r = 0; r < kBlock; ++r) {

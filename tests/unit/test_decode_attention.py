@@ -9,7 +9,6 @@ Tolerances: float32 1e-5 (float32 arithmetic); bfloat16 / float16 one rounding o
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import pytest
 import torch
 
 from shard_svc import decode_attention, native
+from tests.avx2_child import run_avx2
 
 ROOT = Path(__file__).resolve().parents[2]
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
@@ -117,11 +117,7 @@ print(json.dumps({"isa": isa, "errors": errors}))
 def test_avx2_build() -> None:
     """The kernel as an AVX2-only CPU builds it (ATEN_CPU_CAPABILITY=avx2: inductor's vector ISA
     follows it), in a process of its own."""
-    env = os.environ | {"ATEN_CPU_CAPABILITY": "avx2", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=280)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_avx2(CHILD)
     assert result["isa"] == "avx2"
     assert result["errors"]["torch.float32"] < ATOL[torch.float32]
     assert result["errors"]["torch.bfloat16"] < ATOL[torch.bfloat16]

@@ -5,12 +5,6 @@ sums; NaN kept to its row; bad shapes refused; the AVX2 build; the kernel plan's
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -18,8 +12,8 @@ from services.errors import InvalidArgument
 from shard_svc.kernels import check_library, choose_kernels, embedding_rows
 from shard_svc.quant import INT4, Int8Weight, block_int8, finish, quantize_int8
 from shard_svc.quant_linear import DEQUANTIZE, INT8_KERNEL, int8_kernel, quant_linear
+from tests.avx2_child import run_avx2
 
-ROOT = Path(__file__).resolve().parents[2]
 # relative to the largest output: the dtype's rounding of the output and the scales, plus x's
 # rounding to int16 (2^-16 of the row's largest input)
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -159,11 +153,7 @@ def test_avx2_build() -> None:
     """The kernel as an AVX2-only CPU builds it (`vpmaddwd`, 16 inputs a vector; a block in two
     vectors of 8 rows), in a process with ATEN_CPU_CAPABILITY=avx2 (inductor's vector ISA
     follows it)."""
-    env = os.environ | {"ATEN_CPU_CAPABILITY": "avx2", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=280)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_avx2(CHILD)
     assert result["isa"] == "avx2"
     for dtype in (torch.float32, torch.bfloat16):
         for blocked in (False, True):
