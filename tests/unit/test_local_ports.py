@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tools.local import LocalConfig, plan
-from tools.local_ports import Want, listen_address, reserve
+from tools.local_ports import FREE_LOW, Want, ephemeral_start, free_ports, listen_address, reserve
 
 
 @pytest.mark.parametrize(("field", "flag"), [("port", "--port"), ("http_port", "--http-port")])
@@ -47,3 +47,15 @@ def test_every_port_of_a_cluster_is_distinct() -> None:
         addresses = [tokenizer.address, *(s.address for s in shards), *peers, router,
                      http.removeprefix("http://"), argv[argv.index("--listen") + 1]]
         assert len(set(addresses)) == len(addresses) - 1  # the router's listen == its reach
+
+
+def test_free_ports_lie_below_the_ephemeral_range() -> None:
+    """An outgoing connection's source port comes from the ephemeral range: a mesh port there
+    could be taken by a peer's own connect before its rank binds it (a TCP self-connect)."""
+    start = ephemeral_start()
+    chosen = free_ports(64)
+    assert len(set(chosen)) == 64
+    assert all(FREE_LOW <= p < start for p in chosen), (start, sorted(chosen)[-3:])
+    for p in chosen[:8]:  # free indeed: each can be bound now
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", p))
