@@ -2,7 +2,7 @@
 picks one per bucket.
 
   int8 kernel  cpumesh's C++ product for int8 weights (shard_svc/csrc/int8_linear.cpp, built by
-               shard_svc/native.py): each row of x quantized to int16, integer dot products
+               shard_svc/native.py): each row of x rounded to int16, integer dot products
                (AVX-512 VNNI / AVX2), weights as rows or, once the plan has chosen it, blocked
                16 rows at a time (quant.block_int8), every input width. At one token it reads
                the weights at memory speed: the 1B's 16 layer products (243 MB of codes), 2

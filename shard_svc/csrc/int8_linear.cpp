@@ -7,8 +7,9 @@
 //            (576 wide) 3.9 ms against 5.5 in rows and 4.2 by inductor's C++ int8 GEMM
 //            template (AMD EPYC, 2 threads, bench-style interleaved runs).
 //
-// Each row of x is quantized to int16 with one scale (x ≈ xq * sx, |xq| <= 32767: finer than
-// bfloat16's 8-bit mantissa), and each output is an exact integer dot product of xq with the
+// Each row of x is quantized to int16 with one scale (x ≈ xq * sx, |xq| <= 32767: 15 bits of the
+// row's largest input, where bfloat16 keeps 8 of each; SmolLM2's quality was the same either way,
+// BENCHMARKS.md), and each output is an exact integer dot product of xq with the
 // int8 weight row, scaled once: y[m, n] = sx[m] * s[n] * sum_k xq[m, k] * q[n, k]. The integer
 // products are 16-bit pairs summed into 32-bit lanes (AVX-512 VNNI `vpdpwssd`, else `vpmaddwd`
 // + add, AVX-512 BW or AVX2), so a weight costs a load, a sign extension and half an
