@@ -136,23 +136,27 @@ class KernelPlan:
 def block_weights(w: ShardWeights) -> ShardWeights:
     """int8 matrices in cpumesh's blocked layout (one at a time, in place), for a plan whose
     every int8 product is cpumesh's kernel or dequantize; a tied LM head (a slice of the
-    embedding's rows) stays a slice of the blocked table, which the lookup reads as it is."""
+    embedding's rows) stays a slice of the blocked table, which the lookup reads as it is.
+    Weights already blocked stay as they are (the shard's warm-up twin prepares them again:
+    once, that re-sliced rank 1's tied LM head from the blocked table, and tp-2 int8 served
+    garbage)."""
     for layer in w.layers:
         for name in ("qkv", "wo", "gate_up", "w_down"):
             m = getattr(layer, name)
             if isinstance(m, Int8Weight):
                 setattr(layer, name, block_int8(m))
     head, embed = w.lm_head, w.embed
-    if (isinstance(head, Int8Weight) and isinstance(embed, Int8Weight)
-            and head.q.untyped_storage().data_ptr() == embed.q.untyped_storage().data_ptr()):
-        start, rows = (head.q.data_ptr() - embed.q.data_ptr()) // embed.q.stride(0), head.shape[0]
-        blocked = block_int8(embed)
-        if blocked.blocked and start % INT8_BLOCK == 0 and rows % INT8_BLOCK == 0:
-            w.embed = blocked
-            w.lm_head = Int8Weight(blocked.q[start // INT8_BLOCK:(start + rows) // INT8_BLOCK],
-                                   head.scales)
-    elif isinstance(head, Int8Weight):
-        w.lm_head = block_int8(head)
+    if isinstance(head, Int8Weight) and not head.blocked:
+        if (isinstance(embed, Int8Weight)
+                and head.q.untyped_storage().data_ptr() == embed.q.untyped_storage().data_ptr()):
+            start = (head.q.data_ptr() - embed.q.data_ptr()) // embed.q.stride(0)  # tied: a slice
+            rows, blocked = head.shape[0], block_int8(embed)
+            if blocked.blocked and start % INT8_BLOCK == 0 and rows % INT8_BLOCK == 0:
+                w.embed = blocked
+                w.lm_head = Int8Weight(
+                    blocked.q[start // INT8_BLOCK:(start + rows) // INT8_BLOCK], head.scales)
+        else:
+            w.lm_head = block_int8(head)
     release_freed_memory()  # the matrices' row layouts (glibc would keep them)
     return w
 

@@ -80,11 +80,12 @@ def launch(tmp_path: Path) -> Iterator[list[Launcher]]:
         launcher.stop()
 
 
-def start(launch: list[Launcher], model_dir: Path, tp: int, log_dir: Path) -> tuple[Launcher, str]:
+def start(launch: list[Launcher], model_dir: Path, tp: int, log_dir: Path,
+          *extra: str) -> tuple[Launcher, str]:
     port = free_ports(1)[0]
     launcher = Launcher(["--model-dir", str(model_dir), "--tp", str(tp), "--port", str(port),
                          "--log-dir", str(log_dir), "--kv-capacity-tokens", "1024",
-                         "--max-context", "512", "--ready-timeout", "150"])
+                         "--max-context", "512", "--ready-timeout", "150", *extra])
     launch.append(launcher)
     launcher.wait_for("Press Ctrl-C to stop.", 180)
     return launcher, f"127.0.0.1:{port}"
@@ -192,6 +193,19 @@ def test_grpc_and_cli_stream_the_same_text_and_ctrl_c_drains_and_leaves_nothing(
     assert "stopped tokenizer (0), shard 0 (0), shard 1 (0), router (0)" in launcher.output()
     assert gone(procs) == []
     assert not (tmp_path / "logs" / "internal-token").exists()  # removed with the run
+
+
+def test_int8_at_tp2_answers_as_the_float_model(
+        launch: list[Launcher], smollm2_dir: Path, tmp_path: Path) -> None:
+    """`cpumesh local --tp 2 --dtype int8`: cpumesh's int8 kernel on blocked weights, rank 1's
+    LM head a slice of the blocked embedding. It once served garbage (" indiff indiff ..."):
+    the warm-up twin re-sliced that LM head. SmolLM2's greedy continuation at float32 (and in
+    transformers) names Paris."""
+    _, router = start(launch, smollm2_dir, 2, tmp_path / "logs", "--dtype", "int8")
+    out = cli("generate", "--router", router, "--temperature", "0", "--max-new-tokens", "4",
+              PROMPT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[0].strip(".,") == "Paris", out.stdout
 
 
 def test_a_service_that_dies_is_reported_and_the_rest_are_stopped(

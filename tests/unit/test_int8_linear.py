@@ -5,6 +5,8 @@ sums; NaN kept to its row; bad shapes refused; the AVX2 build; the kernel plan's
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -158,3 +160,28 @@ def test_avx2_build() -> None:
     for dtype in (torch.float32, torch.bfloat16):
         for blocked in (False, True):
             assert result["errors"][f"{dtype} {blocked}"] <= TOL[dtype]
+
+
+def test_weights_prepared_twice_keep_each_ranks_lm_head(tmp_path: Path) -> None:
+    """The shard prepares its weights again for its warm-up twin: blocking must leave blocked
+    weights as they are. Once it re-sliced rank 1's tied LM head out of the blocked table (its
+    offset read in blocks, not rows), and tp-2 int8 served garbage."""
+    from model_formats.checkpoint import load_model_config
+    from shard_svc.sharding import plan_shard
+    from shard_svc.weights import load_shard_weights
+    from tests.checkpoints import tiny_checkpoint
+
+    # vocabulary 512: rank 1's rows start at 256, 16 blocks in, which the old code took as row 16
+    model_dir = tiny_checkpoint(tmp_path, "llama", vocab_size=512, intermediate_size=192,
+                                tie_word_embeddings=True)
+    config = load_model_config(model_dir)
+    plan = plan_shard(config, 1, 2)
+    w = load_shard_weights(model_dir, config, plan, torch.int8)
+    assert isinstance(w.lm_head, Int8Weight) and isinstance(w.embed, Int8Weight)
+    head = w.lm_head.q.clone()  # rows 256..511 of the embedding
+    assert torch.equal(head, w.embed.q[256:])
+    kernels = choose_kernels("cpumesh", torch.bfloat16, [w.layers[0].gate_up])
+    for _ in range(2):
+        w = kernels.prepare(w)
+        assert w.lm_head.blocked and w.embed.blocked
+        assert torch.equal(w.lm_head.rows(0, 256), head)
