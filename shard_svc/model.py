@@ -36,6 +36,7 @@ from shard_svc.kernels import KernelPlan, choose_kernels
 from shard_svc.kv_cache import KVCache, Reservation
 from shard_svc.mesh.communicator import Communicator, TimedCommunicator
 from shard_svc.sharding import ShardPlan
+from shard_svc.top_k import top_k_lse
 from shard_svc.weights import LayerWeights, ShardWeights
 
 log = logging.getLogger(__name__)
@@ -233,11 +234,7 @@ class ShardModel:
 
         Returns values float32 [B, k], ids int64 [B, k], lse and lse_t float32 [B].
         """
-        k = min(k, logits.shape[-1])
-        values, index = torch.topk(logits, k, dim=-1)
-        lse = torch.logsumexp(logits, dim=-1)
-        lse_t = (lse if bool((temperature == 1).all())  # greedy and plain sampling: the same
-                 else torch.logsumexp(logits / temperature.unsqueeze(1), dim=-1))
+        values, index, lse, lse_t = top_k_lse(logits, min(k, logits.shape[-1]), temperature)
         return values, index + self.plan.vocab_range[0], lse, lse_t
 
 
