@@ -39,6 +39,12 @@ RUN PYTHONPATH=/opt/buildtools PATH=/opt/buildtools/bin:$PATH python -m services
  && cpumesh --help > /dev/null
 
 FROM ${PYTHON_IMAGE} AS runtime
+# A C++ compiler: a shard builds cpumesh's kernels (shard_svc/csrc) at start for its node's CPU
+# (AVX2 or AVX-512), and inductor compiles `--compile decode` steps with it. Without one, both
+# fall back to plain torch paths (logged), several times slower.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends g++ \
+ && rm -rf /var/lib/apt/lists/*
 RUN groupadd --system --gid 10001 cpumesh \
  && useradd --system --uid 10001 --gid 10001 --home-dir /tmp --shell /usr/sbin/nologin cpumesh
 COPY --from=build /opt/cpumesh /opt/cpumesh

@@ -56,6 +56,10 @@ def test_dockerfile_is_multi_stage_non_root_with_the_cpumesh_entrypoint():
         "COPY --from=build /opt/cpumesh /opt/cpumesh"]
     installs = " ".join(line for line in build if "pip install" in line)
     assert "-r requirements.lock" in installs and "--no-deps" in installs
+    # shards build their C++ kernels and inductor its compiled steps at start: a compiler, and
+    # the ninja that torch's extension builder runs
+    assert any(re.search(r"apt-get install .*\bg\+\+", line) for line in runtime)
+    assert "ninja" in lock("requirements.lock")
 
 
 def test_dockerignore_keeps_the_locks_and_drops_the_virtualenv():
