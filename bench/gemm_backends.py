@@ -27,7 +27,8 @@ PROMPT = 32  # tokens before the measured steps
 def measure(model_dir: Path, dtype: str, rows: int, variants: list[str],
             steps: int) -> dict[str, Any]:
     from bench.interleaved import interleave
-    from shard_svc.compiled_step import CompiledDecode, gemm_backends
+    from shard_svc.compiled_gemms import gemm_backends
+    from shard_svc.compiled_step import CompiledDecode
     from shard_svc.engine import ShardEngine
     from shard_svc.mesh.communicator import SingleRank
     from tests.compiled_ranks import compilable_model  # as a --compile decode shard builds it

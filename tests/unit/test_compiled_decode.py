@@ -117,7 +117,7 @@ def test_compiled_bfloat16_right_where_inductor_vectorizes_with_avx2(
         model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With AVX2 only (ATEN_CPU_CAPABILITY=avx2 in a spawned process; the real thing on an AVX2
     CPU), inductor's C++ GEMM template computed NaN logits at 2 threads in bfloat16: such a
-    graph takes ATen's GEMMs (compiled_step.gemm_backends)."""
+    graph takes ATen's GEMMs (compiled_gemms.gemm_backends)."""
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
     with ranks() as r:
         r.start("alone", rank_side_by_side_alone, model_dir, "bfloat16")
