@@ -103,10 +103,11 @@ class ShardEngine:
                cached: Sequence[int]) -> tuple[SeqTopK, ...]:
         k = max(w.top_k for w in work)
         temperature = torch.tensor([w.temperature or 1.0 for w in work])
-        values, ids, lse, lse_t = self.model.top_k(logits, k, temperature)
+        # as Python numbers at once: a tensor op per row costs more than the top k itself
+        values, ids, lse, lse_t = (t.tolist() for t in self.model.top_k(logits, k, temperature))
         return tuple(
-            SeqTopK(w.seq_id, tuple(values[i, :w.top_k].tolist()),
-                    tuple(ids[i, :w.top_k].tolist()), float(lse[i]), float(lse_t[i]), cached[i])
+            SeqTopK(w.seq_id, tuple(values[i][:w.top_k]), tuple(ids[i][:w.top_k]), lse[i],
+                    lse_t[i], cached[i])
             for i, w in enumerate(work)
         )
 

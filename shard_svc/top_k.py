@@ -6,6 +6,8 @@ and for k above KERNEL_MAX_K (the kernel keeps the k best by insertion)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -22,7 +24,7 @@ def top_k_lse(logits: Tensor, k: int, temperature: Tensor
     row / temperature."""
     if k <= KERNEL_MAX_K and logits.dtype == torch.float32 and kernel():
         out = torch.ops.cpumesh_kernels.top_k_lse(logits, k, temperature)
-        if not bool(out[2].isnan().any()):
+        if not any(math.isnan(v) for v in out[2].tolist()):  # (tensor ops: ~70 us in a step)
             return out
     values, ids = torch.topk(logits, k, dim=-1)
     lse = torch.logsumexp(logits, dim=-1)
