@@ -22,7 +22,8 @@ def top_k_lse(logits: Tensor, k: int, temperature: Tensor
     """logits float32 [B, V], 1 <= k <= V, temperature float32 [B] (> 0): values [B, k] largest
     first, their ids [B, k] (int64, within the row), log-sum-exp [B] of each row and of each
     row / temperature."""
-    if k <= KERNEL_MAX_K and logits.dtype == torch.float32 and kernel():
+    if (k <= KERNEL_MAX_K and logits.dim() == 2 and logits.dtype == temperature.dtype
+            == torch.float32 and kernel()):
         out = torch.ops.cpumesh_kernels.top_k_lse(logits, k, temperature)
         if not any(math.isnan(v) for v in out[2].tolist()):  # (tensor ops: ~70 us in a step)
             return out

@@ -104,3 +104,16 @@ print(json.dumps({"isa": isa, "equal": torch.equal(values, want_v) and torch.equ
 def test_avx2_build() -> None:
     result = run_avx2(CHILD)
     assert result["isa"] == "avx2" and result["equal"] and result["err"] < 1e-5
+
+
+def test_other_dtypes_take_torch() -> None:
+    """bfloat16 logits or a float64 temperature: torch's answer, not the kernel's refusal."""
+    logits = torch.randn(2, 100)
+    want = torch.topk(logits, 3, dim=-1)
+    for args in ((logits, torch.ones(2, dtype=torch.float64)),
+                 (logits.bfloat16(), torch.ones(2))):
+        values, ids, lse, _ = top_k.top_k_lse(args[0], 3, args[1])
+        assert torch.equal(ids, torch.topk(args[0], 3, dim=-1).indices)
+        assert values.dtype == args[0].dtype
+        torch.testing.assert_close(lse, torch.logsumexp(args[0], dim=-1))
+    assert torch.equal(top_k.top_k_lse(logits, 3, torch.ones(2))[1], want.indices)
