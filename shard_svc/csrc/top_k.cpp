@@ -10,17 +10,14 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cmath>
-#include <limits>
 #include <tuple>
-#include <vector>
 
 namespace {
 using Vec = at::vec::Vectorized<float>;
 
-// best[0..k) sorted by (value descending, index ascending); returns the number filled
-int64_t top_k_row(const float* x, int64_t V, int64_t k, float* value, int64_t* index) {
+// value, index [k]: the row's k largest, sorted by (value descending, index ascending)
+void top_k_row(const float* x, int64_t V, int64_t k, float* value, int64_t* index) {
   int64_t filled = 0;
   auto insert = [&](float v, int64_t i) {
     int64_t at = filled < k ? filled++ : k - 1;
@@ -44,7 +41,6 @@ int64_t top_k_row(const float* x, int64_t V, int64_t k, float* value, int64_t* i
     for (int64_t j = i; j < stop; ++j)
       if (filled < k || x[j] > value[k - 1]) insert(x[j], j);
   }
-  return filled;
 }
 
 // log(sum(exp(x / t))), as torch.logsumexp(x / t) computes it: x / t - max(x / t) exponentiated
