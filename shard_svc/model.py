@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from services.config import ModelConfig
-from shard_svc import decode_attention
+from shard_svc import decode_attention, huge_pages
 from shard_svc.ipex_backend import IpexPlan, block_tables
 from shard_svc.kernels import KernelPlan, choose_kernels
 from shard_svc.kv_cache import KVCache, Reservation
@@ -120,7 +120,7 @@ class ShardModel:
         self.dtype = weights.embed.dtype
         self.kernels = kernels or choose_kernels(
             "auto", self.dtype, [layer.gate_up for layer in weights.layers])
-        self.w = self.kernels.prepare(weights)
+        self.w = huge_pages.adopt(self.kernels.prepare(weights))  # as the kernels read them
         # The backend's fused kernels where it has them (IPEX), else the plain functions below
         ipex = self.kernels if isinstance(self.kernels, IpexPlan) else None
         self.rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] = (

@@ -186,6 +186,7 @@ class ShardWeights:
     lm_head: Matrix  # [V_local, H] (a view of `embed` when tied)
     packed: bool = False  # matrices reordered for oneDNN (shard_svc.kernels); views unusable
     served: str = ""  # what precision each kind of tensor is served at, for the log
+    huge_pages: bool = False  # the tensors moved into a huge-page arena (shard_svc.huge_pages)
 
 
 def open_reader(model_dir: Path) -> Any:
