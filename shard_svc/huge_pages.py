@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import mmap
 import sys
 from collections.abc import Iterator
@@ -58,9 +59,7 @@ def adopt(weights: ShardWeights) -> ShardWeights:
     size = sum(-(-n // ALIGN) * ALIGN for n in storages.values())
     if size < HUGE_PAGE:
         return weights
-    arena = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    arena.madvise(mmap.MADV_HUGEPAGE)
-    start = (-_address(arena)) % HUGE_PAGE  # the arena's first byte on a huge page boundary
+    arena, start = _arena(size)
     offset = start
     for address, nbytes in storages.items():  # one storage at a time: its old copy freed next
         moved = torch.frombuffer(arena, dtype=torch.uint8, count=nbytes, offset=offset)
@@ -73,6 +72,17 @@ def adopt(weights: ShardWeights) -> ShardWeights:
     log.info("weights: %.0f MB moved into a huge-page arena (%.0f MB of it in huge pages)",
              size / 1e6, backed_bytes(_address(arena) + start) / 1e6)
     return weights
+
+
+def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """torch.zeros(shape, dtype=dtype), in huge pages where they are available (the KV cache:
+    a long history is read as a stream too). Every page is written here, as torch.zeros does:
+    the memory is held from the start, not when the cache first fills."""
+    count = math.prod(shape)
+    if count * dtype.itemsize < HUGE_PAGE or not available():
+        return torch.zeros(shape, dtype=dtype)
+    arena, start = _arena(count * dtype.itemsize)
+    return torch.frombuffer(arena, dtype=dtype, count=count, offset=start).view(shape).zero_()
 
 
 def backed_bytes(address: int) -> int:
@@ -117,6 +127,14 @@ def _like(t: torch.Tensor, storage_bytes: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode(t.is_inference()):
         return torch.empty(0, dtype=t.dtype).set_(
             storage_bytes.untyped_storage(), t.storage_offset(), t.size(), t.stride())
+
+
+def _arena(size: int) -> tuple[mmap.mmap, int]:
+    """Private anonymous memory for `size` bytes advised into huge pages, and the offset in it
+    of the first huge-page boundary, where the `size` bytes start."""
+    arena = mmap.mmap(-1, size + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    arena.madvise(mmap.MADV_HUGEPAGE)
+    return arena, (-_address(arena)) % HUGE_PAGE
 
 
 def _address(arena: mmap.mmap) -> int:

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import torch
 
+from shard_svc import huge_pages
+
 QMAX = 127
 
 
@@ -70,8 +72,8 @@ def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int,
 class FloatKV:
     def __init__(self, shape: tuple[int, int, int, int], dtype: torch.dtype) -> None:
         self.dtype = dtype  # of reads
-        self.k = torch.zeros(shape, dtype=dtype)
-        self.v = torch.zeros(shape, dtype=dtype)
+        self.k = huge_pages.zeros(shape, dtype)
+        self.v = huge_pages.zeros(shape, dtype)
 
     @property
     def nbytes(self) -> int:
@@ -104,10 +106,10 @@ class FloatKV:
 class Int8KV:
     def __init__(self, shape: tuple[int, int, int, int], dtype: torch.dtype) -> None:
         self.dtype = dtype  # of reads
-        self.k = torch.zeros(shape, dtype=torch.int8)
-        self.v = torch.zeros(shape, dtype=torch.int8)
-        self.k_scale = torch.zeros(shape[:3], dtype=torch.float32)  # [L, Hkv, P*S]
-        self.v_scale = torch.zeros(shape[:3], dtype=torch.float32)
+        self.k = huge_pages.zeros(shape, torch.int8)
+        self.v = huge_pages.zeros(shape, torch.int8)
+        self.k_scale = huge_pages.zeros(shape[:3], torch.float32)  # [L, Hkv, P*S]
+        self.v_scale = huge_pages.zeros(shape[:3], torch.float32)
         self.rotation = rotation(shape[3])  # of K's rows, float32 [D, D]
 
     @property

@@ -96,6 +96,19 @@ def test_adopt_keeps_values_and_views_and_advises_one_mapping(checkpoint: Path) 
     assert {k: t.data_ptr() for k, t in tensors(w).items()} == pointers
 
 
+@needs_thp
+def test_zeros_are_zeros_in_huge_pages_from_2_mib() -> None:
+    big = huge_pages.zeros((2, 3, 4096, 64), torch.bfloat16)
+    assert big.shape == (2, 3, 4096, 64) and big.dtype == torch.bfloat16 and big.is_contiguous()
+    assert not big.any()
+    assert mapping(big.data_ptr()).get("THPeligible") == "1"
+    assert big.data_ptr() % huge_pages.HUGE_PAGE == 0
+    big[1, 2, 4095, 63] = 3.0  # writable to its last element
+    assert big.sum() == 3.0
+    small = huge_pages.zeros((3, 5), torch.float32)
+    assert torch.equal(small, torch.zeros(3, 5))
+
+
 def test_small_weights_and_no_thp_stay_where_they_are(tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     small = weights(tiny_checkpoint(tmp_path / "small"))  # ~0.5 MB: no arena
@@ -118,7 +131,8 @@ def test_model_on_the_arena_answers_as_transformers(checkpoint: Path) -> None:
     config = load_model_config(checkpoint)
     model = ShardModel(config, plan_shard(config, 0, 1), weights(checkpoint), SingleRank())
     assert model.w.huge_pages
-    cache = model.new_cache(capacity_tokens=1024, page_size=4)
+    cache = model.new_cache(capacity_tokens=16384, page_size=4)  # K and V 8 MB each
+    assert mapping(cache.store.k.data_ptr()).get("THPeligible") == "1"
     steps = list(enumerate(PROMPTS))
     for i, _ in steps:
         cache.add(i)
@@ -135,7 +149,8 @@ def test_model_on_the_arena_answers_as_transformers(checkpoint: Path) -> None:
 @needs_thp
 def test_int8_blocked_model_equals_itself_off_the_arena(checkpoint: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    """cpumesh's int8 kernel reading blocked codes from the arena: the very same logits."""
+    """cpumesh's int8 kernel reading blocked codes from the arena, an int8 KV cache in huge
+    pages: the very same logits as both in torch's own allocations."""
     config = load_model_config(checkpoint)
     logits = []
     for arena in (True, False):
@@ -147,7 +162,9 @@ def test_int8_blocked_model_equals_itself_off_the_arena(checkpoint: Path,
             model = ShardModel(config, plan_shard(config, 0, 1), w, SingleRank(), plan)
             assert model.w.huge_pages == arena
             assert isinstance(model.w.lm_head, Int8Weight) and model.w.lm_head.blocked
-            cache = model.new_cache(capacity_tokens=256, page_size=4)
+            cache = model.new_cache(capacity_tokens=65536, page_size=4, kv_dtype=torch.int8)
+            if arena:  # (torch's own allocations may land in a region others advised)
+                assert mapping(cache.store.k.data_ptr()).get("THPeligible") == "1"
             steps = list(enumerate(PROMPTS))
             for i, _ in steps:
                 cache.add(i)
