@@ -174,3 +174,35 @@ def test_int8_blocked_model_equals_itself_off_the_arena(checkpoint: Path,
                 steps = [(i, [int(t)]) for i, t in enumerate(out[-1].argmax(-1))]
             logits.append(torch.stack(out))
     assert torch.equal(logits[0], logits[1])
+
+
+CHILD = """
+import os, sys
+from services.cli import main
+try:
+    main(["shard", "--help"])
+except SystemExit:
+    pass
+import torch
+from tests.unit.test_huge_pages import mapping
+t = torch.empty(4 << 20, dtype=torch.uint8)
+print(os.environ.get("THP_MEM_ALLOC_ENABLE"), mapping(t.data_ptr()).get("THPeligible"))
+"""
+
+
+@needs_thp
+@pytest.mark.parametrize("operator", [None, "0"])
+def test_the_shard_command_puts_torchs_large_allocations_in_huge_pages(
+        operator: str | None) -> None:
+    """`cpumesh shard` turns on torch's huge-page allocator (allocations of 2 MiB and more
+    advised) before torch's first allocation, unless the operator set it."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if operator is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = operator
+    out = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split()[-2:]
+    assert out == (["1", "1"] if operator is None else [operator, "0"])
