@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -112,12 +113,16 @@ def transformers(model_dir: Path, batch: int, prompt: int, tokens: int,
 def run_system(system: str, model_dir: Path, batch: int, prompt: int, tokens: int,
                threads: int, repeats: int, dtype: str = "float32",
                compile: str = "off") -> dict[str, Any]:
-    """One measurement in a fresh process (clean memory and thread settings)."""
+    """One measurement in a fresh process (clean memory and thread settings; cpumesh's with the
+    environment `cpumesh shard` sets for its libraries)."""
+    from services.cli import LIBRARY_ENVIRONMENT
+
     cmd = [sys.executable, "-m", "bench.model_level", "--system", system, "--model-dir",
            str(model_dir), "--batch", str(batch), "--prompt", str(prompt), "--tokens",
            str(tokens), "--threads", str(threads), "--repeats", str(repeats), "--dtype", dtype]
     cmd += ["--compile", compile] if compile != "off" else []
-    return _json_of(cmd)
+    env = LIBRARY_ENVIRONMENT["shard"] if system == "cpumesh" else {}
+    return _json_of(cmd, {**env, **os.environ})  # (an operator's own setting wins)
 
 
 def run_peer(gguf: Path, batch: int, prompt: int, tokens: int, threads: int,
@@ -128,8 +133,8 @@ def run_peer(gguf: Path, batch: int, prompt: int, tokens: int, threads: int,
     return _json_of(cmd)
 
 
-def _json_of(cmd: list[str]) -> dict[str, Any]:
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+def _json_of(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stderr[-3000:]}")
     result = json.loads(out.stdout.strip().splitlines()[-1])
