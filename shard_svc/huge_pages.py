@@ -7,8 +7,9 @@ A step reads every weight once; from 4 KiB pages that is a page walk every 4 KiB
 interleaved in one process; 10-16 % in every run). torch allocates each matrix by itself, most
 under 2 MiB, and this kernel (THP "madvise") backs none of them with huge pages.
 
-`adopt` copies each storage the weights use into the arena, one at a time (memory grows by one
-matrix, not by the model: the arena's pages are only backed as they are written), and points the
+`adopt` copies each storage the weights use into the arena, one at a time (memory grows by
+TRIM_BYTES, not by the model: the arena's pages are only backed as they are written, the old
+copies handed back to the system as it goes), and points the
 weights' tensors at it, views as views: a tied LM head stays a slice of the embedding. Where the
 kernel offers no THP (not Linux, THP "never") the weights stay where they are.
 """
@@ -32,6 +33,7 @@ from shard_svc.weights import LayerWeights, ShardWeights, release_freed_memory
 log = logging.getLogger("cpumesh.shard")
 HUGE_PAGE = 2 << 20
 ALIGN = 64  # each storage starts on a cache line
+TRIM_BYTES = 32 << 20  # moved between two hand-backs of the old copies (the peak's excess)
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 _HOLDERS = (ShardWeights, LayerWeights, Int8Weight, Int4Weight)
 
@@ -60,13 +62,17 @@ def adopt(weights: ShardWeights) -> ShardWeights:
     if size < HUGE_PAGE:
         return weights
     arena, start = _arena(size)
-    offset = start
-    for address, nbytes in storages.items():  # one storage at a time: its old copy freed next
+    offset, untrimmed = start, 0
+    for address, nbytes in storages.items():  # one storage at a time, its old copy freed
         moved = torch.frombuffer(arena, dtype=torch.uint8, count=nbytes, offset=offset)
         moved.copy_(_bytes_of(getattr(*users[address][0])))
         for holder, name in users.pop(address):
             setattr(holder, name, _like(getattr(holder, name), moved))
         offset += -(-nbytes // ALIGN) * ALIGN
+        untrimmed += nbytes
+        if untrimmed >= TRIM_BYTES:  # glibc keeps what was freed in its heap until trimmed
+            release_freed_memory()
+            untrimmed = 0
     weights.huge_pages = True
     release_freed_memory()
     log.info("weights: %.0f MB moved into a huge-page arena (%.0f MB of it in huge pages)",
