@@ -235,7 +235,8 @@ class ShardModel:
         Returns values float32 [B, k], ids int64 [B, k], lse and lse_t float32 [B].
         """
         values, index, lse, lse_t = top_k_lse(logits, min(k, logits.shape[-1]), temperature)
-        return values, index + self.plan.vocab_range[0], lse, lse_t
+        start = self.plan.vocab_range[0]  # (rank 0's ids are global already: no op in its step)
+        return values, index + start if start else index, lse, lse_t
 
 
 def with_block_tables(batch: Batch, cache: KVCache) -> Batch:
