@@ -57,7 +57,8 @@ def adopt(weights: ShardWeights) -> ShardWeights:
     for holder, name in _tensor_slots(weights):
         address = getattr(holder, name).untyped_storage().data_ptr()
         users.setdefault(address, []).append((holder, name))
-    storages = {a: getattr(*u[0]).untyped_storage().nbytes() for a, u in users.items()}
+    storages = {a: n for a, u in users.items()  # (an empty one stays where it is)
+                if (n := getattr(*u[0]).untyped_storage().nbytes())}
     size = sum(-(-n // ALIGN) * ALIGN for n in storages.values())
     if size < HUGE_PAGE:
         return weights
@@ -76,7 +77,7 @@ def adopt(weights: ShardWeights) -> ShardWeights:
     weights.huge_pages = True
     release_freed_memory()
     log.info("weights: %.0f MB moved into a huge-page arena (%.0f MB of it in huge pages)",
-             size / 1e6, backed_bytes(_address(arena) + start) / 1e6)
+             size / 1e6, min(size, backed_bytes(_address(arena) + start)) / 1e6)
     return weights
 
 

@@ -97,6 +97,15 @@ def test_adopt_keeps_values_and_views_and_advises_one_mapping(checkpoint: Path) 
 
 
 @needs_thp
+def test_an_empty_tensor_stays_where_it_is(checkpoint: Path) -> None:
+    w = weights(checkpoint)
+    empty = torch.empty(0)
+    w.layers[0].qkv_bias = empty
+    assert huge_pages.adopt(w).huge_pages
+    assert w.layers[0].qkv_bias is empty
+
+
+@needs_thp
 def test_zeros_are_zeros_in_huge_pages_from_2_mib() -> None:
     big = huge_pages.zeros((2, 3, 4096, 64), torch.bfloat16)
     assert big.shape == (2, 3, 4096, 64) and big.dtype == torch.bfloat16 and big.is_contiguous()
