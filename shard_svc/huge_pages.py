@@ -9,9 +9,9 @@ under 2 MiB, and this kernel (THP "madvise") backs none of them with huge pages.
 
 `adopt` copies each storage the weights use into the arena, one at a time (memory grows by
 TRIM_BYTES, not by the model: the arena's pages are only backed as they are written, the old
-copies handed back to the system as it goes), and points the
-weights' tensors at it, views as views: a tied LM head stays a slice of the embedding. Where the
-kernel offers no THP (not Linux, THP "never") the weights stay where they are.
+copies handed back to the system as it goes), and points the weights' tensors at it, views as
+views: a tied LM head stays a slice of the embedding. Where the kernel offers no THP (not Linux,
+THP "never") the weights stay where they are.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def adopt(weights: ShardWeights) -> ShardWeights:
         users.setdefault(address, []).append((holder, name))
     storages = {a: n for a, u in users.items()  # (an empty one stays where it is)
                 if (n := getattr(*u[0]).untyped_storage().nbytes())}
-    size = sum(-(-n // ALIGN) * ALIGN for n in storages.values())
+    size = sum(_aligned(n) for n in storages.values())
     if size < HUGE_PAGE:
         return weights
     arena, start = _arena(size)
@@ -69,7 +69,7 @@ def adopt(weights: ShardWeights) -> ShardWeights:
         moved.copy_(_bytes_of(getattr(*users[address][0])))
         for holder, name in users.pop(address):
             setattr(holder, name, _like(getattr(holder, name), moved))
-        offset += -(-nbytes // ALIGN) * ALIGN
+        offset += _aligned(nbytes)
         untrimmed += nbytes
         if untrimmed >= TRIM_BYTES:  # glibc keeps what was freed in its heap until trimmed
             release_freed_memory()
@@ -86,9 +86,10 @@ def zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     a long history is read as a stream too). Every page is written here, as torch.zeros does:
     the memory is held from the start, not when the cache first fills."""
     count = math.prod(shape)
-    if count * dtype.itemsize < HUGE_PAGE or not available():
+    nbytes = count * dtype.itemsize
+    if nbytes < HUGE_PAGE or not available():
         return torch.zeros(shape, dtype=dtype)
-    arena, start = _arena(count * dtype.itemsize)
+    arena, start = _arena(nbytes)
     return torch.frombuffer(arena, dtype=dtype, count=count, offset=start).view(shape).zero_()
 
 
@@ -122,6 +123,10 @@ def _tensor_slots(obj: Any) -> Iterator[tuple[Any, str]]:
             for item in value:
                 if isinstance(item, _HOLDERS):
                     yield from _tensor_slots(item)
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
 
 
 def _bytes_of(t: torch.Tensor) -> torch.Tensor:
