@@ -9,7 +9,8 @@ on SmolLM2's 120 layer products (bench/frozen_gemm.py, bfloat16, one token, 2 th
 Weight-only int8 and int4 matrices are frozen too. int8 ones go to cpumesh's int8 kernel (an
 opaque op, shard_svc/quant_linear.py) in the batch buckets whose kernel plan chose it, else are
 written in the form inductor lowers to its weight-only GEMM, `(x @ q.T.to(x.dtype)) * s` (its
-`_weight_int8pack_mm` pattern, with bfloat16 activations); int4 ones are ATen's
+`_weight_int8pack_mm` pattern, with bfloat16 activations); int4 ones go to cpumesh's int4
+kernel where they are in its layout (wherever it builds), else to ATen's
 `_weight_int4pack_mm_for_cpu` on the packed codes.
 Measured on 30 matrices of 3072 x 576 (one token, bfloat16, 2 threads, AMX Xeon): int8 2.0 ms
 (26 GB/s of codes) against 4.2 ms in bfloat16; int4 2.1 ms against 2.5 ms eager.
@@ -31,7 +32,7 @@ from torch import Tensor
 from shard_svc.kernels import embedding_rows
 from shard_svc.model import ShardModel, rms_norm, rope_cos_sin
 from shard_svc.quant import Int4Weight, Int8Weight, Matrix
-from shard_svc.quant_linear import int8_linear
+from shard_svc.quant_linear import int4_linear, int8_linear
 
 LAYER_TENSORS = ("input_norm", "qkv", "qkv_bias", "wo", "post_norm", "gate_up", "w_down")
 
@@ -96,6 +97,8 @@ def linear(x: Tensor, w: Matrix, b: Tensor | None = None,
         y = int8_linear(x, w)
     elif isinstance(w, Int8Weight):
         y = (x @ w.q.t().to(x.dtype)) * w.scales
+    elif isinstance(w, Int4Weight) and w.blocked:
+        y = int4_linear(x, w)
     elif isinstance(w, Int4Weight):
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, w.packed, w.group, w.scale_zeros)
     else:

@@ -22,7 +22,7 @@ kept, and the choice is logged in one line.
 `ShardConfig.kernels` (--kernels) forces one; tests compare each against transformers.
 
 int8 / int4 weights (shard_svc.quant) have their own methods, timed the same way per bucket
-(shard_svc.quant_linear): cpumesh's int8 kernel where it builds (int8 only), ATen's weight-only
+(shard_svc.quant_linear): cpumesh's int8 / int4 kernels where they build, ATen's weight-only
 kernels, or dequantize-per-call; float matrices beside them (the LM head) go through oneDNN.
 """
 
@@ -43,9 +43,11 @@ from shard_svc.ipex_detect import require_ipex
 from shard_svc.quant import INT4, INT8_BLOCK, Int4Weight, Int8Weight, Matrix, block_int8
 from shard_svc.quant_linear import (
     DEQUANTIZE,
+    INT4_KERNEL,
     INT8_KERNEL,
     METHODS,
     WEIGHT_ONLY,
+    int4_kernel,
     int8_kernel,
     quant_linear,
 )
@@ -62,8 +64,9 @@ PACKED_MARGIN = 0.85
 T = TypeVar("T", bound=torch.Tensor | Int8Weight | Int4Weight)
 PROBE_BYTES = 32 * 2**20  # the probe times products over this much of the weights (or all)
 QUANT_DTYPES = (torch.int8, INT4)
-# --kernels for int8 / int4: aten = ATen's weight-only kernels, onednn = dequantize per call,
-# cpumesh = cpumesh's int8 kernel (int8 only)
+# --kernels for int8 / int4: aten = ATen's weight-only kernels (for int4 weights in cpumesh's
+# layout, made wherever its kernels build, its int4 kernel), onednn = dequantize per call,
+# cpumesh = cpumesh's int8 / int4 kernel
 QUANT_METHODS = {"aten": WEIGHT_ONLY, "onednn": DEQUANTIZE, "cpumesh": INT8_KERNEL}
 
 
@@ -187,10 +190,10 @@ def check_library(library: str, dtype: torch.dtype) -> None:
         require_ipex()
         return
     if library == "cpumesh":
-        if dtype != torch.int8:
-            raise InvalidArgument(f"kernels 'cpumesh' is cpumesh's int8 kernel, for --dtype "
-                                  f"int8; with {dtype} use auto, aten or onednn")
-        if not int8_kernel():
+        if dtype not in QUANT_DTYPES:
+            raise InvalidArgument(f"kernels 'cpumesh' is cpumesh's int8 / int4 kernel, for "
+                                  f"--dtype int8 or int4; with {dtype} use auto, aten or onednn")
+        if not int4_kernel():
             raise InvalidArgument("kernels 'cpumesh': cpumesh's C++ kernels do not build on "
                                   "this machine (see the log); use auto, aten or onednn")
         return
@@ -256,14 +259,20 @@ def choose_quant(library: str, weights: Sequence[Matrix]) -> KernelPlan:
     quant = [w for w in weights if isinstance(w, (Int8Weight, Int4Weight))]
     dtype = torch.int8 if isinstance(quant[0], Int8Weight) else INT4
     check_library(library, dtype)
+    int4_blocked = isinstance(quant[0], Int4Weight) and quant[0].blocked
     if library != "auto":
-        return KernelPlan(dtype, (QUANT_METHODS[library],) * len(BUCKETS))
+        method = QUANT_METHODS[library]
+        return KernelPlan(dtype, ((INT4_KERNEL if int4_blocked and method != DEQUANTIZE
+                                   else method),) * len(BUCKETS))
     probe = _prefix(quant, PROBE_BYTES)
     methods: tuple[str, ...] = (WEIGHT_ONLY, DEQUANTIZE)
     timings: dict[str, tuple[float, ...]] = {}
     if dtype == torch.int8 and int8_kernel():  # ATen's weight-only int8 is dominated (above)
         blocked = [block_int8(w) for w in probe if isinstance(w, Int8Weight)]
         timings[INT8_KERNEL] = tuple(_time_quant(INT8_KERNEL, blocked, n) for n in PROBE_TOKENS)
+        methods = (DEQUANTIZE,)
+    if int4_blocked:  # only cpumesh's kernel reads its layout
+        timings[INT4_KERNEL] = tuple(_time_quant(INT4_KERNEL, probe, n) for n in PROBE_TOKENS)
         methods = (DEQUANTIZE,)
     timings |= {m: tuple(_time_quant(m, probe, n) for n in PROBE_TOKENS) for m in methods}
     best = tuple(min(timings, key=lambda m: timings[m][i]) for i in range(len(BUCKETS)))

@@ -4,6 +4,7 @@ vector ISA inductor compiles for, whose ops are registered under `cpumesh_kernel
   decode_attention  attention of one query token per row over the paged KV cache, in place
                     (shard_svc/decode_attention.py)
   int8_linear       weight-only int8 matrix product for decode steps (shard_svc/quant_linear.py)
+  int4_linear       weight-only int4 matrix product in cpumesh's blocked layout (the same)
   top_k_lse         each row's k best logits and log-sum-exps, what a step returns
                     (shard_svc/top_k.py)
 

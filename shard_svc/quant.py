@@ -26,6 +26,7 @@ import torch
 INT4_GROUP = 32
 INT4_GROUPS = (32, 64, 128, 256)  # the group sizes the int4 kernel takes
 INT8_BLOCK = 16  # rows per block of cpumesh's blocked int8 layout (block_int8)
+INT4_BLOCK = 16  # rows per block of cpumesh's blocked int4 layout (block_int4)
 
 
 @dataclass
@@ -130,14 +131,26 @@ class Int8Weight:
 
 @dataclass
 class Int4Weight:
-    packed: torch.Tensor  # `_convert_weight_to_int4pack_for_cpu` of the codes
-    scale_zeros: torch.Tensor  # [K / group, N, 2], the activations' dtype
+    """In ATen's layout, or in cpumesh's int4 kernel's (`blocked`, block_int4):
+    packed      `_convert_weight_to_int4pack_for_cpu` of the codes, or blocked codes
+                uint8 [N / 16, K / 32, 4, 2, 16, 2] (csrc/int4_linear.cpp);
+    scale_zeros [K / group, N, 2] (scales, zeros), or blocked [N / 16, K / 32, 2, 16] (each
+                group of 32 inputs' scales, then offsets z - 8 s), in the activations' dtype."""
+
+    packed: torch.Tensor
+    scale_zeros: torch.Tensor
     group: int
     k: int
     block_n: int | None  # rows per block of the packed layout, when known (see `unpack`)
 
     @property
+    def blocked(self) -> bool:
+        return self.packed.dim() == 6
+
+    @property
     def shape(self) -> tuple[int, int]:
+        if self.blocked:
+            return (self.packed.shape[0] * INT4_BLOCK, self.k)
         return (self.scale_zeros.shape[1], self.k)
 
     @property
@@ -151,6 +164,8 @@ class Int4Weight:
     def dequantize_rows(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         """Rows start:stop (multiples of `block_n`) dequantized into `out`."""
         assert self.block_n is not None
+        if self.blocked:
+            return self._dequantize_blocked(start, stop, out)
         n, k, b, g = stop - start, self.k, self.block_n, self.group
         p = self.packed[start:stop].view(n // b, k, b // 2)
         codes = torch.cat((p & 15, p >> 4), dim=2).transpose(1, 2).contiguous()  # [n/b, b, K]
@@ -159,6 +174,30 @@ class Int4Weight:
         sz = self.scale_zeros[:, start:stop].transpose(0, 1)  # [n, K / group, 2]
         w.mul_(sz[..., :1]).add_(sz[..., 1:] - 8 * sz[..., :1])
         return out[:n]
+
+
+    def _dequantize_blocked(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        n, k, b = stop - start, self.k, INT4_BLOCK
+        p = self.packed[start // b:stop // b]  # [n/16, K/32, 4, 2, 16, 2]: (c, t, row, e)
+        codes = torch.stack((p & 15, p >> 4), dim=3)  # input c * 8 + nibble * 4 + t * 2 + e
+        w = out[:n].view(n // b, b, k // 32, 32)
+        w.copy_(codes.permute(0, 5, 1, 2, 3, 4, 6).reshape(n // b, b, k // 32, 32))
+        sz = self.scale_zeros[start // b:stop // b].permute(0, 3, 1, 2)  # [n/16, 16, K/32, 2]
+        w.mul_(sz[..., :1]).add_(sz[..., 1:])
+        return out[:n]
+
+
+def block_int4(codes: Int4Codes, dtype: torch.dtype) -> Int4Weight:
+    """`codes` in cpumesh's int4 kernel's layout (see Int4Weight), scales in `dtype`; a group
+    of 64 or more inputs gives each of its runs of 32 the same scale and offset."""
+    n, k = codes.q.shape
+    b, runs = INT4_BLOCK, k // 32
+    q = codes.q.view(n // b, b, runs, 4, 2, 2, 2)  # input c * 8 + nibble * 4 + t * 2 + e
+    packed = (q[:, :, :, :, 0] | (q[:, :, :, :, 1] << 4)).permute(0, 2, 3, 4, 1, 5).contiguous()
+    per = codes.group // 32
+    sz = torch.stack((codes.scales, codes.zeros - 8 * codes.scales), dim=1)  # [N, 2, K / g]
+    sz = sz.repeat_interleave(per, dim=2).view(n // b, b, 2, runs).permute(0, 3, 2, 1)
+    return Int4Weight(packed, sz.contiguous().to(dtype), 32, k, b)
 
 
 def block_int8(w: Int8Weight) -> Int8Weight:
@@ -176,13 +215,16 @@ Matrix = torch.Tensor | Int8Weight | Int4Weight  # what the model multiplies by
 INT4: torch.dtype = torch.int4  # type: ignore[attr-defined]  # (missing from torch's stubs)
 
 
-def finish(codes: Codes, dtype: torch.dtype) -> QuantWeight:
-    """Codes in the kernels' layout, scales in `dtype` (the activations')."""
+def finish(codes: Codes, dtype: torch.dtype, int4_blocked: bool = False) -> QuantWeight:
+    """Codes in the kernels' layout, scales in `dtype` (the activations'); int4 in cpumesh's
+    blocked layout with `int4_blocked` (where its kernel runs), else in ATen's."""
     if isinstance(codes, Int8Codes):
         return Int8Weight(codes.q.contiguous(), codes.scales.to(dtype))
     n, k = codes.q.shape
     if n % 16:
         raise ValueError(f"int4 needs output rows in multiples of 16, got {n}")
+    if int4_blocked and codes.group % 32 == 0:
+        return block_int4(codes, dtype)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.q.to(torch.int32), 1)
     scale_zeros = torch.stack((codes.scales, codes.zeros), dim=-1).transpose(0, 1).contiguous()
     block = int4_block_n()

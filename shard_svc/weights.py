@@ -40,6 +40,7 @@ from shard_svc.quant import (
     quantize,
     quantize_int8,
 )
+from shard_svc.quant_linear import int4_kernel
 from shard_svc.sharding import Range, ShardPlan
 
 QUANT = {torch.int8: "int8", INT4: "int4"}
@@ -248,7 +249,8 @@ def load_shard_weights(model_dir: Path, config: ModelConfig, plan: ShardPlan,
             codes = quantize_int8(codes.dequantize())
             for name, _, _ in parts:
                 reader.served[name] += " -> int8 (int4 needs rows in 16s)"
-        return finish(codes, act)
+        # int4 in cpumesh's layout wherever its kernel runs (only that kernel reads it)
+        return finish(codes, act, isinstance(codes, Int4Codes) and int4_kernel())
 
     def qkv(p: str, part: str) -> Any:
         rows = (q_rows, kv_rows, kv_rows)

@@ -131,8 +131,9 @@ def test_the_plan_times_the_kernel_and_cpumesh_forces_it() -> None:
     assert set(auto.timings_us) == {INT8_KERNEL, DEQUANTIZE}
     assert all(len(t) == 3 for t in auto.timings_us.values())
     assert choose_kernels("cpumesh", torch.bfloat16, weights).libraries == (INT8_KERNEL,) * 3
-    for dtype in (INT4, torch.bfloat16, torch.float32):
-        with pytest.raises(InvalidArgument, match="'cpumesh' is cpumesh's int8 kernel"):
+    check_library("cpumesh", INT4)  # cpumesh's int4 kernel (tests/unit/test_int4_linear.py)
+    for dtype in (torch.bfloat16, torch.float32):
+        with pytest.raises(InvalidArgument, match="'cpumesh' is cpumesh's int8 / int4 kernel"):
             check_library("cpumesh", dtype)
 
 

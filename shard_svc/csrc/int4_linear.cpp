@@ -1,0 +1,238 @@
+// Weight-only int4 matrix product for decode: y = x @ W.T with W[n, k] = q[n, k] * s[n, g] +
+// o[n, g] (q in 0..15, g = k / 32), in cpumesh's blocked layout (quant.block_int4 packs it):
+//   q  uint8 [N / 16, K / 32, 4, 2, 16, 2]: for each block of 16 rows and group of 32 inputs,
+//      four runs of 8 inputs, each two halves of 32 bytes; in run c, half t, row r's 2 bytes e
+//      hold input c*8 + t*2 + e (low nibble) and c*8 + 4 + t*2 + e (high nibble). A block
+//      streams as one run of memory; a half's nibbles widened to 16 bits are the 16 rows' pairs
+//      of inputs, a vector's 32-bit lanes, so no output needs a horizontal sum.
+//   s  [N / 16, K / 32, 2, 16] in x's dtype: each group's 16 scales, then its 16 offsets.
+//
+// Each row of x is rounded to int16 with one scale (x ≈ xq * sx, as cpumesh's int8 kernel: 15
+// bits of the row's largest input; 8-bit inputs per group, llama.cpp's way, cost SmolLM2 6 % of
+// perplexity over 48 tokens), and
+//   y[m, n] = sum_g s[n, g] * sx[m] * (sum_k q[n, k] * xq[m, k]) + o[n, g] * sx[m] * sum_k xq[m, k]
+// The integer dot products are exact: 16-bit pairs summed into 32-bit lanes (AVX-512 VNNI
+// `vpdpwssd`, else `vpmaddwd` + add), 32 per group (15 * 32767 * 32 < 2^31); each group's sum is
+// scaled into a float32 total.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace {
+using FVec = at::vec::Vectorized<float>;
+constexpr int64_t kRows = 16;  // rows per block
+constexpr int64_t kGroup = 32;  // inputs per group: one scale and one offset per row
+constexpr int64_t kGroupBytes = kRows * kGroup / 2;  // a block's codes for one group
+constexpr int64_t kTile = 4;  // rows of x per pass over a block
+constexpr float kLevels = 32767.0f;
+
+template <typename T>
+inline FVec load_float(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return FVec::loadu(p);
+  } else {
+    return at::vec::convert<float>(at::vec::Vectorized<T>::loadu(p, FVec::size()));
+  }
+}
+
+#if defined(__AVX512BW__)
+inline __m512i dot2(__m512i acc, __m512i w, __m512i x) {  // acc += 2 int16 products per lane
+#if defined(__AVX512VNNI__)
+  return _mm512_dpwssd_epi32(acc, w, x);
+#else
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(w, x));
+#endif
+}
+inline __m512i widen(__m256i v) { return _mm512_cvtepu8_epi16(v); }
+#elif defined(__AVX2__)
+inline __m256i dot2(__m256i acc, __m256i w, __m256i x) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(w, x));
+}
+inline __m256i widen(__m128i v) { return _mm256_cvtepu8_epi16(v); }
+#else
+#error "int4_linear needs AVX2 or AVX-512 (built with the flags of inductor's vector ISA)"
+#endif
+
+// The rows of x as int16 (rounded to nearest), each row's scale, and the scale times each
+// group's sum of codes (what the group's offsets multiply). A row holding a NaN or an infinity
+// gets scale NaN, so its outputs are NaN, as a float product's.
+struct Activations {
+  std::vector<int16_t> xq;  // [M, K]
+  std::vector<float> sx;  // [M]
+  std::vector<float> sums;  // [M, K / 32]
+  int64_t K, groups;
+  const int16_t* row(int64_t m) const { return xq.data() + m * K; }
+};
+
+template <typename T>
+Activations quantize(const T* x, int64_t M, int64_t K) {
+  const int64_t groups = K / kGroup;
+  Activations a{std::vector<int16_t>(M * K), std::vector<float>(M),
+                std::vector<float>(M * groups), K, groups};
+  for (int64_t m = 0; m < M; ++m) {
+    const T* in = x + m * K;
+    float amax = 0.0f;
+    for (int64_t k = 0; k < K; ++k) {
+      const float mag = std::abs(float(in[k]));
+      amax = std::isnan(mag) || mag > amax ? mag : amax;
+    }
+    int16_t* out = a.xq.data() + m * K;
+    if (!std::isfinite(amax)) {
+      std::fill(out, out + K, int16_t(0));
+      a.sx[m] = std::numeric_limits<float>::quiet_NaN();
+      std::fill(a.sums.begin() + m * groups, a.sums.begin() + (m + 1) * groups, a.sx[m]);
+      continue;
+    }
+    const float inv = amax > 0.0f ? kLevels / amax : 0.0f;
+    a.sx[m] = amax / kLevels;
+    for (int64_t g = 0; g < groups; ++g) {
+      int32_t sum = 0;
+      for (int64_t i = g * kGroup; i < (g + 1) * kGroup; ++i) {
+        out[i] = int16_t(std::nearbyint(float(in[i]) * inv));
+        sum += out[i];
+      }
+      a.sums[m * groups + g] = a.sx[m] * float(sum);
+    }
+  }
+  return a;
+}
+
+inline int32_t pair(const int16_t* p) {  // two int16 inputs as one 32-bit lane
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// out[m * 16 + r] = row r of the block (16 rows, every group) times row m of x, for MT rows.
+template <int MT, typename T>
+void dot_block(const Activations& a, int64_t m0, const uint8_t* q, const T* s, float* out) {
+  constexpr int64_t W = FVec::size();  // 16 (AVX-512) or 8 (AVX2) rows per float vector
+  constexpr int64_t H = kRows / W;
+  FVec total[MT][H];
+  for (int m = 0; m < MT; ++m)
+    for (int h = 0; h < H; ++h) total[m][h] = FVec(0.0f);
+  for (int64_t g = 0; g < a.groups; ++g) {
+    const uint8_t* codes = q + g * kGroupBytes;
+#if defined(__AVX512BW__)
+    const __m512i mask = _mm512_set1_epi8(0x0F);
+    __m512i acc[MT][1];
+    for (int m = 0; m < MT; ++m) acc[m][0] = _mm512_setzero_si512();
+    for (int c = 0; c < 4; ++c) {
+      const __m512i v = _mm512_loadu_si512(codes + c * 64);
+      const __m512i lo = _mm512_and_si512(v, mask), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+      const __m512i w[4] = {widen(_mm512_castsi512_si256(lo)), widen(_mm512_extracti64x4_epi64(lo, 1)),
+                            widen(_mm512_castsi512_si256(hi)), widen(_mm512_extracti64x4_epi64(hi, 1))};
+      for (int m = 0; m < MT; ++m) {
+        const int16_t* xg = a.row(m0 + m) + g * kGroup + c * 8;
+        for (int i = 0; i < 4; ++i) acc[m][0] = dot2(acc[m][0], w[i], _mm512_set1_epi32(pair(xg + 2 * i)));
+      }
+    }
+    auto as_float = [](__m512i v) { return FVec(_mm512_cvtepi32_ps(v)); };
+#else  // AVX2: a half's 16 rows in two vectors of 8
+    const __m256i mask = _mm256_set1_epi8(0x0F);
+    __m256i acc[MT][2];
+    for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+    for (int c = 0; c < 4; ++c) {
+      for (int t = 0; t < 2; ++t) {  // inputs c*8 + t*2 + (0, 1) and c*8 + 4 + t*2 + (0, 1)
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + c * 64 + t * 32));
+        const __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+        for (int h = 0; h < 2; ++h) {
+          const __m256i wl = widen(h ? _mm256_extracti128_si256(lo, 1) : _mm256_castsi256_si128(lo));
+          const __m256i wh = widen(h ? _mm256_extracti128_si256(hi, 1) : _mm256_castsi256_si128(hi));
+          for (int m = 0; m < MT; ++m) {
+            const int16_t* xg = a.row(m0 + m) + g * kGroup + c * 8 + t * 2;
+            acc[m][h] = dot2(acc[m][h], wl, _mm256_set1_epi32(pair(xg)));
+            acc[m][h] = dot2(acc[m][h], wh, _mm256_set1_epi32(pair(xg + 4)));
+          }
+        }
+      }
+    }
+    auto as_float = [](__m256i v) { return FVec(_mm256_cvtepi32_ps(v)); };
+#endif
+    const T* sg = s + g * 2 * kRows;
+    for (int h = 0; h < H; ++h) {
+      const FVec scale = load_float(sg + h * W), offset = load_float(sg + kRows + h * W);
+      for (int m = 0; m < MT; ++m) {
+        total[m][h] = at::vec::fmadd(as_float(acc[m][h]), scale * FVec(a.sx[m0 + m]), total[m][h]);
+        total[m][h] = at::vec::fmadd(offset, FVec(a.sums[(m0 + m) * a.groups + g]), total[m][h]);
+      }
+    }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int h = 0; h < H; ++h) total[m][h].store(out + m * kRows + h * W);
+}
+
+template <typename T>
+void product(const T* x, const uint8_t* q, const T* s, T* y, int64_t M, int64_t N, int64_t K) {
+  const Activations a = quantize(x, M, K);
+  const int64_t groups = K / kGroup;
+  at::parallel_for(0, N / kRows, 1, [&](int64_t b0, int64_t b1) {
+    float out[kTile * kRows];
+    for (int64_t b = b0; b < b1; ++b) {
+      const uint8_t* block = q + b * groups * kGroupBytes;
+      const T* scales = s + b * groups * 2 * kRows;
+      for (int64_t m = 0; m < M; m += kTile) {
+        const int64_t rows = std::min(kTile, M - m);
+        switch (rows) {
+          case 4: dot_block<4>(a, m, block, scales, out); break;
+          case 3: dot_block<3>(a, m, block, scales, out); break;
+          case 2: dot_block<2>(a, m, block, scales, out); break;
+          default: dot_block<1>(a, m, block, scales, out);
+        }
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t r = 0; r < kRows; ++r) y[(m + i) * N + b * kRows + r] = T(out[i * kRows + r]);
+      }
+    }
+  });
+}
+
+// x [..., K] @ W.T, W in the blocked layout above: q [N / 16, K / 32, 4, 2, 16, 2], s [N / 16, K / 32, 2, 16]
+at::Tensor int4_linear_blocked(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s) {
+  const char* op = "int4_linear_blocked";
+  TORCH_CHECK(q.scalar_type() == at::kByte, op, ": q must be uint8, got ", q.scalar_type());
+  TORCH_CHECK(q.dim() == 6 && q.size(2) == 4 && q.size(3) == 2 && q.size(4) == kRows && q.size(5) == 2, op,
+              ": q must be [N / 16, K / 32, 4, 2, 16, 2], got ", q.sizes());
+  const int64_t N = q.size(0) * kRows, K = q.size(1) * kGroup;
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, op, ": x's last dimension must be ", K, ", got ",
+              x.sizes());
+  TORCH_CHECK(s.dim() == 4 && s.size(0) == q.size(0) && s.size(1) == q.size(1) && s.size(2) == 2 &&
+                  s.size(3) == kRows,
+              op, ": s must be [", q.size(0), ", ", q.size(1), ", 2, 16], got ", s.sizes());
+  TORCH_CHECK(s.scalar_type() == x.scalar_type(), op, ": s and x must share a dtype, got ",
+              s.scalar_type(), " and ", x.scalar_type());
+  const auto xc = x.reshape({-1, K}).contiguous();
+  const auto qc = q.contiguous();
+  const auto sc = s.contiguous();
+  auto sizes = x.sizes().vec();
+  sizes.back() = N;
+  auto y = at::empty({xc.size(0), N}, x.options());
+  auto run = [&](auto zero) {
+    using scalar_t = decltype(zero);
+    product<scalar_t>(xc.data_ptr<scalar_t>(), qc.data_ptr<uint8_t>(), sc.data_ptr<scalar_t>(),
+                      y.data_ptr<scalar_t>(), xc.size(0), N, K);
+  };
+  switch (x.scalar_type()) {
+    case at::kFloat: run(float(0)); break;
+    case at::kBFloat16: run(at::BFloat16(0)); break;
+    case at::kHalf: run(at::Half(0)); break;
+    default: TORCH_CHECK(false, op, ": x must be float32, bfloat16 or float16, got ", x.scalar_type());
+  }
+  return y.view(sizes);
+}
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(cpumesh_kernels, m) {
+  m.def("int4_linear_blocked(Tensor x, Tensor q, Tensor s) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(cpumesh_kernels, CPU, m) { m.impl("int4_linear_blocked", &int4_linear_blocked); }
