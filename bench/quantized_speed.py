@@ -191,7 +191,11 @@ def targets(result: dict[str, Any]) -> list[str]:
     if ("llama-1b", "int8") in rows and ("llama-1b", "bfloat16") in rows:
         gain = (decode_ms(rows["llama-1b", "bfloat16"]["ours"])
                 / decode_ms(rows["llama-1b", "int8"]["ours"]))
-        check("1B int8 vs our bf16 path", gain >= 1.7, f"{gain:.2f} x faster (target >= 1.7)")
+        # fresh processes land in different memory modes here (the 1B int8 step 25.6 ms in
+        # one, 41.2 in the next): the target is judged by bench.precision_ratio, interleaved
+        lines.append(f"- 1B int8 vs our bf16 path, each in its own process: {gain:.2f} x faster "
+                     "(target >= 1.7, judged interleaved in one process: "
+                     "`python -m bench.precision_ratio`)")
     if rss := result.get("rss_mib"):
         share = sum(rss["int8"]) / sum(rss["float32"])
         check("tp-2 1B shard RSS, int8 vs float32", share <= 0.35,

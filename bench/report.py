@@ -271,6 +271,11 @@ def write(results: Path, out_dir: Path, command: str) -> Path:
     for name in ("quantized_speed", "quantized_speed_compiled"):
         if qs := _load(results, name):
             lines += quantized_section(qs)
+    for name in ("precision_ratio", "precision_ratio_eager"):
+        if pr := _load(results, name):
+            from bench.precision_ratio import section as precision_section
+
+            lines += precision_section(pr)
     if ga := _load(results, "greedy_agreement"):
         from bench.greedy_agreement import section as agreement_section
 

@@ -33,7 +33,7 @@ def cli_arguments(p: argparse.ArgumentParser) -> None:
                    help="library for the matrix products: aten, onednn, packed (oneDNN with "
                    "weights reordered at load), or auto (timed at start on this CPU, the choice "
                    "logged); with int8/int4, aten = ATen's weight-only kernels, onednn = "
-                   "dequantize per call, cpumesh = cpumesh's int8 kernel (int8 only); ipex: "
+                   "dequantize per call, cpumesh = cpumesh's int8 / int4 kernel; ipex: "
                    "Intel Extension for PyTorch's kernels around the plain ones (auto takes "
                    "them where IPEX is installed for this torch); default: %(default)s")
     size = p.add_mutually_exclusive_group()

@@ -44,6 +44,9 @@ def test_int4_shards_serve_a_gguf_at_its_own_precision(tmp_path: Path) -> None:
         logs = [s.log_tail(200) for s in services]
     assert all(i.dtype == "int4" for i in infos)
     assert all("Q4_1 -> int4 g32 (its own blocks)" in log for log in logs), logs[0]
+    # --kernels aten on int4 weights in cpumesh's layout: cpumesh's int4 kernel (ATen's cannot
+    # read it), the same kernel greedy_int4 multiplies with in process
+    assert all("1 token: int4 kernel" in log for log in logs), logs[0]
     assert ours == expected
 
 

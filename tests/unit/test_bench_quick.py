@@ -172,3 +172,31 @@ def test_decode_attention_bench_runs(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "bench.decode_attention", "--contexts", "8,x"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "positive integers, comma-separated" in bad.stderr
+
+
+def test_precision_ratio_bench_runs(tmp_path: Path) -> None:
+    """`python -m bench.precision_ratio` (int8 against our half precision, interleaved) runs
+    each dtype's steps in one process and reports every repeat's speed-up over the first."""
+    import subprocess
+    import sys
+
+    tiny = tiny_checkpoint(tmp_path / "tiny", "llama", intermediate_size=192)
+    out = tmp_path / "precision.json"
+    run = subprocess.run([sys.executable, "-m", "bench.precision_ratio", "--model-dir", str(tiny),
+                          "--dtypes", "bfloat16,int8", "--compile", "off", "--steps", "3",
+                          "--repeats", "2", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert result["dtypes"] == ["bfloat16", "int8"] and result["nan_steps"] == {
+        "bfloat16": 0, "int8": 0}
+    ms = result["ms_per_step"]
+    assert all(len(v) == 2 and min(v) > 0 for v in ms.values())
+    assert result["speedup"]["int8"] == pytest.approx(
+        [b / i for b, i in zip(ms["bfloat16"], ms["int8"], strict=True)])
+    assert "int8 over bfloat16" in run.stdout and "| int8 |" in run.stdout
+    for bad, says in ((["--dtypes", "int8,int8"], "distinct names"),
+                      (["--model-dir", str(tmp_path / "none")], "no model at")):
+        r = subprocess.run([sys.executable, "-m", "bench.precision_ratio", *bad],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and says in r.stderr, r.stderr
