@@ -182,7 +182,8 @@ def test_manifests_with_every_serving_value_pass_strict_validation():
     ("router.defaultMaxNewTokens=0", "at '/router/defaultMaxNewTokens': minimum: got 0, want 1"),
     ("shard.dtype=int8,shard.kernels=packed",
      "at '/shard/kernels': value must be one of 'auto', 'aten', 'onednn', 'cpumesh', 'ipex'"),
-    ("shard.dtype=int4,shard.kernels=cpumesh", "at '/shard/dtype': value must be 'int8'"),
+    ("shard.dtype=bfloat16,shard.kernels=cpumesh",
+     "at '/shard/dtype': value must be one of 'int8', 'int4'"),
 ])
 def test_render_refuses_a_value_the_binary_would_refuse(setting, message):
     sets = [arg for s in setting.split(",") for arg in ("--set", s)]
@@ -216,7 +217,7 @@ def test_each_schema_refusal_is_one_the_binary_makes_too():
 
 
 def test_the_shard_refuses_packed_kernels_with_quantized_weights_at_start():
-    """The schema's rules across values (no packed with int8/int4, cpumesh with int8 only) are
+    """The schema's rules across values (no packed with int8/int4, cpumesh with them only) are
     the shard's own start checks, which it runs on its config's dtype before loading anything
     (shard_svc/service.py)."""
     torch = pytest.importorskip("torch")
@@ -230,14 +231,13 @@ def test_the_shard_refuses_packed_kernels_with_quantized_weights_at_start():
         "packed"]
     only = SCHEMA["properties"]["shard"]["allOf"][0]
     assert only["if"]["properties"]["kernels"]["const"] == "cpumesh"
-    assert only["then"]["properties"]["dtype"]["const"] == "int8"
+    assert sorted(only["then"]["properties"]["dtype"]["enum"]) == sorted(quantized)
     for dtype in quantized:
         with pytest.raises(InvalidArgument, match="'packed' is for float weights"):
             check_library("packed", getattr(torch, dtype))
         for kernels in set(allowed) - {"ipex"}:  # ipex: whether it is installed, tested apart
-            if kernels == "cpumesh" and dtype != "int8":
-                with pytest.raises(InvalidArgument, match="'cpumesh' is cpumesh's int8 kernel"):
-                    check_library(kernels, getattr(torch, dtype))
-            else:
-                check_library(kernels, getattr(torch, dtype))
+            check_library(kernels, getattr(torch, dtype))
+    for dtype in ("float32", "bfloat16", "float16"):
+        with pytest.raises(InvalidArgument, match="'cpumesh' is cpumesh's int8 / int4 kernel"):
+            check_library("cpumesh", getattr(torch, dtype))
 
