@@ -95,9 +95,11 @@ def table(r: dict[str, Any]) -> list[str]:
 
 
 def verdict(r: dict[str, Any]) -> str | None:
-    """The int8 target's line, where the run has int8 and a half-precision first dtype."""
+    """The int8 target's line, where the run has int8 and a half-precision first dtype at
+    batch 1 (the target's batch)."""
     name, want = TARGET
-    if name not in r["dtypes"] or r["dtypes"][0] not in ("bfloat16", "float16"):
+    if (name not in r["dtypes"] or r["dtypes"][0] not in ("bfloat16", "float16")
+            or r["rows"] != 1):
         return None
     worst = min(r["speedup"][name])
     return (f"{'PASS' if worst >= want else 'MISS'} int8 over {r['dtypes'][0]}: "
