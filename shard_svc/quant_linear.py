@@ -125,8 +125,8 @@ def int4_linear(x: Tensor, w: Int4Weight) -> Tensor:
 
 def quant_linear(x: torch.Tensor, w: QuantWeight, b: torch.Tensor | None,
                  method: str) -> torch.Tensor:
-    if method == INT8_KERNEL and isinstance(w, Int8Weight) and int8_kernel():
-        y = int8_linear(x, w)
+    if method in (INT8_KERNEL, INT4_KERNEL) and isinstance(w, Int8Weight) and int8_kernel():
+        y = int8_linear(x, w)  # (with the int4 kernel: an int4 model's int8 embedding / head)
     elif method == INT4_KERNEL and isinstance(w, Int4Weight) and w.blocked:
         y = int4_linear(x, w)
     elif method == DEQUANTIZE:

@@ -73,6 +73,11 @@ def test_compiled_decode_matches_eager_tp1(model_dir: Path, quant_dir: Path, dty
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" not in result["decode_ops"]
     if dtype == "int8":  # products by cpumesh's int8 kernel or inductor's C++ template
         assert "aten::_weight_int8pack_mm" not in result["decode_ops"]
+    if dtype == "int4":  # cpumesh's int4 kernel; the int8 LM head by its int8 kernel (not
+        # folded by inductor into a bfloat16 copy of the table)
+        assert "cpumesh_kernels::int4_linear_blocked" in result["decode_ops"]
+        assert "cpumesh_kernels::int8_linear" in result["decode_ops"]
+        assert "aten::_weight_int4pack_mm_for_cpu" not in result["decode_ops"]
 
 
 @pytest.mark.timeout(600)
