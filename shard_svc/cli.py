@@ -56,13 +56,13 @@ def cli_arguments(p: argparse.ArgumentParser) -> None:
                    help="decode: decode steps run as torch.compile graphs with the weights "
                    "frozen into them, one per --compile-rows batch size, compiled before the "
                    "shard serves (float weights and KV cache; prefill stays eager, on plain "
-                   "kernels; each graph holds one more copy of the weights); "
+                   "kernels; the graphs hold float weights again, int8 / int4 codes not); "
                    "default: %(default)s")
     p.add_argument("--compile-rows", type=rows_list, default=(1, 8), metavar="N,N,...",
                    help="with --compile decode: the batch sizes compiled (a step of more "
                    "sequences than the largest runs eager; fewer are padded up to the next); "
-                   "each is a graph, a minute or so to compile and one more copy of the "
-                   "weights; default: 1,8")
+                   "each is a graph, a minute or so to compile (and, for float weights, "
+                   "more memory); default: 1,8")
     p.add_argument("--mesh-name", default="cpumesh")
     p.add_argument("--mesh-listen",
                    help="bind the mesh here (host:port; default: our --peers entry)")
