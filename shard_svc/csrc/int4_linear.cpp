@@ -10,7 +10,7 @@
 // Each row of x is rounded to int16 with one scale (x ≈ xq * sx, as cpumesh's int8 kernel: 15
 // bits of the row's largest input; 8-bit inputs per group, llama.cpp's way, cost SmolLM2 6 % of
 // perplexity over 48 tokens), and
-//   y[m, n] = sum_g s[n, g] * sx[m] * (sum_k q[n, k] * xq[m, k]) + o[n, g] * sx[m] * sum_k xq[m, k]
+//   y[m, n] = sum_g (s[n, g] * sx[m] * sum_{k in g} q[n, k] * xq[m, k] + o[n, g] * sx[m] * sum_{k in g} xq[m, k])
 // The integer dot products are exact: 16-bit pairs summed into 32-bit lanes (AVX-512 VNNI
 // `vpdpwssd`, else `vpmaddwd` + add), 32 per group (15 * 32767 * 32 < 2^31); each group's sum is
 // scaled into a float32 total.
