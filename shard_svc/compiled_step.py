@@ -61,7 +61,7 @@ from shard_svc.kv_store import FloatKV
 from shard_svc.mesh.communicator import Communicator, LocalOnly
 from shard_svc.model import Batch, ShardModel, apply_rope, rms_norm
 from shard_svc.quant import Int8Weight, Matrix
-from shard_svc.quant_linear import INT4_KERNEL, INT8_K_ALIGN, INT8_KERNEL
+from shard_svc.quant_linear import CPUMESH_METHODS, INT8_K_ALIGN
 
 log = logging.getLogger("cpumesh.shard")
 BATCH_BUCKETS = (1, 8)  # a step of 2-8 rows costs little more than one (weights read once)
@@ -102,8 +102,8 @@ class CompiledDecode:
         # or its int4 kernel (an int4 model's int8 LM head: inductor would otherwise fold its
         # codes into a bfloat16 copy, 0.5 GB more for the 1B, read at twice the bytes)
         assert isinstance(model.kernels, KernelPlan)  # (not_compilable)
-        self.int8_kernel_rows = frozenset(b for b in buckets if model.kernels.method(b) in
-                                          (INT8_KERNEL, INT4_KERNEL))
+        self.int8_kernel_rows = frozenset(b for b in buckets
+                                          if model.kernels.method(b) in CPUMESH_METHODS)
         self.attention = decode_attention.load(model.config.head_dim)  # its ISA; None: SDPA
         self.buckets = tuple(sorted(buckets))
         self.graphs = 0  # graphs compiled so far (the backend counts them)
@@ -286,7 +286,7 @@ def not_compilable(model: ShardModel, buckets: tuple[int, ...] = BATCH_BUCKETS) 
     matrices = [m for layer in model.w.layers for m in layer_tensors(layer)]
     odd = sorted({m.shape[1] for m in [*matrices, model.w.lm_head]
                   if isinstance(m, Int8Weight) and m.shape[1] % INT8_K_ALIGN})
-    if odd and any(model.kernels.method(b) not in (INT8_KERNEL, INT4_KERNEL) for b in buckets):
+    if odd and any(model.kernels.method(b) not in CPUMESH_METHODS for b in buckets):
         return (f"int8 matrices {odd} inputs wide (not multiples of {INT8_K_ALIGN}: inductor's "
                 "weight-only int8 GEMM computes NaN or crashes on them)")
     return None

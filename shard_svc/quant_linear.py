@@ -44,6 +44,7 @@ from shard_svc.quant import INT8_BLOCK, Int4Weight, Int8Weight, QuantWeight
 INT8_KERNEL, INT4_KERNEL = "int8 kernel", "int4 kernel"
 WEIGHT_ONLY, DEQUANTIZE = "weight-only", "dequantize"
 METHODS = (INT8_KERNEL, INT4_KERNEL, WEIGHT_ONLY, DEQUANTIZE)
+CPUMESH_METHODS = (INT8_KERNEL, INT4_KERNEL)  # a plan's buckets on cpumesh's own kernels
 # ATen's `_weight_int8pack_mm` (torch 2.13, AVX-512 EPYC) on inputs not a multiple of 16 wide:
 # garbage at 1 row (K = 100), NaN (K = 104), a segmentation fault at 4 rows (K = 100, 200). Such
 # an int8 matrix (a row-parallel slice at tp 2 of an intermediate of 200) is dequantized instead.
@@ -125,12 +126,10 @@ def int4_linear(x: Tensor, w: Int4Weight) -> Tensor:
 
 def quant_linear(x: torch.Tensor, w: QuantWeight, b: torch.Tensor | None,
                  method: str) -> torch.Tensor:
-    if method in (INT8_KERNEL, INT4_KERNEL) and isinstance(w, Int8Weight) and int8_kernel():
+    if method in CPUMESH_METHODS and isinstance(w, Int8Weight) and int8_kernel():
         y = int8_linear(x, w)  # (with the int4 kernel: an int4 model's int8 embedding / head)
-    elif method == INT4_KERNEL and isinstance(w, Int4Weight) and w.blocked:
-        y = int4_linear(x, w)
     elif method == DEQUANTIZE:
         y = dequantized(x, w)
-    else:
+    else:  # (blocked int4 weights: cpumesh's int4 kernel, the only one that reads them)
         y = weight_only(x, w)
     return y if b is None else y + b

@@ -176,7 +176,7 @@ void dot_block(const Activations& a, int64_t m0, const uint8_t* q, const T* s, f
 template <typename T>
 void product(const T* x, const uint8_t* q, const T* s, T* y, int64_t M, int64_t N, int64_t K) {
   const Activations a = quantize(x, M, K);
-  const int64_t groups = K / kGroup;
+  const int64_t groups = a.groups;
   at::parallel_for(0, N / kRows, 1, [&](int64_t b0, int64_t b1) {
     float out[kTile * kRows];
     for (int64_t b = b0; b < b1; ++b) {
