@@ -37,6 +37,12 @@ def dtype_list(text: str) -> list[str]:
     return names
 
 
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a positive integer, got {text!r}")
+    return int(text)
+
+
 def engine(model_dir: Path, dtype: str, rows: int, capacity: int, compile: str) -> Any:
     """A tp-1 ShardEngine as `cpumesh shard --dtype dtype --compile compile` builds it."""
     from shard_svc.engine import ShardEngine
@@ -128,10 +134,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="the first is the one the others are compared with")
     p.add_argument("--compile", default="decode", choices=["decode", "off"])
     p.add_argument("--rows", type=int, default=1, choices=range(1, 257), metavar="1..256")
-    p.add_argument("--context", type=int, default=32, help="prompt tokens before the steps")
-    p.add_argument("--steps", type=int, default=100, help="steps per repeat")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--context", type=positive, default=32, help="prompt tokens before the steps")
+    p.add_argument("--steps", type=positive, default=100, help="steps per repeat")
+    p.add_argument("--repeats", type=positive, default=3)
+    p.add_argument("--threads", type=positive, default=2)
     p.add_argument("--out", type=Path, default=Path("bench/results/precision_ratio.json"))
     a = p.parse_args(argv)
     if not (a.model_dir / "config.json").exists():

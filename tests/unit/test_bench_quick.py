@@ -196,7 +196,8 @@ def test_precision_ratio_bench_runs(tmp_path: Path) -> None:
         [b / i for b, i in zip(ms["bfloat16"], ms["int8"], strict=True)])
     assert "int8 over bfloat16" in run.stdout and "| int8 |" in run.stdout
     for bad, says in ((["--dtypes", "int8,int8"], "distinct names"),
-                      (["--model-dir", str(tmp_path / "none")], "no model at")):
+                      (["--model-dir", str(tmp_path / "none")], "no model at"),
+                      (["--steps", "0"], "a positive integer")):
         r = subprocess.run([sys.executable, "-m", "bench.precision_ratio", *bad],
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and says in r.stderr, r.stderr
