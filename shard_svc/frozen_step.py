@@ -32,7 +32,8 @@ from torch import Tensor
 from shard_svc.kernels import embedding_rows
 from shard_svc.model import ShardModel, rms_norm, rope_cos_sin
 from shard_svc.quant import Int4Weight, Int8Weight, Matrix
-from shard_svc.quant_linear import int4_linear, int8_linear
+from shard_svc.quant_groups import Int8GroupWeight
+from shard_svc.quant_linear import int4_linear, int8_group_linear, int8_linear
 
 LAYER_TENSORS = ("input_norm", "qkv", "qkv_bias", "wo", "post_norm", "gate_up", "w_down")
 
@@ -45,7 +46,8 @@ def layer_tensors(layer: Any) -> tuple[Matrix | None, ...]:
 class FrozenWeights(torch.nn.Module):
     """The model's weights as parameters of one module, so that freezing can see them: a float
     matrix as itself, an int8 one as `<name>__q` and `<name>__s`, an int4 one as `<name>__p`
-    and `<name>__sz` (its group and width kept as plain numbers)."""
+    and `<name>__sz` (its group and width kept as plain numbers), int8 in groups as
+    `<name>__gq` and `<name>__gso`."""
 
     inv_freq: Tensor
     final_norm: Tensor
@@ -55,6 +57,7 @@ class FrozenWeights(torch.nn.Module):
         w = model.w
         self.num_layers = len(w.layers)
         self.int4: dict[str, tuple[int, int]] = {}  # name: (group, k)
+        self.act = torch.float32  # int8 in groups: the activations' dtype
         named: dict[str, Matrix | None] = {
             "embed": w.embed, "inv_freq": model.inv_freq, "final_norm": w.final_norm,
             "lm_head": w.lm_head}
@@ -65,6 +68,10 @@ class FrozenWeights(torch.nn.Module):
             if isinstance(m, Int8Weight):
                 self._freeze(f"{name}__q", m.q)
                 self._freeze(f"{name}__s", m.scales)
+            elif isinstance(m, Int8GroupWeight):
+                self._freeze(f"{name}__gq", m.q)
+                self._freeze(f"{name}__gso", m.so)
+                self.act = m.dtype
             elif isinstance(m, Int4Weight):
                 self._freeze(f"{name}__p", m.packed)
                 self._freeze(f"{name}__sz", m.scale_zeros)
@@ -81,6 +88,9 @@ class FrozenWeights(torch.nn.Module):
             group, k = self.int4[name]
             return Int4Weight(getattr(self, f"{name}__p"), getattr(self, f"{name}__sz"), group,
                               k, None)
+        if hasattr(self, f"{name}__gq"):
+            return Int8GroupWeight(getattr(self, f"{name}__gq"), getattr(self, f"{name}__gso"),
+                                   self.act)
         if hasattr(self, f"{name}__q"):
             return Int8Weight(getattr(self, f"{name}__q"), getattr(self, f"{name}__s"))
         return getattr(self, name, None)
@@ -97,6 +107,8 @@ def linear(x: Tensor, w: Matrix, b: Tensor | None = None,
         y = int8_linear(x, w)
     elif isinstance(w, Int8Weight):
         y = (x @ w.q.t().to(x.dtype)) * w.scales
+    elif isinstance(w, Int8GroupWeight):
+        y = int8_group_linear(x, w)
     elif isinstance(w, Int4Weight) and w.blocked:
         y = int4_linear(x, w)
     elif isinstance(w, Int4Weight):

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from shard_svc.quant import Int4Weight, Int8Weight
+from shard_svc.quant_groups import Int8GroupWeight
 from shard_svc.weights import LayerWeights, ShardWeights, release_freed_memory
 
 log = logging.getLogger("cpumesh.shard")
@@ -35,7 +36,7 @@ HUGE_PAGE = 2 << 20
 ALIGN = 64  # each storage starts on a cache line
 TRIM_BYTES = 32 << 20  # moved between two hand-backs of the old copies (the peak's excess)
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-_HOLDERS = (ShardWeights, LayerWeights, Int8Weight, Int4Weight)
+_HOLDERS = (ShardWeights, LayerWeights, Int8Weight, Int4Weight, Int8GroupWeight)
 
 
 def available() -> bool:

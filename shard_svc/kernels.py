@@ -40,7 +40,16 @@ import torch.nn.functional as F
 
 from services.errors import InvalidArgument
 from shard_svc.ipex_detect import require_ipex
-from shard_svc.quant import INT4, INT8_BLOCK, Int4Weight, Int8Weight, Matrix, block_int8
+from shard_svc.quant import (
+    INT4,
+    INT8_BLOCK,
+    Int4Weight,
+    Int8Weight,
+    Matrix,
+    QuantWeight,
+    block_int8,
+)
+from shard_svc.quant_groups import Int8GroupWeight
 from shard_svc.quant_linear import (
     DEQUANTIZE,
     INT4_KERNEL,
@@ -61,7 +70,7 @@ PROBE_TOKENS = (1, 8, 128)
 # loaded machine's noise could still pick them, and repacking a model in place left its process
 # holding ~20 % more memory (freed plain matrices the allocator keeps). --kernels packed forces it.
 PACKED_MARGIN = 0.85
-T = TypeVar("T", bound=torch.Tensor | Int8Weight | Int4Weight)
+T = TypeVar("T", bound=torch.Tensor | Int8Weight | Int4Weight | Int8GroupWeight)
 PROBE_BYTES = 32 * 2**20  # the probe times products over this much of the weights (or all)
 QUANT_DTYPES = (torch.int8, INT4)
 # --kernels for int8 / int4: aten = ATen's weight-only kernels (for int4 weights in cpumesh's
@@ -111,7 +120,7 @@ class KernelPlan:
     def linear(self, x: torch.Tensor, w: Matrix,
                b: torch.Tensor | None = None) -> torch.Tensor:
         """x @ w.T + b, with w as `prepare` left it."""
-        if isinstance(w, (Int8Weight, Int4Weight)):
+        if isinstance(w, QuantWeight):
             return quant_linear(x, w, b, self.libraries[self.bucket[0]])
         if w.is_mkldnn:  # packed by `prepare`
             return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
@@ -216,6 +225,8 @@ def embedding_rows(tokens: torch.Tensor, table: Matrix) -> torch.Tensor:
         return rows.to(table.dtype) * table.scales[tokens, None]
     if isinstance(table, Int8Weight):
         return table.q[tokens].to(table.dtype) * table.scales[tokens, None]
+    if isinstance(table, Int8GroupWeight):
+        return table.rows_of(tokens)
     if isinstance(table, Int4Weight):
         raise TypeError("int4 embedding tables are not supported")
     return F.embedding(tokens, table)
@@ -228,7 +239,7 @@ def choose_kernels(library: str, dtype: torch.dtype, weights: Sequence[Matrix],
     them unless `packing` is False (a compiled decode step freezes the plain weights)."""
     if library == "ipex":  # IPEX wraps the plain plan (ipex_backend.with_ipex): time that
         library = "auto"
-    if any(isinstance(w, (Int8Weight, Int4Weight)) for w in weights):
+    if any(isinstance(w, QuantWeight) for w in weights):
         return choose_quant(library, weights)
     check_library(library, dtype)
     if library != "auto":
@@ -256,30 +267,32 @@ def choose_quant(library: str, weights: Sequence[Matrix]) -> KernelPlan:
     0.9 / 3.3-3.7 / 53-57), yet the probe's noise once picked it for 8 tokens, which kept every
     matrix in rows (1B int8 46 ms/token against 40 blocked). The kernel is timed on blocked
     copies of the probe, the layout it will read."""
-    quant = [w for w in weights if isinstance(w, (Int8Weight, Int4Weight))]
-    dtype = torch.int8 if isinstance(quant[0], Int8Weight) else INT4
+    quant = [w for w in weights if isinstance(w, QuantWeight)]
+    dtype = INT4 if isinstance(quant[0], Int4Weight) else torch.int8
     check_library(library, dtype)
-    int4_blocked = isinstance(quant[0], Int4Weight) and quant[0].blocked
+    # layouts only cpumesh's kernels read: int4 blocked, int8 in groups (quant_groups)
+    own = ((INT4_KERNEL if isinstance(quant[0], Int4Weight) else INT8_KERNEL)
+           if quant[0].blocked and not isinstance(quant[0], Int8Weight) else None)
     if library != "auto":
         method = QUANT_METHODS[library]
-        return KernelPlan(dtype, ((INT4_KERNEL if int4_blocked and method != DEQUANTIZE
+        return KernelPlan(dtype, ((own if own and method != DEQUANTIZE
                                    else method),) * len(BUCKETS))
     probe = _prefix(quant, PROBE_BYTES)
     methods: tuple[str, ...] = (WEIGHT_ONLY, DEQUANTIZE)
     timings: dict[str, tuple[float, ...]] = {}
-    if dtype == torch.int8 and int8_kernel():  # ATen's weight-only int8 is dominated (above)
+    if own:
+        timings[own] = tuple(_time_quant(own, probe, n) for n in PROBE_TOKENS)
+        methods = (DEQUANTIZE,)
+    elif dtype == torch.int8 and int8_kernel():  # ATen's weight-only int8 is dominated (above)
         blocked = [block_int8(w) for w in probe if isinstance(w, Int8Weight)]
         timings[INT8_KERNEL] = tuple(_time_quant(INT8_KERNEL, blocked, n) for n in PROBE_TOKENS)
-        methods = (DEQUANTIZE,)
-    if int4_blocked:  # only cpumesh's kernel reads its layout
-        timings[INT4_KERNEL] = tuple(_time_quant(INT4_KERNEL, probe, n) for n in PROBE_TOKENS)
         methods = (DEQUANTIZE,)
     timings |= {m: tuple(_time_quant(m, probe, n) for n in PROBE_TOKENS) for m in methods}
     best = tuple(min(timings, key=lambda m: timings[m][i]) for i in range(len(BUCKETS)))
     return KernelPlan(dtype, best, timings)
 
 
-def _time_quant(method: str, weights: Sequence[Int8Weight | Int4Weight], tokens: int,
+def _time_quant(method: str, weights: Sequence[QuantWeight], tokens: int,
                 rounds: int = 5) -> float:
     x = torch.randn(tokens, weights[0].shape[1]).to(weights[0].dtype)
     quant_linear(x, weights[0], None, method)  # first-call costs (the scratch) untimed

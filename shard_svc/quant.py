@@ -5,6 +5,8 @@ fused QKV and gate/up matrices need), then *finished* into the layout the kernel
 
   int8  symmetric, one scale per output row:   w[n, k] ≈ q[n, k] * s[n]          (q in -127..127)
         served by cpumesh's int8 kernel or `aten._weight_int8pack_mm(x, q [N, K], s [N])`
+  int8 in groups of 32, asymmetric, float16 scales and offsets (shard_svc/quant_groups.py):
+        `--dtype int8` where cpumesh's kernels build; served by its group kernel
   int4  asymmetric, groups of `group` inputs:  w[n, k] ≈ (q[n, k] - 8) * s[n, g] + z[n, g]
         (q in 0..15, g = k // group): the layout of `aten._weight_int4pack_mm_for_cpu`, whose
         packed weight is `_convert_weight_to_int4pack_for_cpu(q)` and scales-and-zeros
@@ -19,6 +21,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from shard_svc.quant_groups import (
+    Int8GroupCodes,
+    Int8GroupWeight,
+    block_int8_groups,
+    quantize_int8_groups,
+)
 
 # int4 made from float weights: groups of 32, as GGUF's Q4_0 / Q4_1. Measured on SmolLM2-135M
 # (bench/quality.py, 100-200 tokens): g32 96 % top-1 with float32, perplexity x1.011; g64 58.5 %,
@@ -54,7 +63,7 @@ class Int4Codes:
         return (q * self.scales[..., None] + self.zeros[..., None]).view(n, k)
 
 
-Codes = Int8Codes | Int4Codes
+Codes = Int8Codes | Int4Codes | Int8GroupCodes
 
 
 def quantize_int8(w: torch.Tensor) -> Int8Codes:
@@ -78,7 +87,15 @@ def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP) -> Int4Codes:
 
 
 def quantize(w: torch.Tensor, kind: str, group: int = INT4_GROUP) -> Codes:
+    """kind: "int8" (per row), "int8g" (in groups of 32) or "int4" (in groups of `group`)."""
+    if kind == "int8g":
+        return quantize_int8_groups(w)
     return quantize_int8(w) if kind == "int8" else quantize_int4(w, group)
+
+
+def kind_name(kind: str, group: int) -> str:
+    """How a quantization kind reads in the load report: int8, int8 g32, int4 g32."""
+    return "int8 g32" if kind == "int8g" else f"int4 g{group}" if kind == "int4" else kind
 
 
 def cat_codes(parts: list[Codes]) -> Codes:
@@ -86,7 +103,11 @@ def cat_codes(parts: list[Codes]) -> Codes:
     if all(isinstance(p, Int8Codes) for p in parts):
         return Int8Codes(torch.cat([p.q for p in parts]),  # type: ignore[union-attr]
                          torch.cat([p.scales for p in parts]))
-    if len({p.group for p in parts if isinstance(p, Int4Codes)}) != 1:
+    if all(isinstance(p, Int8GroupCodes) for p in parts):
+        return Int8GroupCodes(*(torch.cat([getattr(p, f) for p in parts])
+                                for f in ("q", "scales", "offsets")))
+    if (not all(isinstance(p, Int4Codes) for p in parts)
+            or len({p.group for p in parts if isinstance(p, Int4Codes)}) != 1):
         raise ValueError("int4 parts of different kinds or groups cannot be stacked")
     return Int4Codes(*(torch.cat([getattr(p, f) for p in parts]) for f in ("q", "scales", "zeros")))
 
@@ -210,8 +231,8 @@ def block_int8(w: Int8Weight) -> Int8Weight:
     return Int8Weight(q, w.scales)
 
 
-QuantWeight = Int8Weight | Int4Weight
-Matrix = torch.Tensor | Int8Weight | Int4Weight  # what the model multiplies by
+QuantWeight = Int8Weight | Int4Weight | Int8GroupWeight
+Matrix = torch.Tensor | Int8Weight | Int4Weight | Int8GroupWeight  # what the model multiplies by
 INT4: torch.dtype = torch.int4  # type: ignore[attr-defined]  # (missing from torch's stubs)
 
 
@@ -220,6 +241,8 @@ def finish(codes: Codes, dtype: torch.dtype, int4_blocked: bool = False) -> Quan
     blocked layout with `int4_blocked` (where its kernel runs), else in ATen's."""
     if isinstance(codes, Int8Codes):
         return Int8Weight(codes.q.contiguous(), codes.scales.to(dtype))
+    if isinstance(codes, Int8GroupCodes):
+        return block_int8_groups(codes, dtype)
     n, k = codes.q.shape
     if n % 16:
         raise ValueError(f"int4 needs output rows in multiples of 16, got {n}")

@@ -9,8 +9,11 @@ picks one per bucket.
                threads, AMD EPYC, as rows: 9.6 ms against 14.7 through ATen's weight-only
                kernel and 19.7 for the same matrices in bfloat16; at 8 tokens blocked, a
                compiled 1B step 89 ms against 251 through inductor's int8 GEMM.
+               The same name serves int8 in groups of 32 (quant_groups.Int8GroupWeight) by
+               the group kernel (shard_svc/csrc/group_linear.cpp: the int4 kernel's, with
+               bytes for nibbles).
   int4 kernel  cpumesh's C++ product for int4 weights in its blocked layout
-               (shard_svc/csrc/int4_linear.cpp; quant.block_int4, made at load wherever the
+               (shard_svc/csrc/group_linear.cpp; quant.block_int4, made at load wherever the
                kernels build): each row of x rounded to int16, as the int8 kernel does, the
                codes widened to 16 bits, integer dot products in 32-bit lanes. ATen's
                weight-only int4 kernel cannot read that layout: for such weights
@@ -40,6 +43,8 @@ from torch import Tensor
 
 from shard_svc import native
 from shard_svc.quant import INT8_BLOCK, Int4Weight, Int8Weight, QuantWeight
+from shard_svc.quant_groups import BLOCK as GROUP_BLOCK
+from shard_svc.quant_groups import Int8GroupWeight
 
 INT8_KERNEL, INT4_KERNEL = "int8 kernel", "int4 kernel"
 WEIGHT_ONLY, DEQUANTIZE = "weight-only", "dequantize"
@@ -56,6 +61,8 @@ _native: list[bool] = []  # native_kernels()'s answer, once known
 
 def weight_only(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     """x [N, K] (the weight's scale dtype) @ w.T → [N, rows]"""
+    if isinstance(w, Int8GroupWeight):  # only cpumesh's group kernel reads it as it is
+        return int8_group_linear(x, w)
     if isinstance(w, Int8Weight):
         if w.blocked:  # cpumesh's layout (block_int8): only its kernel reads it as it is
             return int8_linear(x, w)
@@ -73,7 +80,8 @@ def dequantized(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
         return weight_only(x, w)
     rows, k = w.shape
     block = (w.block_n if isinstance(w, Int4Weight) and w.block_n else
-             INT8_BLOCK if isinstance(w, Int8Weight) and w.blocked else 1)
+             INT8_BLOCK if isinstance(w, Int8Weight) and w.blocked else
+             GROUP_BLOCK if isinstance(w, Int8GroupWeight) else 1)
     chunk = max(block, CHUNK_BYTES // (2 * k) // block * block)
     scratch = _buffer(x.dtype, chunk * k).view(chunk, k)
     out = torch.cat([F.linear(x, w.dequantize_rows(r, min(rows, r + chunk), scratch))
@@ -106,10 +114,14 @@ def native_kernels() -> bool:
             @torch.library.register_fake("cpumesh_kernels::int4_linear_blocked")
             def _int4(x: Tensor, q: Tensor, s: Tensor) -> Tensor:
                 return x.new_empty((*x.shape[:-1], q.shape[0] * q.shape[4]))
+
+            @torch.library.register_fake("cpumesh_kernels::int8_linear_grouped")
+            def _grouped(x: Tensor, q: Tensor, s: Tensor) -> Tensor:
+                return x.new_empty((*x.shape[:-1], q.shape[0] * q.shape[3]))
     return _native[0]
 
 
-int8_kernel = int4_kernel = native_kernels  # one extension holds both
+int8_kernel = int4_kernel = int8_group_kernel = native_kernels  # one extension holds them
 
 
 def int8_linear(x: Tensor, w: Int8Weight) -> Tensor:
@@ -117,6 +129,11 @@ def int8_linear(x: Tensor, w: Int8Weight) -> Tensor:
     if w.blocked:
         return torch.ops.cpumesh_kernels.int8_linear_blocked(x, w.q, w.scales)
     return torch.ops.cpumesh_kernels.int8_linear(x, w.q, w.scales)
+
+
+def int8_group_linear(x: Tensor, w: Int8GroupWeight) -> Tensor:
+    """x [..., K] (float32, bfloat16 or float16) @ w.T by cpumesh's group kernel."""
+    return torch.ops.cpumesh_kernels.int8_linear_grouped(x, w.q, w.so)
 
 
 def int4_linear(x: Tensor, w: Int4Weight) -> Tensor:
@@ -130,6 +147,6 @@ def quant_linear(x: torch.Tensor, w: QuantWeight, b: torch.Tensor | None,
         y = int8_linear(x, w)  # (with the int4 kernel: an int4 model's int8 embedding / head)
     elif method == DEQUANTIZE:
         y = dequantized(x, w)
-    else:  # (blocked int4 weights: cpumesh's int4 kernel, the only one that reads them)
+    else:  # (blocked int4 / int8 in groups: cpumesh's kernels, the only ones that read them)
         y = weight_only(x, w)
     return y if b is None else y + b

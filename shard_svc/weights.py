@@ -5,9 +5,11 @@ map is dropped before the next tensor: the process never holds more than its sli
 mapped tensor. Sharded checkpoints (`model.safetensors.index.json`) are supported.
 
 With dtype torch.int8 / torch.int4 the layers' matrices are quantized slice by slice, right
-after each is read (shard_svc.quant; a GGUF's Q4 blocks are taken as they are), so at most one
-fused matrix (or the embedding table) is ever in float; the embedding is int8 per row (a tied
-LM head is its view), norms and activations in bfloat16 where the CPU runs it, else float32
+after each is read (shard_svc.quant; a GGUF's Q4 and Q8_0 blocks are taken as they are), so at
+most one fused matrix (or the embedding table) is ever in float. int8 is in groups of 32 where
+cpumesh's kernels build (shard_svc.quant_groups: the embedding too, a tied LM head its view),
+with float32 activations and norms; else int8 per row. int4's embedding is int8 per row, its
+norms and activations in bfloat16 where the CPU runs it, else float32
 (shard_svc.quant.activations_dtype).
 """
 
@@ -32,15 +34,18 @@ from shard_svc.quant import (
     INT4_GROUP,
     Codes,
     Int4Codes,
+    Int8GroupCodes,
     Int8Weight,
     Matrix,
     activations_dtype,
     cat_codes,
     finish,
+    kind_name,
     quantize,
     quantize_int8,
 )
-from shard_svc.quant_linear import int4_kernel
+from shard_svc.quant_groups import Int8GroupWeight, fits
+from shard_svc.quant_linear import int4_kernel, int8_group_kernel
 from shard_svc.sharding import Range, ShardPlan
 
 QUANT = {torch.int8: "int8", INT4: "int4"}
@@ -100,8 +105,7 @@ class SafetensorsReader:
     def read_codes(self, name: str, kind: str, group: int, rows: Range | None = None,
                    cols: Range | None = None) -> Codes:
         e = self.entries.get(name)
-        self.served[name] = f"{e.dtype if e else '?'} -> {kind}" + (
-            f" g{group}" if kind == "int4" else "")
+        self.served[name] = f"{e.dtype if e else '?'} -> {kind_name(kind, group)}"
         return quantize(self.read(name, torch.float32, rows, cols), kind, group)
 
 
@@ -208,7 +212,9 @@ def load_shard_weights(model_dir: Path, config: ModelConfig, plan: ShardPlan,
     torch.int8 / torch.int4: the layers' matrices quantized (see the module's docstring)."""
     reader = open_reader(model_dir)
     kind = QUANT.get(dtype)
-    act = activations_dtype() if kind else dtype
+    if kind == "int8" and int8_group_kernel():
+        kind = "int8g"  # in groups of 32, float32 activations (quant_groups' docstring)
+    act = torch.float32 if kind == "int8g" else activations_dtype() if kind else dtype
     d = config.head_dim
     q_rows = (plan.q_head_range[0] * d, plan.q_head_range[1] * d)
     kv_rows = (plan.kv_head_range[0] * d, plan.kv_head_range[1] * d)
@@ -245,10 +251,10 @@ def load_shard_weights(model_dir: Path, config: ModelConfig, plan: ShardPlan,
         if how is None:
             return torch.cat(out)
         codes = cat_codes(out)
-        if isinstance(codes, Int4Codes) and codes.q.shape[0] % 16:  # the int4 kernel's rule
-            codes = quantize_int8(codes.dequantize())
+        if isinstance(codes, (Int4Codes, Int8GroupCodes)) and codes.q.shape[0] % 16:
+            codes = quantize_int8(codes.dequantize())  # (the group kernels' rule)
             for name, _, _ in parts:
-                reader.served[name] += " -> int8 (int4 needs rows in 16s)"
+                reader.served[name] += " -> int8 (groups need rows in 16s)"
         # int4 in cpumesh's layout wherever its kernel runs (only that kernel reads it)
         return finish(codes, act, isinstance(codes, Int4Codes) and int4_kernel())
 
@@ -278,11 +284,20 @@ def load_shard_weights(model_dir: Path, config: ModelConfig, plan: ShardPlan,
     vocab = plan.vocab_range
     tied = config.tie_word_embeddings or "lm_head.weight" not in reader.entries
     embed: Matrix
-    if kind:  # int8 per row: the lookup expands the step's rows, the LM head reads it as is
+    lm_head: Matrix
+    if kind == "int8g" and fits(config.vocab_size, config.hidden_size) and all(
+            v % 16 == 0 for v in vocab):  # the lookup expands the step's rows
+        used.add("model.embed_tokens.weight")
+        table = reader.read_codes("model.embed_tokens.weight", "int8g", 32)
+        assert isinstance(table, Int8GroupCodes)
+        embed = finish(table, act)
+        assert isinstance(embed, Int8GroupWeight)
+        lm_head = embed.slice_rows(*vocab) if tied else matrix([("lm_head.weight", vocab, None)])
+    elif kind:  # int8 per row: the lookup expands the step's rows, the LM head reads it as is
         used.add("model.embed_tokens.weight")
         embed = finish(reader.read_codes("model.embed_tokens.weight", "int8", 0), act)
         assert isinstance(embed, Int8Weight)
-        lm_head: Matrix = (Int8Weight(embed.q[vocab[0]:vocab[1]], embed.scales[vocab[0]:vocab[1]])
+        lm_head = (Int8Weight(embed.q[vocab[0]:vocab[1]], embed.scales[vocab[0]:vocab[1]])
                            if tied else matrix([("lm_head.weight", vocab, None)], "int8"))
     else:
         embed = get("model.embed_tokens.weight")
@@ -306,10 +321,12 @@ def release_freed_memory() -> None:
 
 
 def _kind_for(kind: str, k: int) -> tuple[str, int]:
-    """(kind, int4 group) for a matrix of `k` inputs: int4 needs its group to divide k, else
-    the matrix is int8."""
+    """(kind, group) for a matrix of `k` inputs: int4 and int8 in groups need their group to
+    divide k, else the matrix is int8 per row."""
     if kind == "int4" and k % INT4_GROUP == 0:
         return ("int4", INT4_GROUP)
+    if kind == "int8g" and k % 32 == 0:
+        return ("int8g", 32)
     return ("int8", 0)
 
 

@@ -1,6 +1,8 @@
 """Run a piece of Python in a process of its own whose torch and inductor vectorize with AVX2
 only (ATEN_CPU_CAPABILITY=avx2; an AVX2-only CPU's own setting), and read the JSON object its
-last line of output prints."""
+last line of output prints. `AVX2_ENV` also caps oneDNN and MKL at AVX2: without it, on an
+AMX Xeon, torch's bfloat16 SDPA chose oneDNN's AMX packing and then failed in its AVX2 build
+("pack_vnni2 is only supported when avx512 is supported"), which no AVX2 CPU can meet."""
 
 from __future__ import annotations
 
@@ -12,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+            "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
 def run_avx2(code: str, timeout: float = 280) -> dict[str, Any]:
-    env = os.environ | {"ATEN_CPU_CAPABILITY": "avx2", "PYTHONPATH": str(ROOT)}
+    env = os.environ | AVX2_ENV | {"PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -5,9 +5,10 @@ Served at their own precision (no float copy on disk or of the model in RAM):
   Q4_0, Q4_1, Q4_K  → int4 in groups of 32, exactly: the kernel's (q - 8)·s + z holds Q4_0
                       (s = d, z = 0), Q4_1 (z = m + 8d) and Q4_K (s = d·sc, z = 8s - dmin·m);
                       only the scales' rounding to the activations' dtype (bf16) differs.
-  Q8_0              → int8 with one scale per row: ATen's int8 kernel has per-row scales only, so
-                      the slice's blocks are expanded to float32 (this slice only, transiently)
-                      and requantized per row: lossy, measured in bench/quality.py.
+  Q8_0              → int8 in groups of 32 (shard_svc.quant_groups), exactly: q = q8 + 128,
+                      s = d, o = -128 d; where int8 is per row (cpumesh's kernels not built) the
+                      slice's blocks are expanded to float32 (this slice only, transiently) and
+                      requantized per row: lossy, measured in bench/quality.py.
 Anything else (F16/F32, Q6_K, Q5_x, a Q4 tensor asked for as int8, a column split that cuts a
 block) is expanded per slice with gguf-py and quantized like float weights. The report of what
 was served how is `served` (name → how).
@@ -24,7 +25,7 @@ import torch
 from model_formats.gguf.config import hf_config
 from model_formats.gguf.convert import _read, _unpermute, hf_tensors
 from services.errors import CheckpointError
-from shard_svc.quant import Codes, Int4Codes, quantize
+from shard_svc.quant import Codes, Int4Codes, Int8GroupCodes, kind_name, quantize
 
 Range = tuple[int, int]
 NATIVE_INT4 = ("Q4_0", "Q4_1", "Q4_K")
@@ -86,9 +87,21 @@ class GGUFTensors:
             codes = _int4_codes(qtype, self._rows(name, rows), (lo, hi))
             self.served[name] = f"{qtype} -> int4 g32 (its own blocks)"
             return codes
+        if kind == "int8g" and qtype == "Q8_0" and lo % 32 == 0 and hi % 32 == 0:
+            self.served[name] = "Q8_0 -> int8 g32 (its own blocks)"
+            return _q8_0_codes(self._rows(name, rows), (lo, hi))
         how = "requantized per row" if qtype == "Q8_0" and kind == "int8" else "quantized"
-        self.served[name] = f"{qtype} -> {kind}{f' g{group}' if kind == 'int4' else ''} ({how})"
+        self.served[name] = f"{qtype} -> {kind_name(kind, group)} ({how})"
         return quantize(self.read(name, torch.float32, rows, cols), kind, group)
+
+
+def _q8_0_codes(raw: np.ndarray, cols: Range) -> Int8GroupCodes:
+    """Q8_0 rows (their bytes: per 32 weights an fp16 d, then 32 int8) → codes of `cols`."""
+    r = raw.shape[0]
+    b = raw[:, cols[0] // 32 * 34:cols[1] // 32 * 34].reshape(r, -1, 34)
+    d = torch.from_numpy(b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32))
+    q8 = torch.from_numpy(b[..., 2:].copy().view(np.int8).astype(np.int16))  # [r, n, 32]
+    return Int8GroupCodes((q8 + 128).to(torch.uint8).view(r, -1), d, -128 * d)
 
 
 def _int4_codes(qtype: str, raw: np.ndarray, cols: Range) -> Int4Codes:

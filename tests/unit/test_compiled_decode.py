@@ -15,9 +15,12 @@ from typing import Any
 import pytest
 import torch
 
+import shard_svc.weights
 from shard_svc.config import ShardConfig
 from shard_svc.mesh.communicator import SingleRank
 from shard_svc.quant import activations_dtype
+from shard_svc.quant_linear import int8_group_kernel
+from tests.avx2_child import AVX2_ENV
 from tests.checkpoints import tiny_checkpoint
 from tests.compiled_ranks import (
     compilable_model,
@@ -42,18 +45,36 @@ def quant_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_checkpoint(tmp_path_factory.mktemp("llama-q"), "llama", intermediate_size=192)
 
 
-def check(result: dict[str, Any], dtype: str) -> None:
+def act(dtype: str) -> str:
+    """The activations' dtype of a model served in `dtype`: int8 in groups (where cpumesh's
+    kernels build) float32, int8 per row and int4 bfloat16 on AVX-512, else float32."""
+    if dtype == "int8" and int8_group_kernel():
+        return "float32"
+    return str(activations_dtype()).removeprefix("torch.") if dtype in QUANT else dtype
+
+
+@pytest.fixture
+def int8_per_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--dtype int8 loads per row, as where cpumesh's kernels (int8 in groups) do not build."""
+    monkeypatch.setattr(shard_svc.weights, "int8_group_kernel", lambda: False)
+
+
+def check(result: dict[str, Any], dtype: str, int16_x: bool = False) -> None:
+    """int16_x: the products round x to int16 per row (cpumesh's int8 kernels), where a last-bit
+    difference of a float32 activation can move a rounding: logits within 5e-4 of the largest
+    (measured 6e-5), top-1 agreeing >= 95 %."""
     assert result["graphs"] == result["warm_graphs"] > 0, "a graph was compiled while serving"
     decode_steps = len(result["steps"]) - 2  # two prefills, eager in both
     assert result["compiled_steps"] == decode_steps
     agree = total = 0
     for (eager_v, eager_i), (comp_v, comp_i) in result["steps"]:
         e, c = torch.tensor(eager_v), torch.tensor(comp_v)
-        atol = 1e-4 if dtype == "float32" else 0.05 * e.abs().max().item()
+        atol = (5e-4 * e.abs().max().item() if int16_x and dtype == "float32" else
+                1e-4 if dtype == "float32" else 0.05 * e.abs().max().item())
         assert torch.allclose(e, c, rtol=0, atol=atol), (e - c).abs().max().item()
         agree += sum(a[0] == b[0] for a, b in zip(eager_i, comp_i, strict=True))
         total += len(eager_i)
-    if dtype == "float32":
+    if dtype == "float32" and not int16_x:
         assert agree == total
     else:
         assert agree >= AGREEMENT * total, f"top-1 agreement {agree}/{total}"
@@ -62,17 +83,17 @@ def check(result: dict[str, Any], dtype: str) -> None:
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8", "int4"])
 def test_compiled_decode_matches_eager_tp1(model_dir: Path, quant_dir: Path, dtype: str) -> None:
-    """int8 / int4: weight-only matrices frozen as codes; the activations are bfloat16 on
-    AVX-512 (then held to bfloat16's tolerance) and float32 elsewhere."""
+    """int8 / int4: weight-only matrices frozen as codes; the activations (`act`) bfloat16
+    held to bfloat16's tolerance, float32 to float32's."""
     torch.set_num_threads(2)
-    act = str(activations_dtype()).removeprefix("torch.") if dtype in QUANT else dtype
     result = side_by_side(quant_dir if dtype in QUANT else model_dir, SingleRank(), dtype, (1, 4))
-    check(result, act)
+    check(result, act(dtype), int16_x=dtype == "int8")
     assert result["attention"], "the C++ decode attention did not build here"
     assert "cpumesh_kernels::decode_attention" in result["decode_ops"]
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" not in result["decode_ops"]
-    if dtype == "int8":  # products by cpumesh's int8 kernel or inductor's C++ template
+    if dtype == "int8":  # products by cpumesh's group kernel (int8 in groups)
         assert "aten::_weight_int8pack_mm" not in result["decode_ops"]
+        assert "cpumesh_kernels::int8_linear_grouped" in result["decode_ops"]
     if dtype == "int4":  # cpumesh's int4 kernel; the int8 LM head by its int8 kernel (not
         # folded by inductor into a bfloat16 copy of the table)
         assert "cpumesh_kernels::int4_linear_blocked" in result["decode_ops"]
@@ -82,9 +103,11 @@ def test_compiled_decode_matches_eager_tp1(model_dir: Path, quant_dir: Path, dty
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("library", ["aten", "cpumesh"])
-def test_compiled_int8_products_as_the_kernel_plan_chose(quant_dir: Path, library: str) -> None:
-    """--kernels aten: the graph's int8 products are inductor's C++ GEMM template (never ATen's
-    `_weight_int8pack_mm`, gemm_backends); cpumesh: cpumesh's int8 kernel, an opaque op."""
+def test_compiled_int8_products_as_the_kernel_plan_chose(quant_dir: Path, library: str,
+                                                         int8_per_row: None) -> None:
+    """int8 per row, --kernels aten: the graph's int8 products are inductor's C++ GEMM template
+    (never ATen's `_weight_int8pack_mm`, gemm_backends); cpumesh: cpumesh's int8 kernel, an
+    opaque op."""
     torch.set_num_threads(2)
     result = side_by_side(quant_dir, SingleRank(), "int8", (1, 4), library=library)
     check(result, str(activations_dtype()).removeprefix("torch."))
@@ -111,19 +134,19 @@ def test_compiled_decode_matches_eager_tp2_processes(model_dir: Path, quant_dir:
         for rank in range(2):
             r.start(f"rank{rank}", rank_side_by_side, rank, mesh_ports, points)
         results = [r.wait(f"rank{rank}", "done", 580) for rank in range(2)]
-    act = str(activations_dtype()).removeprefix("torch.")
     for result in results:
         for dtype in points:
-            check(result[dtype], act if dtype in QUANT else dtype)
+            check(result[dtype], act(dtype), int16_x=dtype == "int8")
 
 
 @pytest.mark.timeout(300)
 def test_compiled_bfloat16_right_where_inductor_vectorizes_with_avx2(
         model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With AVX2 only (ATEN_CPU_CAPABILITY=avx2 in a spawned process; the real thing on an AVX2
+    """With AVX2 only (tests.avx2_child.AVX2_ENV in a spawned process; the real thing on an AVX2
     CPU), inductor's C++ GEMM template computed NaN logits at 2 threads in bfloat16: such a
     graph takes ATen's GEMMs (compiled_gemms.gemm_backends)."""
-    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    for name, value in AVX2_ENV.items():
+        monkeypatch.setenv(name, value)
     with ranks() as r:
         r.start("alone", rank_side_by_side_alone, model_dir, "bfloat16")
         result = r.wait("alone", "done", 280)
@@ -133,7 +156,7 @@ def test_compiled_bfloat16_right_where_inductor_vectorizes_with_avx2(
 
 @pytest.mark.timeout(300)
 def test_gemm_backends_without_a_choice_fall_back_to_max_autotune(
-        quant_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+        quant_dir: Path, caplog: pytest.LogCaptureFixture, int8_per_row: None) -> None:
     """A graph whose allowed GEMM backends offer nothing for a product (here TRITON, absent on
     CPU; inductor raises NoValidChoicesError) compiles with max-autotune's choice, logged, and
     runs compiled, equal to eager."""
@@ -162,9 +185,11 @@ def test_gemm_backends_without_a_choice_fall_back_to_max_autotune(
 
 
 @pytest.mark.timeout(600)
-def test_int8_widths_inductor_cannot_take_stay_eager(model_dir: Path) -> None:
-    """Inductor's int8 GEMM cannot take inputs 200 wide (intermediate 200); cpumesh's int8
-    kernel takes every width, so with it such a model compiles (and equals eager)."""
+def test_int8_widths_inductor_cannot_take_stay_eager(model_dir: Path, int8_per_row: None
+                                                     ) -> None:
+    """Inductor's int8 GEMM cannot take inputs 200 wide (intermediate 200, int8 per row);
+    cpumesh's int8 kernel takes every width, so with it such a model compiles (and equals
+    eager)."""
     from shard_svc.compiled_step import not_compilable
 
     why = not_compilable(compilable_model(model_dir, SingleRank(), "int8", "aten"))

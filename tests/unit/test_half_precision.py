@@ -20,6 +20,7 @@ from shard_svc.kernels import choose_kernels, packs
 from shard_svc.model import ShardModel, make_batch
 from shard_svc.sharding import plan_shard
 from shard_svc.weights import load_shard_weights
+from tests.avx2_child import AVX2_ENV
 from tests.checkpoints import tiny_checkpoint
 from tests.unit.test_model import PROMPTS, gather_vocab, run_ranks
 
@@ -109,8 +110,6 @@ def test_float32_kernel_libraries_equal_transformers(
         assert cpumesh_top1(path, torch.float32, library, seqs) == greedy
 
 
-AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-            "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 SCRIPT = """
 import json, sys, torch
 from pathlib import Path

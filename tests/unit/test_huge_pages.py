@@ -15,6 +15,7 @@ from shard_svc.kernels import choose_kernels
 from shard_svc.mesh.communicator import SingleRank
 from shard_svc.model import ShardModel, make_batch
 from shard_svc.quant import Int8Weight
+from shard_svc.quant_groups import Int8GroupWeight
 from shard_svc.sharding import plan_shard
 from shard_svc.weights import ShardWeights, load_shard_weights
 from tests.checkpoints import tiny_checkpoint
@@ -158,8 +159,9 @@ def test_model_on_the_arena_answers_as_transformers(checkpoint: Path) -> None:
 @needs_thp
 def test_int8_blocked_model_equals_itself_off_the_arena(checkpoint: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    """cpumesh's int8 kernel reading blocked codes from the arena, an int8 KV cache in huge
-    pages: the very same logits as both in torch's own allocations."""
+    """cpumesh's int8 kernels reading blocked codes from the arena (int8 in groups, and per row
+    where a matrix's shape takes no groups), an int8 KV cache in huge pages: the very same
+    logits as both in torch's own allocations."""
     config = load_model_config(checkpoint)
     logits = []
     for arena in (True, False):
@@ -170,7 +172,8 @@ def test_int8_blocked_model_equals_itself_off_the_arena(checkpoint: Path,
             plan = choose_kernels("cpumesh", w.embed.dtype, [layer.gate_up for layer in w.layers])
             model = ShardModel(config, plan_shard(config, 0, 1), w, SingleRank(), plan)
             assert model.w.huge_pages == arena
-            assert isinstance(model.w.lm_head, Int8Weight) and model.w.lm_head.blocked
+            assert isinstance(model.w.lm_head, Int8Weight | Int8GroupWeight)
+            assert model.w.lm_head.blocked
             cache = model.new_cache(capacity_tokens=65536, page_size=4, kv_dtype=torch.int8)
             if arena:  # (torch's own allocations may land in a region others advised)
                 assert mapping(cache.store.k.data_ptr()).get("THPeligible") == "1"

@@ -1,4 +1,4 @@
-"""cpumesh's int4 kernel (shard_svc/csrc/int4_linear.cpp) and its blocked layout: the product
+"""cpumesh's int4 kernel (shard_svc/csrc/group_linear.cpp) and its blocked layout: the product
 against float64 on the same codes, scales and offsets, with x rounded to int16 per row as the
 kernel documents, and against the float product; the layout read back by `dequantize_rows` as
 the codes; groups of 32 to 128; rows of x in and out of its tiles of 4; NaN kept to its row; bad
@@ -94,7 +94,7 @@ def test_bad_shapes_refused() -> None:
         op(torch.zeros(1, 128), q.to(torch.int8), s)
     with pytest.raises(RuntimeError, match="s must be"):
         op(torch.zeros(1, 128), q, torch.ones(2, 4, 16))
-    with pytest.raises(RuntimeError, match="share a dtype"):
+    with pytest.raises(RuntimeError, match="in x's dtype or float16"):
         op(torch.zeros(1, 128), q, s.bfloat16())
 
 

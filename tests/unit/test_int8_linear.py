@@ -163,15 +163,19 @@ def test_avx2_build() -> None:
             assert result["errors"][f"{dtype} {blocked}"] <= TOL[dtype]
 
 
-def test_weights_prepared_twice_keep_each_ranks_lm_head(tmp_path: Path) -> None:
+def test_weights_prepared_twice_keep_each_ranks_lm_head(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The shard prepares its weights again for its warm-up twin: blocking must leave blocked
     weights as they are. Once it re-sliced rank 1's tied LM head out of the blocked table (its
-    offset read in blocks, not rows), and tp-2 int8 served garbage."""
+    offset read in blocks, not rows), and tp-2 int8 served garbage. int8 per row (what a shard
+    serves where int8 in groups is not built); int8 in groups below."""
+    import shard_svc.weights
     from model_formats.checkpoint import load_model_config
     from shard_svc.sharding import plan_shard
     from shard_svc.weights import load_shard_weights
     from tests.checkpoints import tiny_checkpoint
 
+    monkeypatch.setattr(shard_svc.weights, "int8_group_kernel", lambda: False)
     # vocabulary 512: rank 1's rows start at 256, 16 blocks in, which the old code took as row 16
     model_dir = tiny_checkpoint(tmp_path, "llama", vocab_size=512, intermediate_size=192,
                                 tie_word_embeddings=True)

@@ -16,10 +16,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from shard_svc.quant import INT4, INT4_GROUP, finish, quantize_int4, quantize_int8
-from shard_svc.quant_linear import DEQUANTIZE, INT8_KERNEL, WEIGHT_ONLY, quant_linear
+from shard_svc.quant_groups import fits, quantize_int8_groups
+from shard_svc.quant_linear import (
+    DEQUANTIZE,
+    INT8_KERNEL,
+    WEIGHT_ONLY,
+    int8_group_kernel,
+    quant_linear,
+)
+from tests.avx2_child import AVX2_ENV
 from tests.checkpoints import tiny_checkpoint
 from tests.unit.test_half_precision import (
-    AVX2_ENV,
     agreement,
     continuations,
     cpumesh_top1,
@@ -93,18 +100,23 @@ def test_products_equal_float64_on_the_dequantized_weight(kind: str, width: int,
 
 def dequantized_checkpoint(src: Path, dst: Path, kind: str) -> Path:
     """`src` with every layer matrix replaced by its quantize → dequantize (tp 1 slicing), and
-    the embedding and LM head by their int8 per row."""
+    the embedding and LM head by their int8 per row; "int8g" (what `--dtype int8` serves where
+    cpumesh's kernels build): int8 in groups of 32, the embedding too where its rows come in
+    16s (SHAPES' matrices all take groups)."""
     dst.mkdir()
     for f in src.iterdir():
         if f.suffix != ".safetensors":
             (dst / f.name).write_bytes(f.read_bytes())
     tensors = load_file(src / "model.safetensors")
     for name, t in tensors.items():
+        grouped = kind == "int8g" and fits(*t.shape) if t.dim() == 2 else False
         if any(f"{n}.weight" in name for n in LINEARS):
-            codes = quantize_int8(t) if kind == "int8" else quantize_int4(t, INT4_GROUP)
+            codes = (quantize_int8_groups(t) if grouped else quantize_int8(t) if "int8" in kind
+                     else quantize_int4(t, INT4_GROUP))
             tensors[name] = codes.dequantize().to(t.dtype)
         elif name in ("model.embed_tokens.weight", "lm_head.weight"):
-            tensors[name] = quantize_int8(t).dequantize().to(t.dtype)
+            codes = quantize_int8_groups(t) if grouped else quantize_int8(t)
+            tensors[name] = codes.dequantize().to(t.dtype)
     save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
     return dst
 
@@ -126,15 +138,15 @@ TINY_AGREEMENT = 0.9
 def test_quantized_model_agrees_with_transformers_on_dequantized_weights(
         checkpoint: tuple[Path, list[list[int]]], dtype: torch.dtype,
         tmp_path: Path) -> None:
-    """Teacher-forced top-1 against transformers in bf16 running the same dequantized weights,
-    for both methods, at tp 1 and 2, and tp 1 against tp 2 (tp 2 quantizes its own slices:
-    int4's groups split evenly, so the codes are the same, but int8's row-parallel slices get
-    their own per-row scales). How close int8 / int4 stay to float on a real model is
-    test_quality's question."""
+    """Teacher-forced top-1 against transformers running the same dequantized weights in the
+    activations' dtype (int4: bf16; int8 in groups: float32), for both methods, at tp 1 and 2,
+    and tp 1 against tp 2 (tp 2 quantizes its own slices: the groups split evenly, so the codes
+    are the same). How close int8 / int4 stay to float on a real model is test_quality's
+    question."""
     path, seqs = checkpoint
-    kind = "int8" if dtype == torch.int8 else "int4"
+    kind = "int4" if dtype == INT4 else "int8g" if int8_group_kernel() else "int8"
     theirs = transformers_top1(dequantized_checkpoint(path, tmp_path / "dq", kind),
-                               torch.bfloat16, seqs)
+                               torch.float32 if kind == "int8g" else torch.bfloat16, seqs)
     ours = {(library, tp): cpumesh_top1(path, dtype, library, seqs, tp)
             for library, tp in (("aten", 1), ("onednn", 1), ("aten", 2))}
     for key, top in ours.items():
@@ -178,8 +190,9 @@ def test_quantized_under_avx2_emulation(checkpoint: tuple[Path, list[list[int]]]
     """Without AVX-512 the activations are float32 (the kernels' bf16 paths are emulated there),
     the int4 layout is found by its probe, and both methods still compute the model."""
     path, seqs = checkpoint
-    theirs = {k: transformers_top1(dequantized_checkpoint(path, tmp_path / k, k), torch.float32,
-                                   seqs) for k in ("int8", "int4")}
+    theirs = {d: transformers_top1(dequantized_checkpoint(path, tmp_path / k, k), torch.float32,
+                                   seqs)  # (the kernels' AVX2 build serves int8 in groups)
+              for d, k in (("int8", "int8g"), ("int4", "int4"))}
     out = subprocess.run(
         [sys.executable, "-c", AVX2_SCRIPT, str(path), json.dumps(seqs), json.dumps(theirs)],
         env={**os.environ, **AVX2_ENV}, capture_output=True, text=True, timeout=300,

@@ -1,19 +1,23 @@
-// Weight-only int4 matrix product for decode: y = x @ W.T with W[n, k] = q[n, k] * s[n, g] +
-// o[n, g] (q in 0..15, g = k / 32), in cpumesh's blocked layout (quant.block_int4 packs it):
-//   q  uint8 [N / 16, K / 32, 4, 2, 16, 2]: for each block of 16 rows and group of 32 inputs,
-//      four runs of 8 inputs, each two halves of 32 bytes; in run c, half t, row r's 2 bytes e
-//      hold input c*8 + t*2 + e (low nibble) and c*8 + 4 + t*2 + e (high nibble). A block
-//      streams as one run of memory; a half's nibbles widened to 16 bits are the 16 rows' pairs
-//      of inputs, a vector's 32-bit lanes, so no output needs a horizontal sum.
-//   s  [N / 16, K / 32, 2, 16] in x's dtype: each group's 16 scales, then its 16 offsets.
+// Weight-only matrix products in groups of 32 inputs for decode: y = x @ W.T with
+// W[n, k] = q[n, k] * s[n, g] + o[n, g] (g = k / 32), in cpumesh's blocked layouts, 16 rows a
+// block, a block's codes one run of memory (quant.block_int4 / quant_groups.block_int8_groups):
+//   int4_linear_blocked  q in 0..15, uint8 [N / 16, K / 32, 4, 2, 16, 2]: for each group, four
+//      runs of 8 inputs, each two halves of 32 bytes; in run c, half t, row r's 2 bytes e hold
+//      input c*8 + t*2 + e (low nibble) and c*8 + 4 + t*2 + e (high nibble).
+//   int8_linear_grouped  q in 0..255, uint8 [N / 16, K / 32, 16, 16, 2]: for each group, 16
+//      pairs of inputs, in pair p row r's 2 bytes e hold input p*2 + e.
+// Either way a run of 32 codes widened to 16 bits is the 16 rows' pairs of inputs, a vector's
+// 32-bit lanes, so no output needs a horizontal sum.
+//   s  [N / 16, K / 32, 2, 16] in x's dtype or float16: each group's 16 scales, then its 16
+//      offsets.
 //
 // Each row of x is rounded to int16 with one scale (x ≈ xq * sx, as cpumesh's int8 kernel: 15
 // bits of the row's largest input; 8-bit inputs per group, llama.cpp's way, cost SmolLM2 6 % of
 // perplexity over 48 tokens), and
 //   y[m, n] = sum_g (s[n, g] * sx[m] * sum_{k in g} q[n, k] * xq[m, k] + o[n, g] * sx[m] * sum_{k in g} xq[m, k])
 // The integer dot products are exact: 16-bit pairs summed into 32-bit lanes (AVX-512 VNNI
-// `vpdpwssd`, else `vpmaddwd` + add), 32 per group (15 * 32767 * 32 < 2^31); each group's sum is
-// scaled into a float32 total.
+// `vpdpwssd`, else `vpmaddwd` + add), 32 per group (255 * 32767 * 32 < 2^31); each group's sum
+// is scaled into a float32 total.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -33,7 +37,6 @@ namespace {
 using FVec = at::vec::Vectorized<float>;
 constexpr int64_t kRows = 16;  // rows per block
 constexpr int64_t kGroup = 32;  // inputs per group: one scale and one offset per row
-constexpr int64_t kGroupBytes = kRows * kGroup / 2;  // a block's codes for one group
 constexpr int64_t kTile = 4;  // rows of x per pass over a block
 constexpr float kLevels = 32767.0f;
 
@@ -61,7 +64,7 @@ inline __m256i dot2(__m256i acc, __m256i w, __m256i x) {
 }
 inline __m256i widen(__m128i v) { return _mm256_cvtepu8_epi16(v); }
 #else
-#error "int4_linear needs AVX2 or AVX-512 (built with the flags of inductor's vector ISA)"
+#error "group_linear needs AVX2 or AVX-512 (built with the flags of inductor's vector ISA)"
 #endif
 
 // The rows of x as int16 (rounded to nearest), each row's scale, and the scale times each
@@ -114,21 +117,35 @@ inline int32_t pair(const int16_t* p) {  // two int16 inputs as one 32-bit lane
   return v;
 }
 
+// A block's codes for one group of 32 inputs.
+template <int Bits>
+constexpr int64_t group_bytes() { return kRows * kGroup * Bits / 8; }
+
 // out[m * 16 + r] = row r of the block (16 rows, every group) times row m of x, for MT rows.
-template <int MT, typename T>
-void dot_block(const Activations& a, int64_t m0, const uint8_t* q, const T* s, float* out) {
+template <int Bits, int MT, typename S>
+void dot_block(const Activations& a, int64_t m0, const uint8_t* q, const S* s, float* out) {
   constexpr int64_t W = FVec::size();  // 16 (AVX-512) or 8 (AVX2) rows per float vector
   constexpr int64_t H = kRows / W;
   FVec total[MT][H];
   for (int m = 0; m < MT; ++m)
     for (int h = 0; h < H; ++h) total[m][h] = FVec(0.0f);
   for (int64_t g = 0; g < a.groups; ++g) {
-    const uint8_t* codes = q + g * kGroupBytes;
+    const uint8_t* codes = q + g * group_bytes<Bits>();
 #if defined(__AVX512BW__)
     const __m512i mask = _mm512_set1_epi8(0x0F);
     __m512i acc[MT][1];
     for (int m = 0; m < MT; ++m) acc[m][0] = _mm512_setzero_si512();
-    for (int c = 0; c < 4; ++c) {
+    if constexpr (Bits == 8) {  // a 64-byte run holds pairs 2c and 2c + 1
+      for (int c = 0; c < 8; ++c) {
+        const __m512i v = _mm512_loadu_si512(codes + c * 64);
+        const __m512i w0 = widen(_mm512_castsi512_si256(v)), w1 = widen(_mm512_extracti64x4_epi64(v, 1));
+        for (int m = 0; m < MT; ++m) {
+          const int16_t* xg = a.row(m0 + m) + g * kGroup + c * 4;
+          acc[m][0] = dot2(acc[m][0], w0, _mm512_set1_epi32(pair(xg)));
+          acc[m][0] = dot2(acc[m][0], w1, _mm512_set1_epi32(pair(xg + 2)));
+        }
+      }
+    } else for (int c = 0; c < 4; ++c) {
       const __m512i v = _mm512_loadu_si512(codes + c * 64);
       const __m512i lo = _mm512_and_si512(v, mask), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
       const __m512i w[4] = {widen(_mm512_castsi512_si256(lo)), widen(_mm512_extracti64x4_epi64(lo, 1)),
@@ -143,7 +160,16 @@ void dot_block(const Activations& a, int64_t m0, const uint8_t* q, const T* s, f
     const __m256i mask = _mm256_set1_epi8(0x0F);
     __m256i acc[MT][2];
     for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
-    for (int c = 0; c < 4; ++c) {
+    if constexpr (Bits == 8) {  // a 32-byte run is pair p: rows 0-7 in its low half
+      for (int p = 0; p < 16; ++p) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + p * 32));
+        const __m256i w[2] = {widen(_mm256_castsi256_si128(v)), widen(_mm256_extracti128_si256(v, 1))};
+        for (int m = 0; m < MT; ++m) {
+          const __m256i xp = _mm256_set1_epi32(pair(a.row(m0 + m) + g * kGroup + p * 2));
+          for (int h = 0; h < 2; ++h) acc[m][h] = dot2(acc[m][h], w[h], xp);
+        }
+      }
+    } else for (int c = 0; c < 4; ++c) {
       for (int t = 0; t < 2; ++t) {  // inputs c*8 + t*2 + (0, 1) and c*8 + 4 + t*2 + (0, 1)
         const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + c * 64 + t * 32));
         const __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
@@ -160,7 +186,7 @@ void dot_block(const Activations& a, int64_t m0, const uint8_t* q, const T* s, f
     }
     auto as_float = [](__m256i v) { return FVec(_mm256_cvtepi32_ps(v)); };
 #endif
-    const T* sg = s + g * 2 * kRows;
+    const S* sg = s + g * 2 * kRows;
     for (int h = 0; h < H; ++h) {
       const FVec scale = load_float(sg + h * W), offset = load_float(sg + kRows + h * W);
       for (int m = 0; m < MT; ++m) {
@@ -173,22 +199,22 @@ void dot_block(const Activations& a, int64_t m0, const uint8_t* q, const T* s, f
     for (int h = 0; h < H; ++h) total[m][h].store(out + m * kRows + h * W);
 }
 
-template <typename T>
-void product(const T* x, const uint8_t* q, const T* s, T* y, int64_t M, int64_t N, int64_t K) {
+template <int Bits, typename T, typename S>
+void product(const T* x, const uint8_t* q, const S* s, T* y, int64_t M, int64_t N, int64_t K) {
   const Activations a = quantize(x, M, K);
   const int64_t groups = a.groups;
   at::parallel_for(0, N / kRows, 1, [&](int64_t b0, int64_t b1) {
     float out[kTile * kRows];
     for (int64_t b = b0; b < b1; ++b) {
-      const uint8_t* block = q + b * groups * kGroupBytes;
-      const T* scales = s + b * groups * 2 * kRows;
+      const uint8_t* block = q + b * groups * group_bytes<Bits>();
+      const S* scales = s + b * groups * 2 * kRows;
       for (int64_t m = 0; m < M; m += kTile) {
         const int64_t rows = std::min(kTile, M - m);
         switch (rows) {
-          case 4: dot_block<4>(a, m, block, scales, out); break;
-          case 3: dot_block<3>(a, m, block, scales, out); break;
-          case 2: dot_block<2>(a, m, block, scales, out); break;
-          default: dot_block<1>(a, m, block, scales, out);
+          case 4: dot_block<Bits, 4>(a, m, block, scales, out); break;
+          case 3: dot_block<Bits, 3>(a, m, block, scales, out); break;
+          case 2: dot_block<Bits, 2>(a, m, block, scales, out); break;
+          default: dot_block<Bits, 1>(a, m, block, scales, out);
         }
         for (int64_t i = 0; i < rows; ++i)
           for (int64_t r = 0; r < kRows; ++r) y[(m + i) * N + b * kRows + r] = T(out[i * kRows + r]);
@@ -197,20 +223,26 @@ void product(const T* x, const uint8_t* q, const T* s, T* y, int64_t M, int64_t 
   });
 }
 
-// x [..., K] @ W.T, W in the blocked layout above: q [N / 16, K / 32, 4, 2, 16, 2], s [N / 16, K / 32, 2, 16]
-at::Tensor int4_linear_blocked(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s) {
-  const char* op = "int4_linear_blocked";
+// x [..., K] @ W.T, W in one of the blocked layouts above (q's shape names it), s
+// [N / 16, K / 32, 2, 16] in x's dtype or float16.
+template <int Bits>
+at::Tensor group_linear(const char* op, const at::Tensor& x, const at::Tensor& q, const at::Tensor& s) {
   TORCH_CHECK(q.scalar_type() == at::kByte, op, ": q must be uint8, got ", q.scalar_type());
-  TORCH_CHECK(q.dim() == 6 && q.size(2) == 4 && q.size(3) == 2 && q.size(4) == kRows && q.size(5) == 2, op,
-              ": q must be [N / 16, K / 32, 4, 2, 16, 2], got ", q.sizes());
+  if constexpr (Bits == 4) {
+    TORCH_CHECK(q.dim() == 6 && q.size(2) == 4 && q.size(3) == 2 && q.size(4) == kRows && q.size(5) == 2, op,
+                ": q must be [N / 16, K / 32, 4, 2, 16, 2], got ", q.sizes());
+  } else {
+    TORCH_CHECK(q.dim() == 5 && q.size(2) == 16 && q.size(3) == kRows && q.size(4) == 2, op,
+                ": q must be [N / 16, K / 32, 16, 16, 2], got ", q.sizes());
+  }
   const int64_t N = q.size(0) * kRows, K = q.size(1) * kGroup;
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, op, ": x's last dimension must be ", K, ", got ",
               x.sizes());
   TORCH_CHECK(s.dim() == 4 && s.size(0) == q.size(0) && s.size(1) == q.size(1) && s.size(2) == 2 &&
                   s.size(3) == kRows,
               op, ": s must be [", q.size(0), ", ", q.size(1), ", 2, 16], got ", s.sizes());
-  TORCH_CHECK(s.scalar_type() == x.scalar_type(), op, ": s and x must share a dtype, got ",
-              s.scalar_type(), " and ", x.scalar_type());
+  TORCH_CHECK(s.scalar_type() == x.scalar_type() || s.scalar_type() == at::kHalf, op,
+              ": s must be in x's dtype or float16, got ", s.scalar_type(), " and ", x.scalar_type());
   const auto xc = x.reshape({-1, K}).contiguous();
   const auto qc = q.contiguous();
   const auto sc = s.contiguous();
@@ -219,8 +251,13 @@ at::Tensor int4_linear_blocked(const at::Tensor& x, const at::Tensor& q, const a
   auto y = at::empty({xc.size(0), N}, x.options());
   auto run = [&](auto zero) {
     using scalar_t = decltype(zero);
-    product<scalar_t>(xc.data_ptr<scalar_t>(), qc.data_ptr<uint8_t>(), sc.data_ptr<scalar_t>(),
-                      y.data_ptr<scalar_t>(), xc.size(0), N, K);
+    if (sc.scalar_type() == x.scalar_type()) {
+      product<Bits>(xc.data_ptr<scalar_t>(), qc.data_ptr<uint8_t>(), sc.data_ptr<scalar_t>(),
+                    y.data_ptr<scalar_t>(), xc.size(0), N, K);
+    } else {
+      product<Bits>(xc.data_ptr<scalar_t>(), qc.data_ptr<uint8_t>(), sc.data_ptr<at::Half>(),
+                    y.data_ptr<scalar_t>(), xc.size(0), N, K);
+    }
   };
   switch (x.scalar_type()) {
     case at::kFloat: run(float(0)); break;
@@ -230,9 +267,21 @@ at::Tensor int4_linear_blocked(const at::Tensor& x, const at::Tensor& q, const a
   }
   return y.view(sizes);
 }
+
+at::Tensor int4_linear_blocked(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s) {
+  return group_linear<4>("int4_linear_blocked", x, q, s);
+}
+
+at::Tensor int8_linear_grouped(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s) {
+  return group_linear<8>("int8_linear_grouped", x, q, s);
+}
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(cpumesh_kernels, m) {
   m.def("int4_linear_blocked(Tensor x, Tensor q, Tensor s) -> Tensor");
+  m.def("int8_linear_grouped(Tensor x, Tensor q, Tensor s) -> Tensor");
 }
-TORCH_LIBRARY_IMPL(cpumesh_kernels, CPU, m) { m.impl("int4_linear_blocked", &int4_linear_blocked); }
+TORCH_LIBRARY_IMPL(cpumesh_kernels, CPU, m) {
+  m.impl("int4_linear_blocked", &int4_linear_blocked);
+  m.impl("int8_linear_grouped", &int8_linear_grouped);
+}

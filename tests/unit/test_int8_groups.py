@@ -1,0 +1,213 @@
+"""int8 in groups of 32 (shard_svc/quant_groups.py) and cpumesh's group kernel
+(shard_svc/csrc/group_linear.cpp): the codes against a numpy reference, the product against
+float64 on the same codes with x rounded to int16 per row as the kernel documents, the layout
+read back (rows, chunks, embedding rows), NaN kept to its row, bad shapes refused, GGUF Q8_0
+taken exactly, what `--dtype int8` loads, the plan's choice, the AVX2 build."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from shard_svc.kernels import choose_kernels
+from shard_svc.quant_groups import (
+    Int8GroupWeight,
+    block_int8_groups,
+    quantize_int8_groups,
+)
+from shard_svc.quant_linear import (
+    DEQUANTIZE,
+    INT8_KERNEL,
+    WEIGHT_ONLY,
+    int8_group_kernel,
+    quant_linear,
+)
+from tests.avx2_child import run_avx2
+
+# relative to the largest output: the output's rounding in the dtype (the emulation rounds x
+# exactly as the kernel does; scales and offsets are float16 in every case)
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built() -> None:
+    assert int8_group_kernel(), "cpumesh's C++ kernels did not build here"
+
+
+def test_codes_match_numpy_and_error_is_half_a_step() -> None:
+    w = (torch.randn(32, 256) + torch.linspace(-1, 1, 256)) * torch.rand(32, 1)
+    codes = quantize_int8_groups(w)
+    g = w.double().numpy().reshape(32, 8, 32)
+    lo = g.min(-1).astype(np.float16).astype(np.float64)  # float16, as stored
+    s = ((g.max(-1) - lo) / 255).astype(np.float16).astype(np.float64)
+    q = np.clip(np.rint((g - lo[..., None]) / s[..., None]), 0, 255)
+    assert np.array_equal(codes.offsets.numpy(), lo) and np.array_equal(codes.scales.numpy(), s)
+    assert (codes.q.numpy().reshape(32, 8, 32) != q).mean() < 1e-3  # float32 ties only
+    step = codes.scales.repeat_interleave(32, dim=1)
+    # half a step, and the top code's clamp where the float16 scale rounded down
+    assert ((codes.dequantize() - w).abs() <= step * 0.5 + 2e-3 * w.abs().amax()).all()
+
+
+def reference(x: torch.Tensor, w: Int8GroupWeight, q: torch.Tensor) -> torch.Tensor:
+    """float64: x rounded to int16 per row (nearest, one scale per row), times the codes `q`
+    [N, K] with the blocked weight's own scales and offsets."""
+    m, k = x.shape
+    n = q.shape[0]
+    amax = x.double().abs().amax(-1, keepdim=True)
+    xq = torch.round(x.double() * (32767 / amax)) * (amax / 32767)
+    so = w.so.double()  # [N / 16, K / 32, 2, 16]
+    s, o = (so[:, :, i].permute(0, 2, 1).reshape(n, k // 32, 1) for i in (0, 1))
+    return xq.view(m, k) @ (q.double().view(n, k // 32, 32) * s + o).view(n, k).T
+
+
+def case(dtype: torch.dtype, rows: int, n: int, k: int, seed: int = 0
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(kernel's product, its float64 emulation, the float64 product with unrounded x)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    codes = quantize_int8_groups(torch.randn(n, k, generator=g) * 0.05 + 0.01)
+    w = block_int8_groups(codes, dtype)
+    assert w.shape == (n, k) and w.dtype == dtype and w.so.dtype == torch.float16
+    got = quant_linear(x, w, None, INT8_KERNEL)
+    assert got.dtype == dtype and got.shape == (rows, n)
+    return got, reference(x, w, codes.q), x.double() @ codes.dequantize().double().T
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("rows", "n", "k"), [(1, 16, 32), (1, 48, 576), (3, 64, 256),
+                                              (4, 32, 1536), (9, 48, 2048)])
+def test_product_equals_float64(dtype: torch.dtype, rows: int, n: int, k: int) -> None:
+    got, want, exact = case(dtype, rows, n, k)
+    assert (got.double() - want).abs().max() <= TOL[dtype] * want.abs().max()
+    assert (got.double() - exact).abs().max() <= max(2 * TOL[dtype], 1e-4) * exact.abs().max()
+
+
+def test_layout_holds_the_codes() -> None:
+    """Dequantizing the blocked layout gives q * s + o of the codes, all rows, a chunk of 16
+    rows (the dequantize method's), any rows (the embedding lookup's) and a slice of them (a
+    tied LM head's vocabulary slice)."""
+    codes = quantize_int8_groups(torch.randn(64, 256) * 0.05)
+    w = block_int8_groups(codes, torch.float32)
+    out = torch.empty(64, 256)
+    assert torch.equal(w.dequantize_rows(0, 64, out), codes.dequantize())
+    assert torch.equal(w.dequantize_rows(16, 48, out), codes.dequantize()[16:48])
+    rows = torch.tensor([5, 0, 63, 17, 17])
+    assert torch.equal(w.rows_of(rows), codes.dequantize()[rows])
+    part = w.slice_rows(16, 48)
+    assert part.shape == (32, 256) and torch.equal(part.rows_of(torch.tensor([1])),
+                                                   codes.dequantize()[17:18])
+    x = torch.randn(2, 256)
+    assert torch.allclose(quant_linear(x, w, None, DEQUANTIZE), x @ codes.dequantize().T,
+                          atol=1e-4)
+
+
+def test_nan_stays_in_its_row() -> None:
+    w = block_int8_groups(quantize_int8_groups(torch.randn(32, 128)), torch.float32)
+    x = torch.randn(3, 128)
+    x[1, 70] = float("nan")
+    y = quant_linear(x, w, None, INT8_KERNEL)
+    assert y[1].isnan().all() and not y[[0, 2]].isnan().any()
+
+
+def test_bad_shapes_refused() -> None:
+    op = torch.ops.cpumesh_kernels.int8_linear_grouped
+    q = torch.zeros(2, 4, 16, 16, 2, dtype=torch.uint8)
+    s = torch.ones(2, 4, 2, 16, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="last dimension must be 128"):
+        op(torch.zeros(1, 100), q, s)
+    with pytest.raises(RuntimeError, match="must be uint8"):
+        op(torch.zeros(1, 128), q.to(torch.int8), s)
+    with pytest.raises(RuntimeError, match=r"q must be \[N / 16, K / 32, 16, 16, 2\]"):
+        op(torch.zeros(1, 128), torch.zeros(2, 4, 4, 2, 16, 2, dtype=torch.uint8), s)
+    with pytest.raises(RuntimeError, match="s must be"):
+        op(torch.zeros(1, 128), q, torch.ones(2, 4, 16, dtype=torch.float16))
+    with pytest.raises(RuntimeError, match="in x's dtype or float16"):
+        op(torch.zeros(1, 128), q, s.bfloat16())
+
+
+def test_gguf_q8_0_blocks_taken_exactly() -> None:
+    """Q8_0 (w = d * q8 per 32) is q8 + 128 with scale d and offset -128 d: gguf-py's own
+    dequantization of the blocks, column slices on block bounds included."""
+    from gguf import GGMLQuantizationType, quants
+
+    from model_formats.gguf.tensors import _q8_0_codes
+
+    w = np.random.default_rng(0).standard_normal((16, 128)).astype(np.float32)
+    raw = quants.quantize(w, GGMLQuantizationType.Q8_0)
+    want = quants.dequantize(raw, GGMLQuantizationType.Q8_0)
+    for cols in ((0, 128), (32, 96)):
+        got = _q8_0_codes(raw, cols).dequantize().numpy()
+        assert np.array_equal(got, want[:, cols[0]:cols[1]])
+
+
+def test_plan_times_the_kernel() -> None:
+    """The plan times the group kernel against dequantize (ATen's weight-only kernel cannot
+    read the layout); `cpumesh` and `aten` both mean the kernel, `onednn` dequantize."""
+    weights = [block_int8_groups(quantize_int8_groups(torch.randn(256, 512)), torch.float32)
+               for _ in range(4)]
+    auto = choose_kernels("auto", torch.float32, weights)
+    assert set(auto.timings_us) == {INT8_KERNEL, DEQUANTIZE}
+    assert all(len(t) == 3 for t in auto.timings_us.values())
+    for library in ("cpumesh", "aten"):
+        assert choose_kernels(library, torch.int8, weights).libraries == (INT8_KERNEL,) * 3
+    assert choose_kernels("onednn", torch.int8, weights).libraries == (DEQUANTIZE,) * 3
+    x = torch.randn(1, 512)
+    assert torch.equal(quant_linear(x, weights[0], None, WEIGHT_ONLY),
+                       quant_linear(x, weights[0], None, INT8_KERNEL))
+
+
+CHILD = """
+import json, torch
+from shard_svc import native
+from tests.unit.test_int8_groups import case
+isa = native.load()
+errors = {}
+for dtype in (torch.float32, torch.bfloat16):
+    got, want, _ = case(dtype, 5, 48, 2048)
+    errors[str(dtype)] = ((got.double() - want).abs().max() / want.abs().max()).item()
+print(json.dumps({"isa": isa, "errors": errors}))
+"""
+
+
+@pytest.mark.timeout(300)
+def test_avx2_build() -> None:
+    """The kernel as an AVX2-only CPU builds it (`vpmaddwd`, a block's 16 rows in two vectors
+    of 8), in a process with ATEN_CPU_CAPABILITY=avx2."""
+    result = run_avx2(CHILD)
+    assert result["isa"] == "avx2"
+    for dtype in (torch.float32, torch.bfloat16):
+        assert result["errors"][str(dtype)] <= TOL[dtype]
+
+
+def test_int8_loads_in_groups_with_float32_activations(tmp_path: Path) -> None:
+    """`--dtype int8` where the kernels build: every matrix whose shape takes groups (rows in
+    16s, inputs in 32s) in groups, the embedding too with rank 1's tied LM head its rows
+    256..511, float32 norms; the shard's warm-up twin preparing the weights again keeps them;
+    a matrix that takes no groups (down_proj at tp 2: 104 inputs) per row; the load report says
+    which."""
+    from model_formats.checkpoint import load_model_config
+    from shard_svc.quant import Int8Weight
+    from shard_svc.sharding import plan_shard
+    from shard_svc.weights import load_shard_weights
+    from tests.checkpoints import tiny_checkpoint
+
+    model_dir = tiny_checkpoint(tmp_path, "llama", vocab_size=512, intermediate_size=208,
+                                hidden_size=128, num_attention_heads=8,
+                                tie_word_embeddings=True)
+    config = load_model_config(model_dir)
+    w = load_shard_weights(model_dir, config, plan_shard(config, 1, 2), torch.int8)
+    layer = w.layers[0]
+    assert all(isinstance(m, Int8GroupWeight) for m in (layer.qkv, layer.wo, layer.gate_up))
+    assert isinstance(layer.w_down, Int8Weight) and layer.w_down.shape == (128, 104)
+    assert isinstance(w.embed, Int8GroupWeight) and isinstance(w.lm_head, Int8GroupWeight)
+    assert layer.input_norm.dtype == torch.float32 and w.embed.dtype == torch.float32
+    assert "int8 g32 x" in w.served and "F32 -> int8 x" in w.served
+    head = w.embed.rows_of(torch.arange(256, 512))
+    kernels = choose_kernels("cpumesh", torch.int8, [layer.gate_up])
+    for _ in range(2):
+        w = kernels.prepare(w)
+        assert isinstance(w.lm_head, Int8GroupWeight)
+        assert torch.equal(w.lm_head.rows_of(torch.arange(256)), head)
