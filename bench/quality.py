@@ -5,10 +5,11 @@
 On the public-domain English of tests/data/english.txt, each variant reads the same token ids in
 one prefill (the shard's own code at tp 1, every position's logits) and is compared with
 float32:
-  int8 (from float), int4 g64 (from float), int4 of the embedded Q4_1 GGUF's own blocks (g32),
-  and bfloat16 for scale. The float32 reference is the embedded model expanded to float32 (its
-  weights are themselves the Q4_1 file's, so int4 from its blocks is the same weights in bf16,
-  and re-quantizing them at g64 rounds a 4-bit grid again: a harder case than a float model).
+  int8 as served (in groups of 32 where cpumesh's kernels build, float32 activations) from float
+  and from the embedded Q4_1 GGUF, int4 g32 from float and from the GGUF's own blocks, and for
+  scale bfloat16, int8 per row (served where the kernels do not build) and int8 in groups with
+  bfloat16 activations. The float32 reference is the embedded model expanded to float32 (its
+  weights are themselves the Q4_1 file's, so int4 from its blocks is the same weights in bf16).
 An int8 KV cache alone (float32 weights): the prefill in chunks of 64 tokens, so every chunk
 attends to the earlier ones as the cache holds them (int8), beside a float32-KV control run in
 the same chunks (`--only-kv`: just these two rows, merged into the results file).
@@ -161,47 +162,30 @@ def measure(tokens: int, only_kv: bool = False) -> dict[str, Any]:
     rows = []
     for label, kind, model_dir, dtype in (
             ("bfloat16", "bf16", float_dir, torch.bfloat16),
-            ("int8 (per row, from float)", "int8", float_dir, torch.int8),
+            ("int8 g32 (from float)", "int8", float_dir, torch.int8),
             ("int4 g32 (from float)", "int4", float_dir, INT4),
             ("int4 g32 (the Q4_1 GGUF's own blocks)", "int4", linked, INT4),
-            ("int8 (the Q4_1 GGUF, per row)", "int8", linked, torch.int8)):
+            ("int8 g32 (the Q4_1 GGUF)", "int8", linked, torch.int8)):
         rows.append({"variant": label, "kind": kind,
                      **compare(ref, teacher_forced(model_dir, dtype, ids))})
         print(json.dumps(rows[-1]), flush=True)
-    # What the bf16 activations cost: int8 weights with float32 activations (no fast kernel)
+    import shard_svc.quant_groups
     import shard_svc.weights
 
-    shard_svc.weights.activations_dtype = lambda: torch.float32
-    rows.append({"variant": "int8 (from float), float32 activations: not served, for scale",
-                 "kind": "diagnostic", **compare(ref, teacher_forced(float_dir, torch.int8, ids))})
-    print(json.dumps(rows[-1]), flush=True)
-    # What int8 in groups of 32 (the scheme of llama.cpp's Q8_0) would reach: no kernel serves
-    # it, so its weights are rounded and multiplied in float32
-    load = shard_svc.weights.load_shard_weights
-    shard_svc.weights.load_shard_weights = lambda *a, **k: int8_rounded(load(*a, **k), 32)
-    try:
-        rows.append({"variant": "int8 g32 (Q8_0's scheme), rounded in float32: not served, "
-                     "for scale", "kind": "diagnostic",
-                     **compare(ref, teacher_forced(float_dir, torch.float32, ids))})
-    finally:
-        shard_svc.weights.load_shard_weights = load
-    print(json.dumps(rows[-1]), flush=True)
+    for label, module, name, value in (  # what each choice of int8 as served is worth
+            ("int8 per row (from float; served where cpumesh's kernels do not build)",
+             shard_svc.weights, "int8_group_kernel", lambda: False),
+            ("int8 g32 (from float) with bfloat16 activations: not served, for scale",
+             shard_svc.quant_groups, "ACTIVATIONS", torch.bfloat16)):
+        old = getattr(module, name)
+        setattr(module, name, value)
+        try:
+            rows.append({"variant": label, "kind": "diagnostic",
+                         **compare(ref, teacher_forced(float_dir, torch.int8, ids))})
+        finally:
+            setattr(module, name, old)
+        print(json.dumps(rows[-1]), flush=True)
     return {**summary, "rows": rows + measure_kv(float_dir, ids, ref)}
-
-
-def int8_rounded(weights: Any, group: int) -> Any:
-    """Float weights rounded in place to symmetric int8 in groups of `group` inputs."""
-    def rounded(w: torch.Tensor) -> torch.Tensor:
-        n, k = w.shape
-        g = w.view(n, k // group, group)
-        s = (g.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-12)
-        return (torch.round(g / s).clamp(-127, 127) * s).view(n, k)
-
-    for layer in weights.layers:
-        for m in (layer.qkv, layer.wo, layer.gate_up, layer.w_down):
-            m.copy_(rounded(m))
-    weights.embed.copy_(rounded(weights.embed))
-    return weights
 
 
 def section(result: dict[str, Any], command: str) -> list[str]:

@@ -26,14 +26,17 @@ def cli_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch threads, or 'auto' for the CPUs this process may use")
     p.add_argument("--dtype", default="float32", choices=DTYPES,
                    help="weights, activations and KV cache (norms and softmax accumulate in "
-                   "float32); int8 / int4: the layers' weights quantized at load (a linked "
-                   "GGUF's Q4 blocks served as they are), activations, KV cache, embedding and "
-                   "LM head in bfloat16 (float32 on CPUs without AVX-512); default: %(default)s")
+                   "float32); int8 / int4: the weights quantized at load (a linked GGUF's Q8_0 "
+                   "/ Q4 blocks served as they are); int8 in groups of 32 with float32 "
+                   "activations and KV cache where cpumesh's kernels build (else, and with "
+                   "--kernels ipex, per row); int4's activations, KV cache and int8 embedding "
+                   "in bfloat16 (float32 on CPUs without AVX-512); default: %(default)s")
     p.add_argument("--kernels", default="auto", choices=KERNELS,
                    help="library for the matrix products: aten, onednn, packed (oneDNN with "
                    "weights reordered at load), or auto (timed at start on this CPU, the choice "
                    "logged); with int8/int4, aten = ATen's weight-only kernels, onednn = "
-                   "dequantize per call, cpumesh = cpumesh's int8 / int4 kernel; ipex: "
+                   "dequantize per call, cpumesh = cpumesh's int8 / int4 kernel (for int8 in "
+                   "groups and blocked int4, aten means it too); ipex: "
                    "Intel Extension for PyTorch's kernels around the plain ones (auto takes "
                    "them where IPEX is installed for this torch); default: %(default)s")
     size = p.add_mutually_exclusive_group()

@@ -4,7 +4,8 @@ vector ISA inductor compiles for, whose ops are registered under `cpumesh_kernel
   decode_attention  attention of one query token per row over the paged KV cache, in place
                     (shard_svc/decode_attention.py)
   int8_linear       weight-only int8 matrix product for decode steps (shard_svc/quant_linear.py)
-  int4_linear       weight-only int4 matrix product in cpumesh's blocked layout (the same)
+  group_linear      weight-only int4 and int8 products in groups of 32, cpumesh's blocked
+                    layouts (the same)
   top_k_lse         each row's k best logits and log-sum-exps, what a step returns
                     (shard_svc/top_k.py)
 

@@ -154,7 +154,7 @@ class Int8Weight:
 class Int4Weight:
     """In ATen's layout, or in cpumesh's int4 kernel's (`blocked`, block_int4):
     packed      `_convert_weight_to_int4pack_for_cpu` of the codes, or blocked codes
-                uint8 [N / 16, K / 32, 4, 2, 16, 2] (csrc/int4_linear.cpp);
+                uint8 [N / 16, K / 32, 4, 2, 16, 2] (csrc/group_linear.cpp);
     scale_zeros [K / group, N, 2] (scales, zeros), or blocked [N / 16, K / 32, 2, 16] (each
                 group of 32 inputs' scales, then offsets z - 8 s), in the activations' dtype."""
 

@@ -19,6 +19,7 @@ import torch
 GROUP = 32  # inputs per scale and offset
 BLOCK = 16  # rows per block of the kernel's layout
 SCALES = torch.float16  # the scales' and offsets' dtype
+ACTIVATIONS = torch.float32  # the activations' dtype of a model served so (see above)
 
 
 @dataclass

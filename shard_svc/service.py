@@ -114,7 +114,7 @@ class ShardProcess:
         # (a compiled SmolLM2 step: 29-33 ms in the shard against 13.5 in one thread).
         weights = await loop.run_in_executor(servicer.executor, load_shard_weights, cfg.model_dir,
                                              self.model_config, self.plan,
-                                             getattr(torch, cfg.dtype))
+                                             getattr(torch, cfg.dtype), cfg.kernels != "ipex")
         log.info("weights loaded in %.1f s (%s); choosing kernels", time.monotonic() - t0,
                  weights.served or cfg.dtype)
         t1 = time.monotonic()

@@ -29,6 +29,7 @@ import torch
 
 from services.config import ModelConfig
 from services.errors import CheckpointError
+from shard_svc import quant_groups
 from shard_svc.quant import (
     INT4,
     INT4_GROUP,
@@ -207,14 +208,17 @@ def open_reader(model_dir: Path) -> Any:
 
 
 def load_shard_weights(model_dir: Path, config: ModelConfig, plan: ShardPlan,
-                       dtype: torch.dtype = torch.float32) -> ShardWeights:
+                       dtype: torch.dtype = torch.float32, int8_groups: bool = True
+                       ) -> ShardWeights:
     """Read exactly this rank's slice; fail if the checkpoint lacks any tensor we need.
-    torch.int8 / torch.int4: the layers' matrices quantized (see the module's docstring)."""
+    torch.int8 / torch.int4: the layers' matrices quantized (see the module's docstring);
+    int8_groups=False: int8 per row even where the group kernel builds (IPEX's weight-only
+    int8 kernel reads per-row codes)."""
     reader = open_reader(model_dir)
     kind = QUANT.get(dtype)
-    if kind == "int8" and int8_group_kernel():
+    if kind == "int8" and int8_groups and int8_group_kernel():
         kind = "int8g"  # in groups of 32, float32 activations (quant_groups' docstring)
-    act = torch.float32 if kind == "int8g" else activations_dtype() if kind else dtype
+    act = quant_groups.ACTIVATIONS if kind == "int8g" else activations_dtype() if kind else dtype
     d = config.head_dim
     q_rows = (plan.q_head_range[0] * d, plan.q_head_range[1] * d)
     kv_rows = (plan.kv_head_range[0] * d, plan.kv_head_range[1] * d)

@@ -185,7 +185,8 @@ def test_avx2_build() -> None:
 def test_int8_loads_in_groups_with_float32_activations(tmp_path: Path) -> None:
     """`--dtype int8` where the kernels build: every matrix whose shape takes groups (rows in
     16s, inputs in 32s) in groups, the embedding too with rank 1's tied LM head its rows
-    256..511, float32 norms; the shard's warm-up twin preparing the weights again keeps them;
+    256..511, float32 norms; the shard's warm-up twin preparing the weights again keeps them
+    (int8_groups=False, a shard with `--kernels ipex`: per row);
     a matrix that takes no groups (down_proj at tp 2: 104 inputs) per row; the load report says
     which."""
     from model_formats.checkpoint import load_model_config
@@ -211,3 +212,7 @@ def test_int8_loads_in_groups_with_float32_activations(tmp_path: Path) -> None:
         w = kernels.prepare(w)
         assert isinstance(w.lm_head, Int8GroupWeight)
         assert torch.equal(w.lm_head.rows_of(torch.arange(256)), head)
+    # --kernels ipex: per row (IPEX's weight-only int8 kernel reads per-row codes)
+    w = load_shard_weights(model_dir, config, plan_shard(config, 1, 2), torch.int8,
+                           int8_groups=False)
+    assert isinstance(w.layers[0].qkv, Int8Weight) and isinstance(w.embed, Int8Weight)

@@ -189,14 +189,15 @@ def test_shard_processes_serve_through_ipex(ipex: IpexStatus, tmp_path: Path) ->
 
 
 def test_int8_weights_from_the_loader_go_to_ipex(ipex: IpexStatus, tmp_path: Path) -> None:
-    """`--dtype int8`: with AVX512-FP16 the loader's int8 matrices are packed into IPEX's
-    weight-only kernels as they are; greedy decode equals the plain int8 kernels' (dequantize)."""
+    """`--dtype int8`: with AVX512-FP16 the loader's int8 matrices (per row, as a shard with
+    `--kernels ipex` loads them) are packed into IPEX's weight-only kernels as they are; greedy
+    decode equals the plain int8 kernels' (dequantize) on the same codes."""
     model_dir = tiny_checkpoint(tmp_path / "model", "llama")
     config = load_model_config(model_dir)
     shard = plan_shard(config, 0, 1)
     runs = []
     for library in ("onednn", "ipex"):
-        weights = load_shard_weights(model_dir, config, shard, torch.int8)
+        weights = load_shard_weights(model_dir, config, shard, torch.int8, int8_groups=False)
         plain = choose_kernels(library, weights.embed.dtype, [x.gate_up for x in weights.layers])
         model = ShardModel(config, shard, weights, SingleRank(), with_ipex(library, plain))
         cache, steps, run = model.new_cache(256, page_size=4), [(0, PROMPTS[0])], []
