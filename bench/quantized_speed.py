@@ -6,8 +6,9 @@
 GGUF files are made once with llama.cpp's own quantizer (bench/llamacpp_quantize.py, default
 mixes) from the F16 exports in build/bench-models: 1B Q8_0 and Q4_0, SmolLM2 Q8_0; SmolLM2 Q4_1
 is the embedded file. cpumesh reads each file in place (a linked model directory,
-model_formats/gguf/link.py): Q4 blocks as int4 g32, Q8_0 requantized per row to int8; its
-embedding and LM head int8 per row. Each point is a fresh process (bench.model_level), batch-1
+model_formats/gguf/link.py): Q4 blocks as int4 g32, Q8_0 blocks as int8 g32 (both exactly;
+Q8_0 requantized per row where cpumesh's kernels do not build); the embedding and LM head int8
+g32 at int8, int8 per row at int4. Each point is a fresh process (bench.model_level), batch-1
 decode (16 steps) after a 32-token prompt, medians of the repeats; the 1B bf16 path is measured
 in the same run.
 RSS: two `python -m shard_svc` ranks of the 1B model (tp 2) at float32 and at int8, VmRSS of
@@ -145,13 +146,14 @@ def section(result: dict[str, Any]) -> list[str]:
            + (", with --compile decode" if compiled else "") + " (issue 17)", "",
            f"Machine: {result['machine']}, {result['threads']} threads for every system. Batch-1 "
            "decode after a 32-token prompt, ms per step, medians; cpumesh reads each GGUF in "
-           "place (Q4 blocks as int4 g32, Q8_0 requantized per row to int8, the embedding and "
-           "LM head int8 per row), llama.cpp runs the same file without its AMX repacking "
+           "place (Q4 blocks as int4 g32 and Q8_0 blocks as int8 g32, both exactly, with "
+           "float32 activations at int8; the embedding and LM head int8 g32 at int8, int8 per "
+           "row at int4), llama.cpp runs the same file without its AMX repacking "
            "(`use_extra_bufts = false`: with it, llama-cpp-python 0.3.36 crashed with SIGSEGV on "
            "every quantized file here); *ratio* < 1: cpumesh faster."
            + (" cpumesh's decode steps run compiled (`--compile decode`: the weights frozen "
               "into one inductor graph; int8 products by the method the shard's kernel plan "
-              "chose, cpumesh's int8 kernel (blocked weights) or inductor's weight-only GEMM; "
+              "chose, cpumesh's int8 / int4 kernels or inductor's weight-only GEMM; "
               "compile time excluded, in the warm-up column)." if compiled else "")
            + (f" Load average {result['load_avg']:.1f} on this machine during the run (others' "
               "jobs): noisy figures." if result.get("load_avg", 0) > 1 else ""), "",
