@@ -39,12 +39,10 @@ def supports(head_dim: int, vector_width: int) -> bool:
 def load(head_dim: int | None = None) -> str | None:
     """The ISA the kernel runs on here (built once, shard_svc/native.py), or None (logged) when
     it cannot run here, or not for `head_dim`."""
-    from torch._inductor.cpu_vec_isa import pick_vec_isa
-
     built = native.load()
     if not built:
         return None
-    width = pick_vec_isa().nelements()
+    width = native.vector_isa().floats
     if head_dim is not None and not supports(head_dim, width):
         log.warning("decode attention: head_dim %d is not %s vectors of %d floats (%s); "
                     "gather + SDPA", head_dim, VECTORS, width, built)

@@ -14,16 +14,25 @@ vector ISA inductor compiles for, whose ops are registered under `cpumesh_kernel
 processes that start together take turns, see `_exclusive`) and returns the ISA, or None,
 logged with why, where it cannot: no vectorizing ISA, no compiler. Callers then keep their
 plain-torch paths. `python -m shard_svc.native` (`make kernels`) builds it ahead.
+
+The ISA is inductor's choice (`pick_vec_isa`), remembered in the same cache per torch version,
+ATEN_CPU_CAPABILITY, compiler and CPU flags (`vector_isa`): asking inductor costs a process
+~2.6 s and ~75 MB of RSS (importing it, compiling its probe; measured on an Intel Xeon, 2
+vCPUs), which a shard that does not compile never needs otherwise.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
 import logging
 import os
+import platform
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 log = logging.getLogger("cpumesh.shard")
@@ -32,20 +41,55 @@ BUILD_WAIT_S = 600.0  # for another process's build of the same kernels
 _loaded: dict[str, bool] = {}  # the extension's name: whether it loaded
 
 
+@dataclass(frozen=True)
+class VectorIsa:
+    name: str  # inductor's, e.g. "avx512 avx512_vnni amx_tile"; "" where it has none
+    flags: list[str]  # the compiler's macros and architecture flags for it
+    floats: int  # float32 lanes of a vector
+
+
+def vector_isa() -> VectorIsa:
+    """Inductor's vector ISA for this CPU and process (see the module's docstring)."""
+    import torch
+
+    cpu = ""
+    if Path("/proc/cpuinfo").is_file():
+        cpu = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith(("flags", "Features"))), "")
+    key = "|".join([torch.__version__, os.environ.get("ATEN_CPU_CAPABILITY", ""),
+                    os.environ.get("CXX", ""), platform.machine(), cpu])
+    path = build_root() / f"isa-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    try:
+        return VectorIsa(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        pass
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    found = pick_vec_isa()
+    isa = (VectorIsa(str(found), [f"-D{m}" for m in found.build_macro()]
+                     + found.build_arch_flags().split(), found.nelements())
+           if found else VectorIsa("", [], 1))
+    try:  # written whole, then renamed: a reader never sees half of it
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(asdict(isa)))
+        tmp.replace(path)
+    except OSError as e:
+        log.warning("C++ kernels: cannot remember the vector ISA in %s (%s)", path, e)
+    return isa
+
+
 def load() -> str | None:
     """Build (once) and load the kernels for this CPU; return the ISA they were built for, or
     None (logged) when they cannot run here."""
-    from torch._inductor.cpu_vec_isa import pick_vec_isa
-
-    isa = pick_vec_isa()
-    if not isa:
+    isa = vector_isa()
+    if not isa.name:
         log.warning("C++ kernels: no vector ISA inductor compiles for; plain torch paths")
         return None
-    name = extension_name(str(isa))
+    name = extension_name(isa.name)
     if name not in _loaded:
-        _loaded[name] = _build(name, [f"-D{m}" for m in isa.build_macro()]
-                               + isa.build_arch_flags().split())
-    return str(isa) if _loaded[name] else None
+        _loaded[name] = _build(name, isa.flags)
+    return isa.name if _loaded[name] else None
 
 
 def extension_name(isa: str) -> str:
@@ -82,9 +126,10 @@ def _build(name: str, flags: list[str]) -> bool:
 
 
 def build_root() -> Path:
-    """Where kernels are built and cached: $CPUMESH_KERNEL_CACHE, else
+    """Where kernels are built and cached: $CPUMESH_KERNEL_CACHE if set and not empty, else
     ~/.cache/cpumesh/kernels."""
-    return Path(os.environ.get("CPUMESH_KERNEL_CACHE", "~/.cache/cpumesh/kernels")).expanduser()
+    # (an empty value is unset: it once built the kernels into the working directory)
+    return Path(os.environ.get("CPUMESH_KERNEL_CACHE") or "~/.cache/cpumesh/kernels").expanduser()
 
 
 @contextmanager
