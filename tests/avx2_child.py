@@ -25,3 +25,22 @@ def run_avx2(code: str, timeout: float = 280) -> dict[str, Any]:
     assert done.returncode == 0, done.stderr[-3000:]
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
+
+
+CASES = """
+import json, torch
+from shard_svc import native
+from {module} import case
+isa = native.load()
+errors = {{}}
+for dtype in (torch.float32, torch.bfloat16):
+    got, want, _ = case(dtype, 5, 48, 2048)
+    errors[str(dtype)] = ((got.double() - want).abs().max() / want.abs().max()).item()
+print(json.dumps({{"isa": isa, "errors": errors}}))
+"""
+
+
+def avx2_case_errors(module: str) -> dict[str, Any]:
+    """`module`'s `case(dtype, 5, 48, 2048)` (a kernel's product and its float64 emulation) in
+    an AVX2 process, float32 and bfloat16: {"isa": ..., "errors": {dtype: relative error}}."""
+    return run_avx2(CASES.format(module=module))

@@ -12,7 +12,7 @@ import torch
 from shard_svc.kernels import choose_kernels
 from shard_svc.quant import INT4, Int4Weight, block_int4, finish, quantize_int4
 from shard_svc.quant_linear import DEQUANTIZE, INT4_KERNEL, WEIGHT_ONLY, int4_kernel, quant_linear
-from tests.avx2_child import run_avx2
+from tests.avx2_child import avx2_case_errors
 
 # relative to the largest output: the output's and the scales' rounding in the dtype (the
 # emulation below rounds x exactly as the kernel does)
@@ -118,24 +118,11 @@ def test_weights_take_the_layout_and_the_plan_times_the_kernel() -> None:
                        quant_linear(x, weights[0], None, INT4_KERNEL))
 
 
-CHILD = """
-import json, torch
-from shard_svc import native
-from tests.unit.test_int4_linear import case
-isa = native.load()
-errors = {}
-for dtype in (torch.float32, torch.bfloat16):
-    got, want, _ = case(dtype, 5, 48, 2048)
-    errors[str(dtype)] = ((got.double() - want).abs().max() / want.abs().max()).item()
-print(json.dumps({"isa": isa, "errors": errors}))
-"""
-
-
 @pytest.mark.timeout(300)
 def test_avx2_build() -> None:
     """The kernel as an AVX2-only CPU builds it (`vpmaddubsw` + `vpmaddwd`, a block's 16 rows
     in two vectors of 8), in a process with ATEN_CPU_CAPABILITY=avx2."""
-    result = run_avx2(CHILD)
+    result = avx2_case_errors("tests.unit.test_int4_linear")
     assert result["isa"] == "avx2"
     for dtype in (torch.float32, torch.bfloat16):
         assert result["errors"][str(dtype)] <= TOL[dtype]

@@ -25,7 +25,7 @@ from shard_svc.quant_linear import (
     int8_group_kernel,
     quant_linear,
 )
-from tests.avx2_child import run_avx2
+from tests.avx2_child import avx2_case_errors
 
 # relative to the largest output: the output's rounding in the dtype (the emulation rounds x
 # exactly as the kernel does; scales and offsets are float16 in every case)
@@ -159,24 +159,11 @@ def test_plan_times_the_kernel() -> None:
                        quant_linear(x, weights[0], None, INT8_KERNEL))
 
 
-CHILD = """
-import json, torch
-from shard_svc import native
-from tests.unit.test_int8_groups import case
-isa = native.load()
-errors = {}
-for dtype in (torch.float32, torch.bfloat16):
-    got, want, _ = case(dtype, 5, 48, 2048)
-    errors[str(dtype)] = ((got.double() - want).abs().max() / want.abs().max()).item()
-print(json.dumps({"isa": isa, "errors": errors}))
-"""
-
-
 @pytest.mark.timeout(300)
 def test_avx2_build() -> None:
     """The kernel as an AVX2-only CPU builds it (`vpmaddwd`, a block's 16 rows in two vectors
     of 8), in a process with ATEN_CPU_CAPABILITY=avx2."""
-    result = run_avx2(CHILD)
+    result = avx2_case_errors("tests.unit.test_int8_groups")
     assert result["isa"] == "avx2"
     for dtype in (torch.float32, torch.bfloat16):
         assert result["errors"][str(dtype)] <= TOL[dtype]
