@@ -271,8 +271,8 @@ def choose_quant(library: str, weights: Sequence[Matrix]) -> KernelPlan:
     dtype = INT4 if isinstance(quant[0], Int4Weight) else torch.int8
     check_library(library, dtype)
     # layouts only cpumesh's kernels read: int4 blocked, int8 in groups (quant_groups)
-    own = ((INT4_KERNEL if isinstance(quant[0], Int4Weight) else INT8_KERNEL)
-           if quant[0].blocked and not isinstance(quant[0], Int8Weight) else None)
+    own = (INT8_KERNEL if isinstance(quant[0], Int8GroupWeight) else
+           INT4_KERNEL if isinstance(quant[0], Int4Weight) and quant[0].blocked else None)
     if library != "auto":
         method = QUANT_METHODS[library]
         return KernelPlan(dtype, ((own if own and method != DEQUANTIZE

@@ -45,7 +45,7 @@ from shard_svc.quant import (
     quantize,
     quantize_int8,
 )
-from shard_svc.quant_groups import Int8GroupWeight, fits
+from shard_svc.quant_groups import GROUP, Int8GroupWeight, fits
 from shard_svc.quant_linear import int4_kernel, int8_group_kernel
 from shard_svc.sharding import Range, ShardPlan
 
@@ -292,7 +292,7 @@ def load_shard_weights(model_dir: Path, config: ModelConfig, plan: ShardPlan,
     if kind == "int8g" and fits(config.vocab_size, config.hidden_size) and all(
             v % 16 == 0 for v in vocab):  # the lookup expands the step's rows
         used.add("model.embed_tokens.weight")
-        table = reader.read_codes("model.embed_tokens.weight", "int8g", 32)
+        table = reader.read_codes("model.embed_tokens.weight", "int8g", GROUP)
         assert isinstance(table, Int8GroupCodes)
         embed = finish(table, act)
         assert isinstance(embed, Int8GroupWeight)
@@ -329,8 +329,8 @@ def _kind_for(kind: str, k: int) -> tuple[str, int]:
     divide k, else the matrix is int8 per row."""
     if kind == "int4" and k % INT4_GROUP == 0:
         return ("int4", INT4_GROUP)
-    if kind == "int8g" and k % 32 == 0:
-        return ("int8g", 32)
+    if kind == "int8g" and k % GROUP == 0:
+        return ("int8g", GROUP)
     return ("int8", 0)
 
 

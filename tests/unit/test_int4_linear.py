@@ -24,15 +24,15 @@ def built() -> None:
     assert int4_kernel(), "cpumesh's C++ kernels did not build here"
 
 
-def reference(x: torch.Tensor, w: Int4Weight, q: torch.Tensor) -> torch.Tensor:
+def reference(x: torch.Tensor, so: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """float64: x rounded to int16 per row (nearest, one scale per row), times the codes `q`
-    [N, K] with the blocked weight's own scales and offsets."""
+    [N, K] with a blocked weight's own scales and offsets `so` [N / 16, K / 32, 2, 16] (the
+    layout of both group kernels)."""
     m, k = x.shape
     n = q.shape[0]
     amax = x.double().abs().amax(-1, keepdim=True)
     xq = torch.round(x.double() * (32767 / amax)) * (amax / 32767)
-    sz = w.scale_zeros.double()  # [N / 16, K / 32, 2, 16]
-    s, o = (sz[:, :, i].permute(0, 2, 1).reshape(n, k // 32, 1) for i in (0, 1))
+    s, o = (so.double()[:, :, i].permute(0, 2, 1).reshape(n, k // 32, 1) for i in (0, 1))
     return xq.view(m, k) @ (q.double().view(n, k // 32, 32) * s + o).view(n, k).T
 
 
@@ -46,7 +46,7 @@ def case(dtype: torch.dtype, rows: int, n: int, k: int, group: int = 32, seed: i
     assert w.blocked and w.shape == (n, k) and w.dtype == dtype
     got = quant_linear(x, w, None, INT4_KERNEL)
     assert got.dtype == dtype and got.shape == (rows, n)
-    return got, reference(x, w, codes.q), x.double() @ codes.dequantize().double().T
+    return got, reference(x, w.scale_zeros, codes.q), x.double() @ codes.dequantize().double().T
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -26,6 +26,7 @@ from shard_svc.quant_linear import (
     quant_linear,
 )
 from tests.avx2_child import avx2_case_errors
+from tests.unit.test_int4_linear import reference
 
 # relative to the largest output: the output's rounding in the dtype (the emulation rounds x
 # exactly as the kernel does; scales and offsets are float16 in every case)
@@ -51,18 +52,6 @@ def test_codes_match_numpy_and_error_is_half_a_step() -> None:
     assert ((codes.dequantize() - w).abs() <= step * 0.5 + 2e-3 * w.abs().amax()).all()
 
 
-def reference(x: torch.Tensor, w: Int8GroupWeight, q: torch.Tensor) -> torch.Tensor:
-    """float64: x rounded to int16 per row (nearest, one scale per row), times the codes `q`
-    [N, K] with the blocked weight's own scales and offsets."""
-    m, k = x.shape
-    n = q.shape[0]
-    amax = x.double().abs().amax(-1, keepdim=True)
-    xq = torch.round(x.double() * (32767 / amax)) * (amax / 32767)
-    so = w.so.double()  # [N / 16, K / 32, 2, 16]
-    s, o = (so[:, :, i].permute(0, 2, 1).reshape(n, k // 32, 1) for i in (0, 1))
-    return xq.view(m, k) @ (q.double().view(n, k // 32, 32) * s + o).view(n, k).T
-
-
 def case(dtype: torch.dtype, rows: int, n: int, k: int, seed: int = 0
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(kernel's product, its float64 emulation, the float64 product with unrounded x)."""
@@ -73,7 +62,7 @@ def case(dtype: torch.dtype, rows: int, n: int, k: int, seed: int = 0
     assert w.shape == (n, k) and w.dtype == dtype and w.so.dtype == torch.float16
     got = quant_linear(x, w, None, INT8_KERNEL)
     assert got.dtype == dtype and got.shape == (rows, n)
-    return got, reference(x, w, codes.q), x.double() @ codes.dequantize().double().T
+    return got, reference(x, w.so, codes.q), x.double() @ codes.dequantize().double().T
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
