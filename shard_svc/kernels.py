@@ -59,6 +59,7 @@ from shard_svc.quant_linear import (
     int4_kernel,
     int8_kernel,
     quant_linear,
+    release_scratch,
 )
 from shard_svc.weights import ShardWeights, release_freed_memory
 
@@ -289,6 +290,8 @@ def choose_quant(library: str, weights: Sequence[Matrix]) -> KernelPlan:
         methods = (DEQUANTIZE,)
     timings |= {m: tuple(_time_quant(m, probe, n) for n in PROBE_TOKENS) for m in methods}
     best = tuple(min(timings, key=lambda m: timings[m][i]) for i in range(len(BUCKETS)))
+    if DEQUANTIZE not in best:
+        release_scratch()
     return KernelPlan(dtype, best, timings)
 
 

@@ -82,7 +82,7 @@ def dequantized(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     block = (w.block_n if isinstance(w, Int4Weight) and w.block_n else
              INT8_BLOCK if isinstance(w, Int8Weight) and w.blocked else
              GROUP_BLOCK if isinstance(w, Int8GroupWeight) else 1)
-    chunk = max(block, CHUNK_BYTES // (2 * k) // block * block)
+    chunk = max(block, CHUNK_BYTES // (x.dtype.itemsize * k) // block * block)
     scratch = _buffer(x.dtype, chunk * k).view(chunk, k)
     out = torch.cat([F.linear(x, w.dequantize_rows(r, min(rows, r + chunk), scratch))
                      for r in range(0, rows, chunk)], dim=-1)
@@ -95,6 +95,12 @@ def _buffer(dtype: torch.dtype, elements: int) -> torch.Tensor:
         with torch.inference_mode(False):  # a normal tensor: writable in and out of the mode
             buffers[(dtype, elements)] = torch.empty(elements, dtype=dtype)
     return buffers[(dtype, elements)]
+
+
+def release_scratch() -> None:
+    """Hand back this thread's dequantize scratch (a plan that timed dequantize but chose a
+    kernel: 8 MiB a dtype that no step reads again). The next dequantized product remakes it."""
+    _scratch.__dict__.pop("b", None)
 
 
 def native_kernels() -> bool:

@@ -148,6 +148,24 @@ def test_plan_times_the_kernel() -> None:
                        quant_linear(x, weights[0], None, INT8_KERNEL))
 
 
+def test_dequantize_scratch_is_bounded_and_released_when_not_chosen() -> None:
+    """Dequantize expands rows into at most CHUNK_BYTES of scratch (float32 activations too);
+    a plan that timed dequantize but chose the kernel everywhere hands that scratch back (16 MiB
+    a shard kept for nothing, 1B tp 2)."""
+    import shard_svc.quant_linear as ql
+
+    weights = [block_int8_groups(quantize_int8_groups(torch.randn(2048, 2048)), torch.float32)
+               for _ in range(2)]
+    x = torch.randn(3, 2048)
+    want = x.double() @ weights[0].dequantize_rows(0, 2048, torch.empty(2048, 2048)).double().T
+    got = quant_linear(x, weights[0], None, DEQUANTIZE)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    assert 0 < sum(b.nbytes for b in ql._scratch.b.values()) <= ql.CHUNK_BYTES
+    plan = choose_kernels("auto", torch.float32, weights)
+    assert plan.libraries == (INT8_KERNEL,) * 3, plan.timings_us  # 3-60x faster at this size
+    assert not ql._scratch.__dict__.get("b")
+
+
 @pytest.mark.timeout(300)
 def test_avx2_build() -> None:
     """The kernel as an AVX2-only CPU builds it (`vpmaddwd`, a block's 16 rows in two vectors
