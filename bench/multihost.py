@@ -219,7 +219,7 @@ def project(achieved_fraction: float, allreduce_ms_per_call: float, overhead_ms:
     params = m["layers"] * per_layer + m["vocab"] * h  # + the LM head (the embedding: one row)
     node_bytes = params * assumed["weight_bytes"] / n
     compute_ms = node_bytes / (assumed["node_read_gbs"] * 1e9 * achieved_fraction) * 1e3
-    message = h * assumed["weight_bytes"]  # one hidden vector, batch 1
+    message = h * assumed.get("activation_bytes", assumed["weight_bytes"])  # one hidden vector
     wire_ms = (assumed["link_latency_us"] * 1e-3 +  # direct exchange: one hop, n-1 messages
                (n - 1) * message * 8 / (assumed["link_gbit"] * 1e9) * 1e3)
     calls = 2 * m["layers"]

@@ -201,3 +201,36 @@ def test_precision_ratio_bench_runs(tmp_path: Path) -> None:
         r = subprocess.run([sys.executable, "-m", "bench.precision_ratio", *bad],
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and says in r.stderr, r.stderr
+
+
+def test_projection_bench_runs(tmp_path: Path) -> None:
+    """`python -m bench.projection` measures the step's share of the read probe per repeat and
+    projects Qwen2-72B at the weights' own bytes: at bfloat16 2 bytes a weight, counted from
+    the shard's matrices and checked here against the config's parameter count."""
+    import subprocess
+    import sys
+
+    tiny = tiny_checkpoint(tmp_path / "tiny", "llama", intermediate_size=192)
+    cfg = json.loads((tiny / "config.json").read_text())
+    h, d = cfg["hidden_size"], cfg["hidden_size"] // cfg["num_attention_heads"]
+    layer = (h * (cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"]) * d
+             + cfg["num_attention_heads"] * d * h + 3 * h * cfg["intermediate_size"])
+    params = cfg["num_hidden_layers"] * layer + cfg["vocab_size"] * h
+    for dtype, low, high in (("bfloat16", 2.0, 2.0), ("int8", 1.0, 1.125)):
+        out = tmp_path / f"{dtype}.json"
+        run = subprocess.run([sys.executable, "-m", "bench.projection", "--model-dir", str(tiny),
+                              "--dtype", dtype, "--compile", "off", "--steps", "3", "--repeats",
+                              "2", "--probe-mib", "64", "--out", str(out)],
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-2000:]
+        r = json.loads(out.read_text())
+        assert r["params_per_step"] == params and len(r["repeats"]) == 2
+        assert all(x["fraction"] > 0 and min(x["read_gbs"]) > 0 for x in r["repeats"])
+        p = r["projection"]
+        assert low <= p["assumed"]["weight_bytes"] <= high
+        assert p["total_ms"] == pytest.approx(p["compute_ms"] + p["allreduce_ms"]
+                                              + p["overhead_ms"])
+        assert "ms/token" in run.stdout and "| 2 |" in run.stdout
+    bad = subprocess.run([sys.executable, "-m", "bench.projection", "--model-dir",
+                          str(tmp_path / "none")], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "no model at" in bad.stderr
