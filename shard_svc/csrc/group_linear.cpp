@@ -200,37 +200,38 @@ void dot_block(const Activations& a, int64_t m0, const uint8_t* q, const S* s, f
 }
 
 #if defined(__AVX512BW__)
-// One row of x against two blocks of int8 codes at once, group by group: two streams of memory
-// per thread instead of one. A decode step's products are one row of x, and one stream did not
-// draw the memory's bandwidth (1B shapes, huge pages, 1 thread: 24 GB/s a stream, 28 two).
+// One row of x against kStreams blocks of int8 codes at once, group by group: that many streams
+// of memory per thread instead of one. A decode step's products are one row of x, and one
+// stream did not draw the memory's bandwidth (16 matrices of the 1B's shapes in huge pages,
+// interleaved in one process; GB/s for 1 / 4 streams: 1 thread 23.2 / 28.4, 2 threads
+// 46.4 / 58.9 while this machine's memory read 60, 31 / 33 while it read 35).
+constexpr int kStreams = 4;
+
 template <typename S>
-void dot_pair(const Activations& a, const uint8_t* qa, const uint8_t* qb, const S* sa,
-              const S* sb, float* out) {
-  FVec ta(0.0f), tb(0.0f);
+void dot_streams(const Activations& a, const uint8_t* const* qs, const S* const* ss, float* out) {
+  FVec total[kStreams];
+  for (int j = 0; j < kStreams; ++j) total[j] = FVec(0.0f);
   const FVec sx(a.sx[0]);
   for (int64_t g = 0; g < a.groups; ++g) {
-    const uint8_t* ca = qa + g * group_bytes<8>();
-    const uint8_t* cb = qb + g * group_bytes<8>();
-    __m512i acc_a = _mm512_setzero_si512(), acc_b = _mm512_setzero_si512();
+    __m512i acc[kStreams];
+    for (int j = 0; j < kStreams; ++j) acc[j] = _mm512_setzero_si512();
     for (int c = 0; c < 8; ++c) {  // as dot_block's: a 64-byte run holds pairs 2c and 2c + 1
-      const __m512i va = _mm512_loadu_si512(ca + c * 64), vb = _mm512_loadu_si512(cb + c * 64);
       const int16_t* xg = a.row(0) + g * kGroup + c * 4;
       const __m512i x0 = _mm512_set1_epi32(pair(xg)), x1 = _mm512_set1_epi32(pair(xg + 2));
-      acc_a = dot2(acc_a, widen(_mm512_castsi512_si256(va)), x0);
-      acc_b = dot2(acc_b, widen(_mm512_castsi512_si256(vb)), x0);
-      acc_a = dot2(acc_a, widen(_mm512_extracti64x4_epi64(va, 1)), x1);
-      acc_b = dot2(acc_b, widen(_mm512_extracti64x4_epi64(vb, 1)), x1);
+      for (int j = 0; j < kStreams; ++j) {
+        const __m512i v = _mm512_loadu_si512(qs[j] + g * group_bytes<8>() + c * 64);
+        acc[j] = dot2(acc[j], widen(_mm512_castsi512_si256(v)), x0);
+        acc[j] = dot2(acc[j], widen(_mm512_extracti64x4_epi64(v, 1)), x1);
+      }
     }
-    const S* ga = sa + g * 2 * kRows;
-    const S* gb = sb + g * 2 * kRows;
     const FVec sums(a.sums[g]);
-    ta = at::vec::fmadd(FVec(_mm512_cvtepi32_ps(acc_a)), load_float(ga) * sx, ta);
-    ta = at::vec::fmadd(load_float(ga + kRows), sums, ta);
-    tb = at::vec::fmadd(FVec(_mm512_cvtepi32_ps(acc_b)), load_float(gb) * sx, tb);
-    tb = at::vec::fmadd(load_float(gb + kRows), sums, tb);
+    for (int j = 0; j < kStreams; ++j) {
+      const S* sg = ss[j] + g * 2 * kRows;
+      total[j] = at::vec::fmadd(FVec(_mm512_cvtepi32_ps(acc[j])), load_float(sg) * sx, total[j]);
+      total[j] = at::vec::fmadd(load_float(sg + kRows), sums, total[j]);
+    }
   }
-  ta.store(out);
-  tb.store(out + kRows);
+  for (int j = 0; j < kStreams; ++j) total[j].store(out + j * kRows);
 }
 #endif
 
@@ -242,18 +243,22 @@ void product(const T* x, const uint8_t* q, const S* s, T* y, int64_t M, int64_t 
     float out[kTile * kRows];
     int64_t b = b0;
 #if defined(__AVX512BW__)
-    if constexpr (Bits == 8) {  // one row of x: the range's halves as two streams, in step
-      const int64_t half = M == 1 ? (b1 - b0) / 2 : 0;
-      for (int64_t i = 0; i < half; ++i) {
-        const int64_t ba = b0 + i, bb = b0 + half + i;
-        dot_pair(a, q + ba * groups * group_bytes<8>(), q + bb * groups * group_bytes<8>(),
-                 s + ba * groups * 2 * kRows, s + bb * groups * 2 * kRows, out);
-        for (int64_t r = 0; r < kRows; ++r) {
-          y[ba * kRows + r] = T(out[r]);
-          y[bb * kRows + r] = T(out[kRows + r]);
+    static_assert(kStreams <= kTile, "out holds kTile blocks' outputs");
+    if constexpr (Bits == 8) {  // one row of x: the range in kStreams parts, read in step
+      const int64_t part = M == 1 ? (b1 - b0) / kStreams : 0;
+      for (int64_t i = 0; i < part; ++i) {
+        const uint8_t* qs[kStreams];
+        const S* ss[kStreams];
+        for (int j = 0; j < kStreams; ++j) {
+          const int64_t bj = b0 + j * part + i;
+          qs[j] = q + bj * groups * group_bytes<8>();
+          ss[j] = s + bj * groups * 2 * kRows;
         }
+        dot_streams(a, qs, ss, out);
+        for (int j = 0; j < kStreams; ++j)
+          for (int64_t r = 0; r < kRows; ++r) y[(b0 + j * part + i) * kRows + r] = T(out[j * kRows + r]);
       }
-      b += 2 * half;
+      b += kStreams * part;  // the rest (fewer than kStreams blocks) one at a time
     }
 #endif
     for (; b < b1; ++b) {

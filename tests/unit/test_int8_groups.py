@@ -67,12 +67,14 @@ def case(dtype: torch.dtype, rows: int, n: int, k: int, seed: int = 0
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("rows", "n", "k"), [(1, 16, 32), (1, 48, 576), (1, 112, 96),
-                                              (3, 64, 256), (4, 32, 1536), (9, 48, 2048)])
+                                              (1, 256, 64), (3, 64, 256), (4, 32, 1536),
+                                              (9, 48, 2048)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_product_equals_float64(dtype: torch.dtype, rows: int, n: int, k: int,
                                 threads: int) -> None:
-    """Every output row against the emulation, at 1 and 2 threads: one row of x pairs up
-    the blocks of each thread's range (1, 3 and 7 blocks: a block left over or alone)."""
+    """Against the emulation at 1 and 2 threads: one row of x reads each thread's blocks as
+    4 streams in step, the rest one at a time (1, 3, 7 and 16 blocks: none, some or all in
+    streams)."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
