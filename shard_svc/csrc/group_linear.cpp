@@ -199,41 +199,60 @@ void dot_block(const Activations& a, int64_t m0, const uint8_t* q, const S* s, f
     for (int h = 0; h < H; ++h) total[m][h].store(out + m * kRows + h * W);
 }
 
-#if defined(__AVX512BW__)
 // One row of x against kStreams blocks of int8 codes at once, group by group: that many streams
 // of memory per thread instead of one. A decode step's products are one row of x, and one
-// stream did not draw the memory's bandwidth (16 matrices of the 1B's shapes in huge pages,
-// interleaved in one process; GB/s for 1 / 4 streams: 1 thread 23.2 / 28.4, 2 threads
+// stream did not draw the memory's bandwidth (AVX-512, 16 matrices of the 1B's shapes in huge
+// pages, interleaved in one process; GB/s for 1 / 4 streams: 1 thread 23.2 / 28.4, 2 threads
 // 46.4 / 58.9 while this machine's memory read 60, 31 / 33 while it read 35).
 constexpr int kStreams = 4;
 
 template <typename S>
 void dot_streams(const Activations& a, const uint8_t* const* qs, const S* const* ss, float* out) {
-  FVec total[kStreams];
-  for (int j = 0; j < kStreams; ++j) total[j] = FVec(0.0f);
+  constexpr int64_t W = FVec::size();
+  constexpr int64_t H = kRows / W;
+  FVec total[kStreams][H];
+  for (int j = 0; j < kStreams; ++j)
+    for (int h = 0; h < H; ++h) total[j][h] = FVec(0.0f);
   const FVec sx(a.sx[0]);
   for (int64_t g = 0; g < a.groups; ++g) {
-    __m512i acc[kStreams];
-    for (int j = 0; j < kStreams; ++j) acc[j] = _mm512_setzero_si512();
+    const int16_t* xg = a.row(0) + g * kGroup;
+#if defined(__AVX512BW__)
+    __m512i acc[kStreams][1];
+    for (int j = 0; j < kStreams; ++j) acc[j][0] = _mm512_setzero_si512();
     for (int c = 0; c < 8; ++c) {  // as dot_block's: a 64-byte run holds pairs 2c and 2c + 1
-      const int16_t* xg = a.row(0) + g * kGroup + c * 4;
-      const __m512i x0 = _mm512_set1_epi32(pair(xg)), x1 = _mm512_set1_epi32(pair(xg + 2));
+      const __m512i x0 = _mm512_set1_epi32(pair(xg + c * 4)), x1 = _mm512_set1_epi32(pair(xg + c * 4 + 2));
       for (int j = 0; j < kStreams; ++j) {
         const __m512i v = _mm512_loadu_si512(qs[j] + g * group_bytes<8>() + c * 64);
-        acc[j] = dot2(acc[j], widen(_mm512_castsi512_si256(v)), x0);
-        acc[j] = dot2(acc[j], widen(_mm512_extracti64x4_epi64(v, 1)), x1);
+        acc[j][0] = dot2(acc[j][0], widen(_mm512_castsi512_si256(v)), x0);
+        acc[j][0] = dot2(acc[j][0], widen(_mm512_extracti64x4_epi64(v, 1)), x1);
       }
     }
+    auto as_float = [](__m512i v) { return FVec(_mm512_cvtepi32_ps(v)); };
+#else  // as dot_block's: a 32-byte run is pair p, rows 0-7 in its low half
+    __m256i acc[kStreams][2];
+    for (int j = 0; j < kStreams; ++j) acc[j][0] = acc[j][1] = _mm256_setzero_si256();
+    for (int p = 0; p < 16; ++p) {
+      const __m256i xp = _mm256_set1_epi32(pair(xg + p * 2));
+      for (int j = 0; j < kStreams; ++j) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs[j] + g * group_bytes<8>() + p * 32));
+        acc[j][0] = dot2(acc[j][0], widen(_mm256_castsi256_si128(v)), xp);
+        acc[j][1] = dot2(acc[j][1], widen(_mm256_extracti128_si256(v, 1)), xp);
+      }
+    }
+    auto as_float = [](__m256i v) { return FVec(_mm256_cvtepi32_ps(v)); };
+#endif
     const FVec sums(a.sums[g]);
     for (int j = 0; j < kStreams; ++j) {
       const S* sg = ss[j] + g * 2 * kRows;
-      total[j] = at::vec::fmadd(FVec(_mm512_cvtepi32_ps(acc[j])), load_float(sg) * sx, total[j]);
-      total[j] = at::vec::fmadd(load_float(sg + kRows), sums, total[j]);
+      for (int h = 0; h < H; ++h) {
+        total[j][h] = at::vec::fmadd(as_float(acc[j][h]), load_float(sg + h * W) * sx, total[j][h]);
+        total[j][h] = at::vec::fmadd(load_float(sg + kRows + h * W), sums, total[j][h]);
+      }
     }
   }
-  for (int j = 0; j < kStreams; ++j) total[j].store(out + j * kRows);
+  for (int j = 0; j < kStreams; ++j)
+    for (int h = 0; h < H; ++h) total[j][h].store(out + j * kRows + h * W);
 }
-#endif
 
 template <int Bits, typename T, typename S>
 void product(const T* x, const uint8_t* q, const S* s, T* y, int64_t M, int64_t N, int64_t K) {
@@ -242,7 +261,6 @@ void product(const T* x, const uint8_t* q, const S* s, T* y, int64_t M, int64_t 
   at::parallel_for(0, N / kRows, 1, [&](int64_t b0, int64_t b1) {
     float out[kTile * kRows];
     int64_t b = b0;
-#if defined(__AVX512BW__)
     static_assert(kStreams <= kTile, "out holds kTile blocks' outputs");
     if constexpr (Bits == 8) {  // one row of x: the range in kStreams parts, read in step
       const int64_t part = M == 1 ? (b1 - b0) / kStreams : 0;
@@ -260,7 +278,6 @@ void product(const T* x, const uint8_t* q, const S* s, T* y, int64_t M, int64_t 
       }
       b += kStreams * part;  // the rest (fewer than kStreams blocks) one at a time
     }
-#endif
     for (; b < b1; ++b) {
       const uint8_t* block = q + b * groups * group_bytes<Bits>();
       const S* scales = s + b * groups * 2 * kRows;
