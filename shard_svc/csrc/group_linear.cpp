@@ -17,7 +17,9 @@
 //   y[m, n] = sum_g (s[n, g] * sx[m] * sum_{k in g} q[n, k] * xq[m, k] + o[n, g] * sx[m] * sum_{k in g} xq[m, k])
 // The integer dot products are exact: 16-bit pairs summed into 32-bit lanes (AVX-512 VNNI
 // `vpdpwssd`, else `vpmaddwd` + add), 32 per group (255 * 32767 * 32 < 2^31); each group's sum
-// is scaled into a float32 total.
+// is scaled into a float32 total. A thread takes a range of blocks; for one row of x (decode)
+// int8 codes are read as 4 streams in step (dot_streams), else block by block, up to 4 rows
+// of x a pass (dot_block).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
