@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model-dir", type=Path)
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--cores", type=int, default=2)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32",
+                   choices=["float32", "bfloat16", "float16", "int8", "int4"])
     p.add_argument("--batches", type=batch_sizes, default="1,8",
                    help="batch sizes, comma-separated")
     p.add_argument("--compile", default="off", choices=["off", "decode"])
