@@ -34,22 +34,21 @@ from bench import multihost
 from bench.precision_ratio import DEFAULT_MODEL, engine, positive
 
 
-def probe_gbs(arena_bytes: torch.Tensor) -> float:
-    """Best of 3 reads of a huge-page float32 array, GB/s."""
+def probe_gbs(probe: torch.Tensor) -> float:
+    """Best of 3 reads of `probe` (a huge-page float32 array), GB/s."""
     times = []
     for _ in range(3):
         t0 = time.perf_counter()
-        arena_bytes.sum()
+        probe.sum()
         times.append(time.perf_counter() - t0)
-    return arena_bytes.nbytes / min(times) / 1e9
+    return probe.nbytes / min(times) / 1e9
 
 
-def step_weight_bytes(weights: Any) -> int:
-    """Bytes of every matrix a decode step reads: the layers' and the LM head (not the
-    embedding table, of which a step reads one row per token)."""
-    layers = sum(m.nbytes for layer in weights.layers
-                 for m in (layer.qkv, layer.wo, layer.gate_up, layer.w_down))
-    return layers + weights.lm_head.nbytes
+def step_matrices(weights: Any) -> list[Any]:
+    """Every matrix a decode step reads: the layers' and the LM head (not the embedding
+    table, of which a step reads one row per token)."""
+    return [*(m for layer in weights.layers
+              for m in (layer.qkv, layer.wo, layer.gate_up, layer.w_down)), weights.lm_head]
 
 
 def measure(model_dir: Path, dtype: str, repeats: int, steps: int, compile: str = "decode",
@@ -58,11 +57,9 @@ def measure(model_dir: Path, dtype: str, repeats: int, steps: int, compile: str 
     from shard_svc import huge_pages
 
     e = engine(model_dir, dtype, 1, 32 + steps + 16, compile)
-    nbytes = step_weight_bytes(e.model.w)
-    arena, start = huge_pages._arena(probe_mib << 20)
-    probe = torch.frombuffer(arena, dtype=torch.float32, count=(probe_mib << 20) // 4,
-                             offset=start)
-    probe.fill_(1.0)
+    matrices = step_matrices(e.model.w)
+    nbytes = sum(m.nbytes for m in matrices)
+    probe = huge_pages.zeros(((probe_mib << 20) // 4,), torch.float32)
     vocab = e.model.config.vocab_size
     rows = []
     for _ in range(repeats):
@@ -75,6 +72,7 @@ def measure(model_dir: Path, dtype: str, repeats: int, steps: int, compile: str 
                      "fraction": step_gbs / statistics.mean([before, after])})
     return {"model_dir": str(model_dir), "dtype": dtype, "compile": compile,
             "step_weight_bytes": nbytes,
+            "params_per_step": sum(m.shape[0] * m.shape[1] for m in matrices),
             "activation_bytes": e.model.dtype.itemsize, "repeats": rows}
 
 
@@ -107,12 +105,6 @@ def main(argv: list[str] | None = None) -> None:
     if not (a.model_dir / "config.json").exists():
         p.error(f"no model at {a.model_dir} (make bench builds build/bench-models)")
     r = measure(a.model_dir, a.dtype, a.repeats, a.steps, a.compile, a.probe_mib)
-    cfg = json.loads((a.model_dir / "config.json").read_text())
-    h, i, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
-    d = h // cfg["num_attention_heads"]
-    per_layer = h * (cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"]) * d \
-        + cfg["num_attention_heads"] * d * h + 3 * h * i
-    r["params_per_step"] = layers * per_layer + cfg["vocab_size"] * h
     r["projection"] = project(r, json.loads(Path("bench/results/tp_scaling.json").read_text()))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(r, indent=2))
