@@ -32,6 +32,7 @@ def cpumesh(model_dir: Path, batch: int, prompt: int, tokens: int, repeats: int,
     import torch
 
     from model_formats.checkpoint import load_model_config
+    from shard_svc import heap
     from shard_svc.engine import SeqWork, ShardEngine
     from shard_svc.mesh.communicator import SingleRank
     from shard_svc.model import ShardModel
@@ -55,6 +56,7 @@ def cpumesh(model_dir: Path, batch: int, prompt: int, tokens: int, repeats: int,
         compiled = CompiledDecode(model, buckets=(batch,))  # only the bucket measured
         warm_s = compiled.warm_up(cache)
     engine = ShardEngine(model, cache, max_context=prompt + tokens + 16, compiled=compiled)
+    heap.settle()  # as the shard does when it starts serving
     ids = tuple(range(100, 100 + prompt))
     prefill_ms, decode_ms = [], []
     for r in range(repeats + 1):

@@ -27,9 +27,10 @@ from typing import Any
 
 import torch
 
+from shard_svc.heap import release_freed_memory
 from shard_svc.quant import Int4Weight, Int8Weight
 from shard_svc.quant_groups import Int8GroupWeight
-from shard_svc.weights import LayerWeights, ShardWeights, release_freed_memory
+from shard_svc.weights import LayerWeights, ShardWeights
 
 log = logging.getLogger("cpumesh.shard")
 HUGE_PAGE = 2 << 20

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from services.errors import InvalidArgument
+from shard_svc.heap import release_freed_memory
 from shard_svc.ipex_detect import require_ipex
 from shard_svc.quant import (
     INT4,
@@ -61,7 +62,7 @@ from shard_svc.quant_linear import (
     quant_linear,
     release_scratch,
 )
-from shard_svc.weights import ShardWeights, release_freed_memory
+from shard_svc.weights import ShardWeights
 
 LIBRARIES = ("auto", "aten", "onednn", "packed", "cpumesh", "ipex")
 BUCKETS = (1, 16, 2**31)  # tokens in the step: one sequence's decode, a decode batch, a prefill

@@ -20,7 +20,7 @@ from services.errors import Unavailable
 from services.pb.cpumesh.v1 import shard_pb2
 from services.server import bind, create_server
 from services.transport import server_credentials
-from shard_svc import native
+from shard_svc import heap, native
 from shard_svc.compiled_step import compile_decode
 from shard_svc.config import ShardConfig
 from shard_svc.engine import ShardEngine
@@ -147,6 +147,8 @@ class ShardProcess:
             compiled = await loop.run_in_executor(servicer.executor, compile_decode, model, cache,
                                                   cfg.compile_rows)
         engine = ShardEngine(model, cache, cfg.max_context, compiled)
+        # start-up's freed buffers handed back (shard_svc/heap.py: 1B int8 tp 2, 24 MiB a rank)
+        await loop.run_in_executor(servicer.executor, heap.settle)
         servicer.engine = engine
         await self.server.set_serving(True)
         watcher = asyncio.ensure_future(self._watch()) if hasattr(self.mesh, "watch") else None

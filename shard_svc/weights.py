@@ -15,8 +15,6 @@ norms and activations in bfloat16 where the CPU runs it, else float32
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import struct
 from collections.abc import Sequence
@@ -30,6 +28,7 @@ import torch
 from services.config import ModelConfig
 from services.errors import CheckpointError
 from shard_svc import quant_groups
+from shard_svc.heap import release_freed_memory
 from shard_svc.quant import (
     INT4,
     INT4_GROUP,
@@ -314,14 +313,6 @@ def load_shard_weights(model_dir: Path, config: ModelConfig, plan: ShardPlan,
     if unused - {"lm_head.weight"}:
         raise CheckpointError(f"tensors the model does not use: {sorted(unused)[:5]}")
     return weights
-
-
-def release_freed_memory() -> None:
-    """Hand freed buffers (the slices' float ones, matrices replaced by a new layout) back to
-    the system (glibc keeps freed heap memory of allocations under its adaptive mmap threshold,
-    ~30 % of a quantized shard's RSS)."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _kind_for(kind: str, k: int) -> tuple[str, int]:

@@ -1,0 +1,58 @@
+"""Memory the shard freed, handed back to the system rather than kept by glibc's malloc.
+
+glibc keeps freed memory for reuse. Below its mmap threshold (which it raises, up to 32 MiB, each
+time a larger mapped block is freed) allocations come from arenas, one per thread that
+allocates, and a freed block stays resident there: in a free list, which `malloc_trim` hands
+back, or at the top of a thread's arena, which it does not (glibc trims a thread arena's top
+only in `free`, and only past its trim threshold, raised with the mmap threshold). Loading,
+choosing kernels and warming up leave such tops behind: on the 1B int8 tp-2 shard, 24 MiB of
+its step thread's arena (a dequantize scratch, a copy of the LM head's scales), in most starts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from typing import Any
+
+log = logging.getLogger("cpumesh.shard")
+M_TRIM_THRESHOLD = -1  # mallopt's parameter (malloc.h)
+# Once serving, a free that leaves this much at the top of an arena hands it back (a long
+# prompt's prefill buffers); a decode step's allocations never reach it, so a step does not
+# fault its pages in again. Fixing it also fixes glibc's mmap threshold where start-up left it.
+SERVING_TRIM_BYTES = 16 << 20
+# A block that `free` returns to its arena's top and that is large enough for free to try the
+# trim (glibc's FASTBIN_CONSOLIDATION_THRESHOLD is 64 KiB), yet under the smallest mmap
+# threshold (128 KiB), so it comes from the arena, not from its own mapping.
+_NUDGE_BYTES = 96 << 10
+
+
+def _libc() -> Any | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:  # not glibc: nothing to do
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand the free lists of every arena back to the system (the slices' float buffers,
+    matrices replaced by a new layout: ~30 % of a quantized shard's RSS, kept otherwise)."""
+    if (libc := _libc()) is not None:
+        libc.malloc_trim(0)
+
+
+def settle() -> bool:
+    """Once, on the step thread, when the shard starts serving: set the trim threshold to
+    SERVING_TRIM_BYTES and free a block in this thread's arena, so that glibc trims the
+    arena's top, then trim every free list. Whether glibc was there to ask."""
+    if (libc := _libc()) is None:
+        return False
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    if not libc.mallopt(M_TRIM_THRESHOLD, 0):
+        log.warning("glibc refused mallopt(M_TRIM_THRESHOLD): start-up buffers stay resident")
+        return False
+    libc.free(libc.malloc(_NUDGE_BYTES))  # this thread's arena: its whole top
+    libc.malloc_trim(0)
+    return bool(libc.mallopt(M_TRIM_THRESHOLD, SERVING_TRIM_BYTES))
