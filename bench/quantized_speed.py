@@ -201,7 +201,7 @@ def targets(result: dict[str, Any]) -> list[str]:
     if rss := result.get("rss_mib"):
         share = sum(rss["int8"]) / sum(rss["float32"])
         check("tp-2 1B shard RSS, int8 vs float32", share <= 0.35,
-              f"{share:.2f} x ({' + '.join(f'{x:.0f}' for x in rss['int8'])} MiB vs "
+              f"{share:.3f} x ({' + '.join(f'{x:.0f}' for x in rss['int8'])} MiB vs "
               f"{' + '.join(f'{x:.0f}' for x in rss['float32'])} MiB; target <= 0.35)")
     return lines
 
