@@ -7,7 +7,9 @@ A scale and an offset per 32 inputs, both float16 (1.125 bytes a weight against 
 measured on SmolLM2 (bench/quality.py, 1000 tokens, float32 activations), int8 per row agrees
 with float32's top-1 at 94.5 %, groups of 32 at 99 %+; with bfloat16 activations 96.6 %, so
 this scheme runs with float32 activations (the kernel rounds them to int16 per row either way).
-GGUF Q8_0 (w = d * q8, q8 in -127..127) is exactly q = q8 + 128, s = d, o = -128 d.
+GGUF Q8_0 (w = d * q8, q8 in -127..127) is exactly q = q8 + 128, s = d, o = -128 d: where every
+offset is -128 times its scale, the layout keeps the scales alone (1.0625 bytes a weight, as
+Q8_0's) and the kernel derives the offsets.
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ def quantize_int8_groups(w: torch.Tensor) -> Int8GroupCodes:
 class Int8GroupWeight:
     """int8 in groups, in cpumesh's kernel's layout (`block_int8_groups`):
     q  uint8 [N / 16, K / 32, 16, 16, 2]: block, group, pair of inputs, row, input of the pair;
-    so float16 [N / 16, K / 32, 2, 16]: each group's 16 scales, then its 16 offsets.
+    so float16 [N / 16, K / 32, P, 16]: each group's 16 scales, then (P = 2) its 16 offsets;
+       P = 1: every offset is -128 times its scale (GGUF Q8_0's codes).
     `dtype` is the activations' (the kernel's x and output)."""
 
     q: torch.Tensor
@@ -76,8 +79,8 @@ class Int8GroupWeight:
         """The given rows dequantized [len, K] in `dtype` (the embedding lookup)."""
         blocks, lanes = rows // BLOCK, rows % BLOCK
         q = self.q[blocks, :, :, lanes].flatten(-3)  # [R, K / 32, 16, 2] → [R, K]
-        so = self.so[blocks, :, :, lanes].float()  # [R, K / 32, 2]
-        w = q.float().view(len(rows), -1, GROUP) * so[..., :1] + so[..., 1:]
+        s, o = scale_offset(self.so[blocks, :, :, lanes].float())  # [R, K / 32, 1] each
+        w = q.float().view(len(rows), -1, GROUP) * s + o
         return w.flatten(-2).to(self.dtype)
 
     def dequantize_rows(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
@@ -86,8 +89,8 @@ class Int8GroupWeight:
         q = self.q[start // BLOCK:stop // BLOCK]  # [n/16, K/32, 16, 16, 2]
         w = out[:n].view(n // BLOCK, BLOCK, k // GROUP, GROUP)
         w.copy_(q.permute(0, 3, 1, 2, 4).reshape(n // BLOCK, BLOCK, k // GROUP, GROUP))
-        so = self.so[start // BLOCK:stop // BLOCK].permute(0, 3, 1, 2)  # [n/16, 16, K/32, 2]
-        w.mul_(so[..., :1]).add_(so[..., 1:])
+        s, o = scale_offset(self.so[start // BLOCK:stop // BLOCK].permute(0, 3, 1, 2))
+        w.mul_(s).add_(o)  # (s, o [n/16, 16, K/32, 1])
         return out[:n]
 
     def slice_rows(self, start: int, stop: int) -> Int8GroupWeight:
@@ -96,10 +99,19 @@ class Int8GroupWeight:
                                self.so[start // BLOCK:stop // BLOCK], self.dtype)
 
 
+def scale_offset(so: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scales and offsets of `so` [..., P] (P = 1: the offsets derived, -128 x scale)."""
+    s = so[..., :1]
+    return s, so[..., 1:] if so.shape[-1] == 2 else s * -128
+
+
 def block_int8_groups(codes: Int8GroupCodes, dtype: torch.dtype) -> Int8GroupWeight:
-    """`codes` in the kernel's layout; `dtype` the activations'."""
+    """`codes` in the kernel's layout (the scales alone where every offset is -128 x its
+    scale, in float16 as stored); `dtype` the activations'."""
     n, k = codes.q.shape
     q = codes.q.view(n // BLOCK, BLOCK, k // GROUP, GROUP // 2, 2).permute(0, 2, 3, 1, 4)
-    so = torch.stack((codes.scales, codes.offsets), dim=1)  # [N, 2, K / 32]
-    so = so.view(n // BLOCK, BLOCK, 2, k // GROUP).permute(0, 3, 2, 1)
-    return Int8GroupWeight(q.contiguous(), so.contiguous().to(SCALES), dtype)
+    s16, o16 = codes.scales.to(SCALES), codes.offsets.to(SCALES)
+    parts = (s16,) if torch.equal(o16, s16 * -128) else (s16, o16)
+    so = torch.stack(parts, dim=1)  # [N, P, K / 32]
+    so = so.view(n // BLOCK, BLOCK, len(parts), k // GROUP).permute(0, 3, 2, 1)
+    return Int8GroupWeight(q.contiguous(), so.contiguous(), dtype)

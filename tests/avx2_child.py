@@ -31,19 +31,22 @@ CASES = """
 import json, torch
 from shard_svc import native
 from {module} import case
+import {module} as cases
 isa = native.load()
 errors = {{}}
 for dtype in (torch.float32, torch.bfloat16):
     for rows, n in ((5, 48), (1, 112)):  # tiles of rows; one row (7 blocks: streams and rest)
-        got, want, _ = case(dtype, rows, n, 2048)
-        error = ((got.double() - want).abs().max() / want.abs().max()).item()
-        errors[str(dtype)] = max(errors.get(str(dtype), 0.0), error)
+        for variant in getattr(cases, "AVX2_VARIANTS", ({{}},)):
+            got, want, _ = case(dtype, rows, n, 2048, **variant)
+            error = ((got.double() - want).abs().max() / want.abs().max()).item()
+            errors[str(dtype)] = max(errors.get(str(dtype), 0.0), error)
 print(json.dumps({{"isa": isa, "errors": errors}}))
 """
 
 
 def avx2_case_errors(module: str) -> dict[str, Any]:
-    """`module`'s `case(dtype, rows, n, 2048)` (a kernel's product and its float64 emulation) in
-    an AVX2 process, 5 rows x 48 outputs and 1 row x 112, float32 and bfloat16: {"isa": ...,
-    "errors": {dtype: the larger relative error}}."""
+    """`module`'s `case(dtype, rows, n, 2048, **variant)` (a kernel's product and its float64
+    emulation) in an AVX2 process, 5 rows x 48 outputs and 1 row x 112, float32 and bfloat16,
+    for each variant of its AVX2_VARIANTS (default: none): {"isa": ..., "errors": {dtype: the
+    largest relative error}}."""
     return run_avx2(CASES.format(module=module))

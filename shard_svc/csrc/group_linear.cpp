@@ -8,8 +8,10 @@
 //      pairs of inputs, in pair p row r's 2 bytes e hold input p*2 + e.
 // Either way a run of 32 codes widened to 16 bits is the 16 rows' pairs of inputs, a vector's
 // 32-bit lanes, so no output needs a horizontal sum.
-//   s  [N / 16, K / 32, 2, 16] in x's dtype or float16: each group's 16 scales, then its 16
-//      offsets.
+//   s  [N / 16, K / 32, P, 16] in x's dtype or float16: each group's 16 scales, then (P = 2)
+//      its 16 offsets. int8 also takes P = 1, float16 scales alone, each offset -128 times its
+//      scale: GGUF Q8_0 (w = d * q8 is q = q8 + 128, s = d, o = -128 d) in 34 bytes per 32
+//      weights instead of 36.
 //
 // Each row of x is rounded to int16 with one scale (x ≈ xq * sx, as cpumesh's int8 kernel: 15
 // bits of the row's largest input; 8-bit inputs per group, llama.cpp's way, cost SmolLM2 6 % of
@@ -33,6 +35,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -123,8 +126,21 @@ inline int32_t pair(const int16_t* p) {  // two int16 inputs as one 32-bit lane
 template <int Bits>
 constexpr int64_t group_bytes() { return kRows * kGroup * Bits / 8; }
 
+// Group g's 16 scales and offsets, h-th vector of them: P parts per group (see above).
+template <int P, typename S>
+inline std::pair<FVec, FVec> scale_offset(const S* s, int64_t g, int64_t h) {
+  constexpr int64_t W = FVec::size();
+  const S* sg = s + g * P * kRows + h * W;
+  const FVec scale = load_float(sg);
+  if constexpr (P == 2) {
+    return {scale, load_float(sg + kRows)};
+  } else {
+    return {scale, scale * FVec(-128.0f)};  // exact: a power of two
+  }
+}
+
 // out[m * 16 + r] = row r of the block (16 rows, every group) times row m of x, for MT rows.
-template <int Bits, int MT, typename S>
+template <int Bits, int MT, int P, typename S>
 void dot_block(const Activations& a, int64_t m0, const uint8_t* q, const S* s, float* out) {
   constexpr int64_t W = FVec::size();  // 16 (AVX-512) or 8 (AVX2) rows per float vector
   constexpr int64_t H = kRows / W;
@@ -188,9 +204,8 @@ void dot_block(const Activations& a, int64_t m0, const uint8_t* q, const S* s, f
     }
     auto as_float = [](__m256i v) { return FVec(_mm256_cvtepi32_ps(v)); };
 #endif
-    const S* sg = s + g * 2 * kRows;
     for (int h = 0; h < H; ++h) {
-      const FVec scale = load_float(sg + h * W), offset = load_float(sg + kRows + h * W);
+      const auto [scale, offset] = scale_offset<P>(s, g, h);
       for (int m = 0; m < MT; ++m) {
         total[m][h] = at::vec::fmadd(as_float(acc[m][h]), scale * FVec(a.sx[m0 + m]), total[m][h]);
         total[m][h] = at::vec::fmadd(offset, FVec(a.sums[(m0 + m) * a.groups + g]), total[m][h]);
@@ -208,7 +223,7 @@ void dot_block(const Activations& a, int64_t m0, const uint8_t* q, const S* s, f
 // 46.4 / 58.9 while this machine's memory read 60, 31 / 33 while it read 35).
 constexpr int kStreams = 4;
 
-template <typename S>
+template <int P, typename S>
 void dot_streams(const Activations& a, const uint8_t* const* qs, const S* const* ss, float* out) {
   constexpr int64_t W = FVec::size();
   constexpr int64_t H = kRows / W;
@@ -245,10 +260,10 @@ void dot_streams(const Activations& a, const uint8_t* const* qs, const S* const*
 #endif
     const FVec sums(a.sums[g]);
     for (int j = 0; j < kStreams; ++j) {
-      const S* sg = ss[j] + g * 2 * kRows;
       for (int h = 0; h < H; ++h) {
-        total[j][h] = at::vec::fmadd(as_float(acc[j][h]), load_float(sg + h * W) * sx, total[j][h]);
-        total[j][h] = at::vec::fmadd(load_float(sg + kRows + h * W), sums, total[j][h]);
+        const auto [scale, offset] = scale_offset<P>(ss[j], g, h);
+        total[j][h] = at::vec::fmadd(as_float(acc[j][h]), scale * sx, total[j][h]);
+        total[j][h] = at::vec::fmadd(offset, sums, total[j][h]);
       }
     }
   }
@@ -256,7 +271,7 @@ void dot_streams(const Activations& a, const uint8_t* const* qs, const S* const*
     for (int h = 0; h < H; ++h) total[j][h].store(out + j * kRows + h * W);
 }
 
-template <int Bits, typename T, typename S>
+template <int Bits, int P, typename T, typename S>
 void product(const T* x, const uint8_t* q, const S* s, T* y, int64_t M, int64_t N, int64_t K) {
   const Activations a = quantize(x, M, K);
   const int64_t groups = a.groups;
@@ -272,9 +287,9 @@ void product(const T* x, const uint8_t* q, const S* s, T* y, int64_t M, int64_t 
         for (int j = 0; j < kStreams; ++j) {
           const int64_t bj = b0 + j * part + i;
           qs[j] = q + bj * groups * group_bytes<8>();
-          ss[j] = s + bj * groups * 2 * kRows;
+          ss[j] = s + bj * groups * P * kRows;
         }
-        dot_streams(a, qs, ss, out);
+        dot_streams<P>(a, qs, ss, out);
         for (int j = 0; j < kStreams; ++j)
           for (int64_t r = 0; r < kRows; ++r) y[(b0 + j * part + i) * kRows + r] = T(out[j * kRows + r]);
       }
@@ -282,14 +297,14 @@ void product(const T* x, const uint8_t* q, const S* s, T* y, int64_t M, int64_t 
     }
     for (; b < b1; ++b) {
       const uint8_t* block = q + b * groups * group_bytes<Bits>();
-      const S* scales = s + b * groups * 2 * kRows;
+      const S* scales = s + b * groups * P * kRows;
       for (int64_t m = 0; m < M; m += kTile) {
         const int64_t rows = std::min(kTile, M - m);
         switch (rows) {
-          case 4: dot_block<Bits, 4>(a, m, block, scales, out); break;
-          case 3: dot_block<Bits, 3>(a, m, block, scales, out); break;
-          case 2: dot_block<Bits, 2>(a, m, block, scales, out); break;
-          default: dot_block<Bits, 1>(a, m, block, scales, out);
+          case 4: dot_block<Bits, 4, P>(a, m, block, scales, out); break;
+          case 3: dot_block<Bits, 3, P>(a, m, block, scales, out); break;
+          case 2: dot_block<Bits, 2, P>(a, m, block, scales, out); break;
+          default: dot_block<Bits, 1, P>(a, m, block, scales, out);
         }
         for (int64_t i = 0; i < rows; ++i)
           for (int64_t r = 0; r < kRows; ++r) y[(m + i) * N + b * kRows + r] = T(out[i * kRows + r]);
@@ -299,7 +314,7 @@ void product(const T* x, const uint8_t* q, const S* s, T* y, int64_t M, int64_t 
 }
 
 // x [..., K] @ W.T, W in one of the blocked layouts above (q's shape names it), s
-// [N / 16, K / 32, 2, 16] in x's dtype or float16.
+// [N / 16, K / 32, 2, 16] in x's dtype or float16, or for int8 [N / 16, K / 32, 1, 16] in float16.
 template <int Bits>
 at::Tensor group_linear(const char* op, const at::Tensor& x, const at::Tensor& q, const at::Tensor& s) {
   TORCH_CHECK(q.scalar_type() == at::kByte, op, ": q must be uint8, got ", q.scalar_type());
@@ -313,11 +328,15 @@ at::Tensor group_linear(const char* op, const at::Tensor& x, const at::Tensor& q
   const int64_t N = q.size(0) * kRows, K = q.size(1) * kGroup;
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == K, op, ": x's last dimension must be ", K, ", got ",
               x.sizes());
-  TORCH_CHECK(s.dim() == 4 && s.size(0) == q.size(0) && s.size(1) == q.size(1) && s.size(2) == 2 &&
-                  s.size(3) == kRows,
-              op, ": s must be [", q.size(0), ", ", q.size(1), ", 2, 16], got ", s.sizes());
+  const bool scales_only = Bits == 8 && s.dim() == 4 && s.size(2) == 1;  // offsets -128 x scale
+  TORCH_CHECK(s.dim() == 4 && s.size(0) == q.size(0) && s.size(1) == q.size(1) &&
+                  (s.size(2) == 2 || scales_only) && s.size(3) == kRows,
+              op, ": s must be [", q.size(0), ", ", q.size(1), Bits == 8 ? ", 2 or 1, 16]" : ", 2, 16]",
+              ", got ", s.sizes());
   TORCH_CHECK(s.scalar_type() == x.scalar_type() || s.scalar_type() == at::kHalf, op,
               ": s must be in x's dtype or float16, got ", s.scalar_type(), " and ", x.scalar_type());
+  TORCH_CHECK(!scales_only || s.scalar_type() == at::kHalf, op,
+              ": scales alone (s [..., 1, 16]) must be float16, got ", s.scalar_type());
   const auto xc = x.reshape({-1, K}).contiguous();
   const auto qc = q.contiguous();
   const auto sc = s.contiguous();
@@ -326,12 +345,19 @@ at::Tensor group_linear(const char* op, const at::Tensor& x, const at::Tensor& q
   auto y = at::empty({xc.size(0), N}, x.options());
   auto run = [&](auto zero) {
     using scalar_t = decltype(zero);
+    if constexpr (Bits == 8) {
+      if (scales_only) {
+        product<8, 1>(xc.data_ptr<scalar_t>(), qc.data_ptr<uint8_t>(), sc.data_ptr<at::Half>(),
+                      y.data_ptr<scalar_t>(), xc.size(0), N, K);
+        return;
+      }
+    }
     if (sc.scalar_type() == x.scalar_type()) {
-      product<Bits>(xc.data_ptr<scalar_t>(), qc.data_ptr<uint8_t>(), sc.data_ptr<scalar_t>(),
-                    y.data_ptr<scalar_t>(), xc.size(0), N, K);
+      product<Bits, 2>(xc.data_ptr<scalar_t>(), qc.data_ptr<uint8_t>(), sc.data_ptr<scalar_t>(),
+                       y.data_ptr<scalar_t>(), xc.size(0), N, K);
     } else {
-      product<Bits>(xc.data_ptr<scalar_t>(), qc.data_ptr<uint8_t>(), sc.data_ptr<at::Half>(),
-                    y.data_ptr<scalar_t>(), xc.size(0), N, K);
+      product<Bits, 2>(xc.data_ptr<scalar_t>(), qc.data_ptr<uint8_t>(), sc.data_ptr<at::Half>(),
+                       y.data_ptr<scalar_t>(), xc.size(0), N, K);
     }
   };
   switch (x.scalar_type()) {

@@ -14,6 +14,7 @@ import torch
 
 from shard_svc.kernels import choose_kernels
 from shard_svc.quant_groups import (
+    Int8GroupCodes,
     Int8GroupWeight,
     block_int8_groups,
     quantize_int8_groups,
@@ -52,17 +53,37 @@ def test_codes_match_numpy_and_error_is_half_a_step() -> None:
     assert ((codes.dequantize() - w).abs() <= step * 0.5 + 2e-3 * w.abs().amax()).all()
 
 
-def case(dtype: torch.dtype, rows: int, n: int, k: int, seed: int = 0
+def q8_0_like(n: int, k: int, g: torch.Generator) -> Int8GroupCodes:
+    """Codes as GGUF Q8_0 gives them: every offset -128 times its float16 scale."""
+    q = torch.randint(1, 256, (n, k), generator=g, dtype=torch.uint8)
+    d = (torch.rand(n, k // 32, generator=g) * 1e-3 + 1e-4).half().float()
+    return Int8GroupCodes(q, d, -128 * d)
+
+
+def explicit(w: Int8GroupWeight) -> Int8GroupWeight:
+    """`w` with its derived offsets (scales alone) written out: the two-part layout."""
+    assert w.so.shape[2] == 1
+    return Int8GroupWeight(w.q, torch.cat((w.so, w.so * -128), dim=2).contiguous(), w.dtype)
+
+
+def case(dtype: torch.dtype, rows: int, n: int, k: int, seed: int = 0, derived: bool = False
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(kernel's product, its float64 emulation, the float64 product with unrounded x)."""
+    """(kernel's product, its float64 emulation, the float64 product with unrounded x);
+    `derived`: Q8_0's codes, in the layout of scales alone."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, k, generator=g).to(dtype)
-    codes = quantize_int8_groups(torch.randn(n, k, generator=g) * 0.05 + 0.01)
+    codes = (q8_0_like(n, k, g) if derived
+             else quantize_int8_groups(torch.randn(n, k, generator=g) * 0.05 + 0.01))
     w = block_int8_groups(codes, dtype)
     assert w.shape == (n, k) and w.dtype == dtype and w.so.dtype == torch.float16
+    assert w.so.shape[2] == (1 if derived else 2)
     got = quant_linear(x, w, None, INT8_KERNEL)
     assert got.dtype == dtype and got.shape == (rows, n)
-    return got, reference(x, w.so, codes.q), x.double() @ codes.dequantize().double().T
+    so = explicit(w).so if derived else w.so
+    return got, reference(x, so, codes.q), x.double() @ codes.dequantize().double().T
+
+
+AVX2_VARIANTS = ({}, {"derived": True})  # the AVX2 children's cases (tests/avx2_child.py)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -83,6 +104,45 @@ def test_product_equals_float64(dtype: torch.dtype, rows: int, n: int, k: int,
         torch.set_num_threads(before)
     assert (got.double() - want).abs().max() <= TOL[dtype] * want.abs().max()
     assert (got.double() - exact).abs().max() <= max(2 * TOL[dtype], 1e-4) * exact.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("rows", "n", "k"), [(1, 112, 96), (1, 256, 576), (3, 64, 256)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_derived_offsets_equal_written_ones(dtype: torch.dtype, rows: int, n: int, k: int,
+                                            threads: int) -> None:
+    """Q8_0's codes keep their scales alone (34 bytes per 32 weights, as Q8_0's own) and the
+    kernel derives each offset, -128 x scale: the product is bit for bit the one with the
+    offsets written out, in streams (one row) and in tiles of rows, and close to float64."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got, want, _ = case(dtype, rows, n, k, seed=threads, derived=True)
+        g = torch.Generator().manual_seed(threads)
+        x = torch.randn(rows, k, generator=g).to(dtype)  # case's x
+        w = block_int8_groups(q8_0_like(n, k, g), dtype)
+        assert torch.equal(got, quant_linear(x, w, None, INT8_KERNEL))
+        assert torch.equal(got, quant_linear(x, explicit(w), None, INT8_KERNEL))
+    finally:
+        torch.set_num_threads(before)
+    assert w.nbytes == n * k * 34 // 32
+    assert (got.double() - want).abs().max() <= TOL[dtype] * want.abs().max()
+
+
+def test_derived_layout_holds_the_codes() -> None:
+    """The scales-alone layout read back: all rows, a chunk (dequantize's), any rows (the
+    embedding lookup's), and dequantize's product."""
+    codes = q8_0_like(64, 256, torch.Generator().manual_seed(0))
+    w = block_int8_groups(codes, torch.float32)
+    assert w.so.shape == (4, 8, 1, 16)
+    want = codes.dequantize()
+    assert torch.equal(w.dequantize_rows(0, 64, torch.empty(64, 256)), want)
+    assert torch.equal(w.dequantize_rows(16, 48, torch.empty(64, 256)), want[16:48])
+    rows = torch.tensor([5, 0, 63, 17, 17])
+    assert torch.equal(w.rows_of(rows), want[rows])
+    x = torch.randn(2, 256)
+    torch.testing.assert_close(quant_linear(x, w, None, DEQUANTIZE),
+                               quant_linear(x, explicit(w), None, DEQUANTIZE), rtol=0, atol=0)
 
 
 def test_layout_holds_the_codes() -> None:
@@ -126,6 +186,10 @@ def test_bad_shapes_refused() -> None:
         op(torch.zeros(1, 128), q, torch.ones(2, 4, 16, dtype=torch.float16))
     with pytest.raises(RuntimeError, match="in x's dtype or float16"):
         op(torch.zeros(1, 128), q, s.bfloat16())
+    with pytest.raises(RuntimeError, match=r"scales alone .* must be float16"):
+        op(torch.zeros(1, 128), q, torch.ones(2, 4, 1, 16))
+    with pytest.raises(RuntimeError, match=r"s must be \[2, 4, 2 or 1, 16\]"):
+        op(torch.zeros(1, 128), q, torch.ones(2, 4, 3, 16, dtype=torch.float16))
 
 
 def test_gguf_q8_0_blocks_taken_exactly() -> None:
