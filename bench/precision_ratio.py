@@ -1,8 +1,8 @@
 """Our own precisions against each other, decode steps interleaved in one process.
 
     python -m bench.precision_ratio [--model-dir DIR] [--dtypes bfloat16,int8,int4]
-        [--compile decode|off] [--rows 1] [--context 32] [--steps 100] [--repeats 3]
-        [--threads 2] [--out bench/results/precision_ratio.json]
+        [--source DTYPE=DIR ...] [--compile decode|off] [--rows 1] [--context 32]
+        [--steps 100] [--repeats 3] [--threads 2] [--out bench/results/precision_ratio.json]
 
 One model (tp 1; default the random 1B-shaped one of `make bench`, build/bench-models), loaded
 once per dtype as a shard loads it (kernels chosen at start, weights in the huge-page arena, the
@@ -11,6 +11,9 @@ shard's library environment), each with its own KV cache; their decode steps alt
 step 25.6 ms in one process, 41.2 in the next) slow every dtype alike. The quantized-weights
 issue's target "int8 >= 1.7x faster than our half-precision path" is judged on these ratios; the
 ratios against llama.cpp come from bench.quantized_speed (fresh processes per point).
+`--source int8=DIR` serves one dtype from another directory of the same weights, e.g. the
+1B's Q8_0 file linked as bench.quantized_speed serves it against llama.cpp Q8_0 (Q8_0's blocks
+at their own bytes, where `--model-dir` quantizes the float weights in min-max groups).
 Reports the median ms per step of each repeat, each dtype's speed-up over the first, and greedy
 agreement (every engine fed the first one's tokens).
 """
@@ -63,14 +66,24 @@ def engine(model_dir: Path, dtype: str, rows: int, capacity: int, compile: str) 
     return ShardEngine(model, cache, compiled=compiled)
 
 
+def source(text: str) -> tuple[str, Path]:
+    dtype, _, path = text.partition("=")
+    dtype_list(dtype)
+    if not (Path(path) / "config.json").exists():
+        raise argparse.ArgumentTypeError(f"DTYPE=DIR with a model in DIR, got {text!r}")
+    return dtype, Path(path)
+
+
 def measure(model_dir: Path, dtypes: list[str], rows: int, context: int, steps: int,
-            repeats: int, compile: str) -> dict[str, Any]:
+            repeats: int, compile: str, sources: dict[str, Path] | None = None
+            ) -> dict[str, Any]:
     from bench.interleaved import interleave
 
+    dirs = {d: (sources or {}).get(d, model_dir) for d in dtypes}
     engines, start_s = {}, {}
     for dtype in dtypes:
         t0 = time.monotonic()
-        engines[dtype] = engine(model_dir, dtype, rows, rows * (context + steps + 16), compile)
+        engines[dtype] = engine(dirs[dtype], dtype, rows, rows * (context + steps + 16), compile)
         start_s[dtype] = time.monotonic() - t0
     vocab = next(iter(engines.values())).model.config.vocab_size
     runs = []
@@ -81,6 +94,7 @@ def measure(model_dir: Path, dtypes: list[str], rows: int, context: int, steps: 
     ms = {d: [r["ms_per_step"][d][0] for r in runs] for d in dtypes}
     first = dtypes[0]
     return {"model_dir": str(model_dir), "dtypes": dtypes, "compile": compile, "rows": rows,
+            "sources": {d: str(p) for d, p in dirs.items() if p != model_dir},
             "context": context, "steps": steps, "start_s": start_s, "ms_per_step": ms,
             "speedup": {d: [a / b for a, b in zip(ms[first], ms[d], strict=True)]
                         for d in dtypes},
@@ -119,11 +133,14 @@ def section(r: dict[str, Any]) -> list[str]:
              f"after a {r['context']}-token prompt; {len(r['ms_per_step'][r['dtypes'][0]])} "
              f"repeats of {r['steps']} steps, each step of every dtype in turn in one process "
              f"(bench.interleaved), load {r['load_avg']:.1f}; NaN steps "
-             f"{sum(r['nan_steps'].values())}.", "", *table(r), ""]
+             f"{sum(r['nan_steps'].values())}."
+             + "".join(f" {d} from {Path(p).name}." for d, p in r.get("sources", {}).items()),
+             "", *table(r), ""]
     if v := verdict(r):
         lines += [f"- {v}", ""]
     flags = " --compile off --out bench/results/precision_ratio_eager.json" \
         if r["compile"] == "off" else ""
+    flags += "".join(f" --source {d}={p}" for d, p in r.get("sources", {}).items())
     return [*lines, f"Command: `python -m bench.precision_ratio{flags}`", ""]
 
 
@@ -132,6 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL)
     p.add_argument("--dtypes", type=dtype_list, default=["bfloat16", "int8", "int4"],
                    help="the first is the one the others are compared with")
+    p.add_argument("--source", type=source, action="append", default=[], metavar="DTYPE=DIR",
+                   help="serve DTYPE from DIR (the same weights, e.g. a linked GGUF Q8_0 file)")
     p.add_argument("--compile", default="decode", choices=["decode", "off"])
     p.add_argument("--rows", type=int, default=1, choices=range(1, 257), metavar="1..256")
     p.add_argument("--context", type=positive, default=32, help="prompt tokens before the steps")
@@ -149,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     torch.set_num_threads(a.threads)
-    r = measure(a.model_dir, a.dtypes, a.rows, a.context, a.steps, a.repeats, a.compile)
+    r = measure(a.model_dir, a.dtypes, a.rows, a.context, a.steps, a.repeats, a.compile,
+                dict(a.source))
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(r, indent=2))
     print("\n".join(section(r)))

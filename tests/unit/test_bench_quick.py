@@ -176,15 +176,17 @@ def test_decode_attention_bench_runs(tmp_path: Path) -> None:
 
 def test_precision_ratio_bench_runs(tmp_path: Path) -> None:
     """`python -m bench.precision_ratio` (int8 against our half precision, interleaved) runs
-    each dtype's steps in one process and reports every repeat's speed-up over the first."""
+    each dtype's steps in one process and reports every repeat's speed-up over the first; one
+    dtype may come from another directory (`--source`)."""
     import subprocess
     import sys
 
     tiny = tiny_checkpoint(tmp_path / "tiny", "llama", intermediate_size=192)
+    other = tiny_checkpoint(tmp_path / "other", "llama", intermediate_size=192)
     out = tmp_path / "precision.json"
     run = subprocess.run([sys.executable, "-m", "bench.precision_ratio", "--model-dir", str(tiny),
                           "--dtypes", "bfloat16,int8", "--compile", "off", "--steps", "3",
-                          "--repeats", "2", "--out", str(out)],
+                          "--repeats", "2", "--source", f"int8={other}", "--out", str(out)],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(out.read_text())
@@ -195,7 +197,10 @@ def test_precision_ratio_bench_runs(tmp_path: Path) -> None:
     assert result["speedup"]["int8"] == pytest.approx(
         [b / i for b, i in zip(ms["bfloat16"], ms["int8"], strict=True)])
     assert "int8 over bfloat16" in run.stdout and "| int8 |" in run.stdout
+    assert result["sources"] == {"int8": str(other)} and f"--source int8={other}" in run.stdout
     for bad, says in ((["--dtypes", "int8,int8"], "distinct names"),
+                      (["--source", f"int8={tmp_path / 'none'}"], "DTYPE=DIR with a model"),
+                      (["--source", f"int9={other}"], "distinct names"),
                       (["--model-dir", str(tmp_path / "none")], "no model at"),
                       (["--steps", "0"], "a positive integer")):
         r = subprocess.run([sys.executable, "-m", "bench.precision_ratio", *bad],
