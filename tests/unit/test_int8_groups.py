@@ -164,6 +164,18 @@ def test_layout_holds_the_codes() -> None:
                           atol=1e-4)
 
 
+def test_any_leading_shape_and_strides() -> None:
+    """x [..., K] of any leading shape, or not contiguous, gives y [..., N], row for row the
+    2-D product's."""
+    w = block_int8_groups(quantize_int8_groups(torch.randn(48, 128)), torch.float32)
+    x = torch.randn(2, 3, 128)
+    flat = quant_linear(x.view(6, 128), w, None, INT8_KERNEL)
+    assert torch.equal(quant_linear(x, w, None, INT8_KERNEL), flat.view(2, 3, 48))
+    assert torch.equal(quant_linear(x.transpose(0, 1), w, None, INT8_KERNEL),
+                       flat.view(2, 3, 48).transpose(0, 1))
+    assert quant_linear(x[:0], w, None, INT8_KERNEL).shape == (0, 3, 48)
+
+
 def test_nan_stays_in_its_row() -> None:
     w = block_int8_groups(quantize_int8_groups(torch.randn(32, 128)), torch.float32)
     x = torch.randn(3, 128)
