@@ -13,6 +13,7 @@ a rank's RSS was 1103-1124 MiB between starts; settled, 1098 in each of 8 (AMD E
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 from typing import Any
 
@@ -28,12 +29,17 @@ SERVING_TRIM_BYTES = 16 << 20
 _NUDGE_BYTES = 96 << 10
 
 
+@functools.cache
 def _libc() -> Any | None:
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
     except OSError:  # not glibc: nothing to do
         return None
+    if not (hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt")):
+        return None
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    return libc
 
 
 def release_freed_memory() -> None:
@@ -49,8 +55,6 @@ def settle() -> bool:
     list, then leave the threshold at SERVING_TRIM_BYTES. Whether glibc took it."""
     if (libc := _libc()) is None:
         return False
-    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-    libc.free.argtypes = [ctypes.c_void_p]
     if not libc.mallopt(M_TRIM_THRESHOLD, 0):
         log.warning("glibc refused mallopt(M_TRIM_THRESHOLD): start-up buffers stay resident")
         return False

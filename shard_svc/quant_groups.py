@@ -22,6 +22,7 @@ GROUP = 32  # inputs per scale and offset
 BLOCK = 16  # rows per block of the kernel's layout
 SCALES = torch.float16  # the scales' and offsets' dtype
 ACTIVATIONS = torch.float32  # the activations' dtype of a model served so (see above)
+DERIVED = -128  # offset / scale of GGUF Q8_0's codes: kept as scales alone, offsets derived
 
 
 @dataclass
@@ -102,7 +103,7 @@ class Int8GroupWeight:
 def scale_offset(so: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The scales and offsets of `so` [..., P] (P = 1: the offsets derived, -128 x scale)."""
     s = so[..., :1]
-    return s, so[..., 1:] if so.shape[-1] == 2 else s * -128
+    return s, so[..., 1:] if so.shape[-1] == 2 else s * DERIVED
 
 
 def block_int8_groups(codes: Int8GroupCodes, dtype: torch.dtype) -> Int8GroupWeight:
@@ -111,7 +112,7 @@ def block_int8_groups(codes: Int8GroupCodes, dtype: torch.dtype) -> Int8GroupWei
     n, k = codes.q.shape
     q = codes.q.view(n // BLOCK, BLOCK, k // GROUP, GROUP // 2, 2).permute(0, 2, 3, 1, 4)
     s16, o16 = codes.scales.to(SCALES), codes.offsets.to(SCALES)
-    parts = (s16,) if torch.equal(o16, s16 * -128) else (s16, o16)
+    parts = (s16,) if torch.equal(o16, s16 * DERIVED) else (s16, o16)
     so = torch.stack(parts, dim=1)  # [N, P, K / 32]
     so = so.view(n // BLOCK, BLOCK, len(parts), k // GROUP).permute(0, 3, 2, 1)
     return Int8GroupWeight(q.contiguous(), so.contiguous(), dtype)
